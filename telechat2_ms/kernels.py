@@ -1,0 +1,68 @@
+"""Device dispatch for the three hot kernels: RMSNorm, rotary embedding and attention.
+
+The plain path (ops available on every device, fp32/fp16) is the reference and what CPU runs. With
+`use_fused=True` on Ascend the fused kernels are used instead (`ops.rms_norm`, `ops.rotary_position_embedding`,
+`ops.flash_attention_score`); each has an `ascend`-marked test against the plain path. Shapes:
+B batch, n query heads, k kv heads, g = n/k, S query length, T key length, d head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import ops
+
+_NEG_INF = float(-3.4028234663852886e38)  # fp32 min, as the official masked_fill(dtype-min)
+
+
+def rms_norm(x, weight, eps: float, use_fused: bool = False):
+    """x [..., H] -> weight * cast(x_fp32 * rsqrt(mean(x_fp32^2) + eps), x.dtype) (spec 1.4)."""
+    if use_fused:
+        out, _ = ops.rms_norm(x, ops.cast(weight, x.dtype), eps)
+        return out
+    x32 = ops.cast(x, ms.float32)
+    variance = ops.mean(ops.square(x32), -1, keep_dims=True)
+    normed = ops.cast(x32 * ops.rsqrt(variance + eps), x.dtype)
+    return ops.cast(weight, x.dtype) * normed
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] on the last axis (halves of the head dim; NeoX convention)."""
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), -1)
+
+
+def apply_rope(x, cos, sin, use_fused: bool = False):
+    """x [B,h,S,d], cos/sin [B,1,S,d] fp32 -> x rotated, in x.dtype."""
+    if use_fused:
+        return ops.rotary_position_embedding(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
+    cos, sin = ops.cast(cos, x.dtype), ops.cast(sin, x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q, k, v, allowed, use_fused: bool = False):
+    """Scaled dot-product attention with GQA.
+
+    q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] bool (True = may attend) -> out [B,n,S,d].
+    Query head j uses kv head j // g. Scores are scaled by 1/sqrt(d) after QK^T and soft-maxed in fp32.
+    """
+    batch, n_heads, seq, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = n_heads // kv_heads
+    scale = 1.0 / math.sqrt(dim)
+    if use_fused:
+        k_rep = ops.repeat_interleave(k, group, 1) if group > 1 else k
+        v_rep = ops.repeat_interleave(v, group, 1) if group > 1 else v
+        masked = ops.logical_not(allowed).astype(ms.uint8)  # 1 = masked, [B,1,S,T]
+        return ops.flash_attention_score(q, k_rep, v_rep, n_heads, attn_mask=masked, scalar_value=scale,
+                                         input_layout="BNSD")
+    qg = ops.reshape(q, (batch, kv_heads, group * seq, dim))  # [B,k,g*S,d]
+    scores = ops.BatchMatMul(transpose_b=True)(qg, k) * scale  # [B,k,g*S,T]
+    scores = ops.reshape(scores, (batch, kv_heads, group, seq, keys))
+    scores = ops.cast(scores, ms.float32)
+    mask = ops.expand_dims(allowed, 2)  # [B,1,1,S,T]
+    scores = ops.where(mask, scores, ops.full_like(scores, _NEG_INF))
+    probs = ops.softmax(scores, -1)
+    probs = ops.reshape(ops.cast(probs, v.dtype), (batch, kv_heads, group * seq, keys))
+    out = ops.BatchMatMul()(probs, v)  # [B,k,g*S,d]
+    return ops.reshape(out, (batch, n_heads, seq, dim))

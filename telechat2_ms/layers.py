@@ -1,0 +1,170 @@
+"""TeleChat2 building blocks as plain MindSpore cells (no parallel code; see telechat2_ms/parallel).
+
+Parameter names follow MindFormers' TeleChat2 (spec 3.2) so checkpoints interoperate:
+attention.{wq, wk_v, wo}, feed_forward.{w1 (gate), w3 (up), w2 (down)}, attention_norm, ffn_norm.
+Only `wo` and `w2` carry a bias (spec 1.2-1.3). Shapes: B batch, S tokens, H hidden, n heads, k kv heads,
+d head dim, F ffn hidden, T key length (S, or the KV-cache length when decoding).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from telechat2_ms import kernels
+from telechat2_ms.config import ModelConfig
+
+
+class ParamInit:
+    """Deterministic initialiser: N(0, std) weights from one numpy generator, or zeros (then load a checkpoint)."""
+
+    def __init__(self, seed: int = 0, std: float = 0.02, zeros: bool = False):
+        self.rng = np.random.default_rng(seed)
+        self.std = std
+        self.zeros = zeros
+
+    def normal(self, shape, name):
+        if self.zeros:
+            return Parameter(Tensor(np.zeros(shape, np.float32)), name=name)
+        data = self.rng.standard_normal(shape, dtype=np.float32) * np.float32(self.std)
+        return Parameter(Tensor(data), name=name)
+
+    @staticmethod
+    def constant(shape, value, name):
+        return Parameter(Tensor(np.full(shape, value, np.float32)), name=name)
+
+
+class Linear(nn.Cell):
+    """y = x @ weight^T (+ bias). weight [out, in] as in PyTorch and MindFormers; x [..., in] -> [..., out]."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool, init: ParamInit,
+                 compute_dtype=ms.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = init.normal((out_features, in_features), "weight")
+        self.has_bias = has_bias
+        self.bias = ParamInit.constant((out_features,), 0.0, "bias") if has_bias else None
+        self.compute_dtype = compute_dtype
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        lead = x.shape[:-1]
+        x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [B*S, in]
+        y = self.matmul(x2d, ops.cast(self.weight, self.compute_dtype))  # [B*S, out]
+        if self.has_bias:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        return ops.reshape(y, lead + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    """input_ids [B,S] -> [B,S,H]; parameter `embedding_weight` [V,H] (MindFormers name)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, init: ParamInit, compute_dtype=ms.float32):
+        super().__init__()
+        self.embedding_weight = init.normal((vocab_size, hidden_size), "embedding_weight")
+        self.compute_dtype = compute_dtype
+
+    def construct(self, input_ids):
+        return ops.cast(ops.gather(self.embedding_weight, input_ids, 0), self.compute_dtype)
+
+
+class RMSNorm(nn.Cell):
+    """x [..., H] -> RMS-normalised x times `weight` [H] (fp32 variance)."""
+
+    def __init__(self, hidden_size: int, eps: float, use_fused: bool = False):
+        super().__init__()
+        self.weight = ParamInit.constant((hidden_size,), 1.0, "weight")
+        self.eps = eps
+        self.use_fused = use_fused
+
+    def construct(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps, self.use_fused)
+
+
+class Attention(nn.Cell):
+    """Causal self-attention with a fused, per-kv-head interleaved key_value projection (spec 1.2, 10.1).
+
+    wk_v output rows are [K_h0 (d), V_h0 (d), K_h1, V_h1, ...]: viewed as [B,S,k,2,d] and split on axis 3.
+    """
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        H = cfg.hidden_size
+        self.wq = Linear(H, cfg.num_heads * cfg.head_dim, False, init, compute_dtype)
+        self.wk_v = Linear(H, 2 * cfg.kv_dim, False, init, compute_dtype)
+        self.wo = Linear(cfg.num_heads * cfg.head_dim, H, True, init, compute_dtype)
+        self.use_fused = use_fused
+
+    def project_qkv(self, x, cos, sin):
+        """x [B,S,H] -> q [B,n,S,d], k, v [B,k,S,d] with rotary applied to q and k."""
+        batch, seq = x.shape[0], x.shape[1]
+        n_heads = self.wq.out_features // self.head_dim  # local head counts (tensor parallel shrinks them)
+        kv_heads = self.wk_v.out_features // (2 * self.head_dim)
+        q = ops.transpose(ops.reshape(self.wq(x), (batch, seq, n_heads, self.head_dim)), (0, 2, 1, 3))
+        kv = ops.reshape(self.wk_v(x), (batch, seq, kv_heads, 2, self.head_dim))  # [B,S,k,2,d]
+        k = ops.transpose(kv[:, :, :, 0], (0, 2, 1, 3))  # [B,k,S,d]
+        v = ops.transpose(kv[:, :, :, 1], (0, 2, 1, 3))  # [B,k,S,d]
+        q = kernels.apply_rope(q, cos, sin, self.use_fused)
+        k = kernels.apply_rope(k, cos, sin, self.use_fused)
+        return q, k, v
+
+    def attend(self, q, k, v, allowed):
+        """q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] -> [B,S,H_local] before wo."""
+        out = kernels.attention(q, k, v, allowed, self.use_fused)  # [B,n,S,d]
+        batch, n_heads, seq, dim = out.shape
+        return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (batch, seq, n_heads * dim))
+
+    def construct(self, x, cos, sin, allowed, cache=None, write_slots=None):
+        """x [B,S,H]; cos/sin [B,1,S,d]; allowed [B,1,S,T].
+
+        Without `cache`, keys are this call's own tokens (T = S). With `cache` = (k_cache, v_cache) [B,k,T,d]
+        and `write_slots` [S,T] float one-hot (row i marks the cache slot of token i), the new K/V are
+        written into the cache first and attention runs over all T slots. Returns (out [B,S,H], (k, v)),
+        where (k, v) is the updated cache or, without a cache, this call's K/V [B,k,S,d].
+        """
+        q, k, v = self.project_qkv(x, cos, sin)
+        if cache is not None:
+            k = _write_cache(cache[0], k, write_slots)
+            v = _write_cache(cache[1], v, write_slots)
+        return self.wo(self.attend(q, k, v, allowed)), (k, v)
+
+
+def _write_cache(cache, new, write_slots):
+    """cache [B,k,T,d], new [B,k,S,d], write_slots [S,T] one-hot -> cache with row i of `new` at its slot.
+    Exact: every output is either the old value or one new value times 1 plus zeros."""
+    keep = 1.0 - ops.reduce_sum(write_slots, 0)  # [T]: 0 where a new token lands
+    placed = ops.matmul(ops.cast(ops.transpose(write_slots, (1, 0)), new.dtype), new)  # [T,S]@[B,k,S,d]->[B,k,T,d]
+    return cache * ops.reshape(ops.cast(keep, cache.dtype), (1, 1, -1, 1)) + placed
+
+
+class FeedForward(nn.Cell):
+    """SwiGLU: w2(silu(w1(x)) * w3(x)); x [B,S,H] -> [B,S,H] (w1 = gate, w3 = up, w2 = down with bias)."""
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+        super().__init__()
+        H, F = cfg.hidden_size, cfg.ffn_hidden_size
+        self.w1 = Linear(H, F, False, init, compute_dtype)
+        self.w3 = Linear(H, F, False, init, compute_dtype)
+        self.w2 = Linear(F, H, True, init, compute_dtype)
+
+    def construct(self, x):
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Cell):
+    """Pre-norm block: h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
+        self.attention = Attention(cfg, init, compute_dtype, use_fused)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
+        self.feed_forward = FeedForward(cfg, init, compute_dtype)
+
+    def construct(self, h, cos, sin, allowed, cache=None, write_slots=None):
+        attn_out, new_cache = self.attention(self.attention_norm(h), cos, sin, allowed, cache, write_slots)
+        h = h + attn_out
+        h = h + self.feed_forward(self.ffn_norm(h))
+        return h, new_cache

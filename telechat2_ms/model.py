@@ -1,0 +1,161 @@
+"""TeleChat2 decoder and its four heads (causal LM, sequence / token classification, extractive QA).
+
+One model for training and inference: the same cells run a full forward (training, scoring) and the
+prefill / decode steps of generation (telechat2_ms/generate.py passes a KV cache). Parameter names are
+MindFormers' (`model.tok_embeddings.embedding_weight`, `model.layers.{i}...`, `model.norm_out.weight`,
+`lm_head.weight`). Shapes: B batch, S tokens, H hidden, V vocab, T key length.
+
+Conventions of the official code that this reproduces (spec 1, 4, 10): positions are 0..S-1 for the whole
+input unless `position_ids` is given (left pads count); pad keys are masked with dtype-min; the rotary
+tables follow the dynamic NTK rule for the key length of the call.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from telechat2_ms.config import ModelConfig
+from telechat2_ms.layers import DecoderLayer, Embedding, Linear, ParamInit, RMSNorm
+from telechat2_ms.rope import RotaryEmbedding, rope_inputs
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown compute dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def causal_allowed(attention_mask, seq_len: int):
+    """attention_mask [B,S] (1 real, 0 pad) or None -> allowed [B,1,S,S] bool (causal and key not pad)."""
+    causal = ops.tril(ops.ones((seq_len, seq_len), ms.int32)) > 0  # [S,S]
+    causal = ops.reshape(causal, (1, 1, seq_len, seq_len))
+    if attention_mask is None:
+        return causal
+    keys = ops.reshape(attention_mask > 0, (attention_mask.shape[0], 1, 1, seq_len))  # [B,1,1,S]
+    return ops.logical_and(causal, keys)
+
+
+class Telechat2Model(nn.Cell):
+    """input_ids [B,S] -> final-norm hidden states [B,S,H] (plus per-layer K/V for the cache)."""
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, init, compute_dtype)
+        self.layers = nn.CellList([DecoderLayer(cfg, init, compute_dtype, use_fused) for _ in range(cfg.num_layers)])
+        self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
+        self.rotary = RotaryEmbedding(cfg.rope_fp16_tables)
+
+    def construct(self, input_ids, position_ids, allowed, inv_freq, mscale, caches=None, write_slots=None):
+        """position_ids [B,S]; allowed [B,1,S,T]; inv_freq [d/2]; mscale []; caches: tuple of (k, v) per layer
+        [B,k,T,d] or None. Returns (hidden [B,S,H], tuple of per-layer (k, v))."""
+        cos, sin = self.rotary(position_ids, inv_freq, mscale)  # [B,1,S,d]
+        h = self.tok_embeddings(input_ids)  # [B,S,H]
+        new_caches = ()
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches[i]
+            h, kv = layer(h, cos, sin, allowed, cache, write_slots)
+            new_caches = new_caches + (kv,)
+        return self.norm_out(h), new_caches
+
+
+class Telechat2PreTrainedModel(nn.Cell):
+    """Shared set-up of the four heads: the backbone lives at `self.model`; `prepare_inputs` turns the
+    user-facing (input_ids, attention_mask, position_ids) into the backbone's tensors."""
+
+    def __init__(self, cfg: ModelConfig, compute_dtype="float32", seed: int = 0, use_fused: bool = False,
+                 init_zeros: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.compute_dtype = resolve_dtype(compute_dtype)
+        self.init = ParamInit(seed, cfg.initializer_range, zeros=init_zeros)
+        self.model = Telechat2Model(cfg, self.init, self.compute_dtype, use_fused)
+
+    def prepare_inputs(self, input_ids, attention_mask=None, position_ids=None):
+        """Defaults of the official forward: positions 0..S-1, causal + key-padding mask, NTK tables for S keys."""
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = ops.broadcast_to(ops.arange(0, seq, dtype=ms.int32).reshape(1, seq), (batch, seq))
+        inv_freq, mscale = rope_inputs(seq, self.config.head_dim, self.config)
+        return position_ids, causal_allowed(attention_mask, seq), inv_freq, mscale
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """[B,S] -> final hidden states [B,S,H] of a full (cache-free) forward."""
+        position_ids, allowed, inv_freq, mscale = self.prepare_inputs(input_ids, attention_mask, position_ids)
+        hidden, _ = self.model(input_ids, position_ids, allowed, inv_freq, mscale)
+        return hidden
+
+
+class Telechat2ForCausalLM(Telechat2PreTrainedModel):
+    """Causal LM: logits [B,S,V] fp32 from an untied `lm_head` [V,H] (no bias)."""
+
+    def __init__(self, cfg: ModelConfig, compute_dtype="float32", seed: int = 0, use_fused: bool = False,
+                 init_zeros: bool = False):
+        super().__init__(cfg, compute_dtype, seed, use_fused, init_zeros)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.init, self.compute_dtype)
+
+    def logits(self, hidden):
+        """hidden [B,S,H] -> logits [B,S,V] fp32."""
+        return ops.cast(self.lm_head(hidden), ms.float32)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None):
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids))
+
+
+def last_token_index(input_ids, pad_token_id: int):
+    """Index of the last non-pad token per row (right padding) -> [B] int32; rows without pads give S-1."""
+    seq = input_ids.shape[1]
+    not_pad = ops.cast(input_ids != pad_token_id, ms.int32)
+    positions = ops.arange(0, seq, dtype=ms.int32).reshape(1, seq)
+    return ops.reduce_max(not_pad * positions, 1)
+
+
+class Telechat2ForSequenceClassification(Telechat2PreTrainedModel):
+    """Sequence classification (HF convention): `score` [num_labels, H] (no bias) applied to the hidden state
+    of the last non-pad token -> logits [B, num_labels]."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.num_labels = num_labels
+        self.score = Linear(cfg.hidden_size, num_labels, False, self.init, self.compute_dtype)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None):
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)  # [B,S,H]
+        index = last_token_index(input_ids, self.config.pad_token_id)  # [B]
+        pooled = ops.gather_elements(hidden, 1, ops.broadcast_to(index.reshape(-1, 1, 1), (hidden.shape[0], 1, hidden.shape[2])))
+        return ops.cast(self.score(pooled[:, 0]), ms.float32)  # [B, num_labels]
+
+
+class Telechat2ForTokenClassification(Telechat2PreTrainedModel):
+    """Token classification: `score` [num_labels, H] with bias on every position -> logits [B,S,num_labels]."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.num_labels = num_labels
+        self.score = Linear(cfg.hidden_size, num_labels, True, self.init, self.compute_dtype)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None):
+        return ops.cast(self.score(self.hidden_states(input_ids, attention_mask, position_ids)), ms.float32)
+
+
+class Telechat2ForQuestionAnswering(Telechat2PreTrainedModel):
+    """Extractive QA: `qa_outputs` [2, H] with bias -> (start_logits [B,S], end_logits [B,S])."""
+
+    def __init__(self, cfg: ModelConfig, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.qa_outputs = Linear(cfg.hidden_size, 2, True, self.init, self.compute_dtype)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None):
+        logits = ops.cast(self.qa_outputs(self.hidden_states(input_ids, attention_mask, position_ids)), ms.float32)
+        return logits[..., 0], logits[..., 1]
+
+
+def to_tensor_ids(ids) -> Tensor:
+    """list of lists / numpy -> int32 Tensor [B,S]."""
+    return Tensor(np.asarray(ids, dtype=np.int32))

@@ -1,0 +1,33 @@
+"""Shared test setup: quiet MindSpore logs, run every test in its own temporary directory (MindSpore writes
+rank_0/, kernel_meta/ into the working directory), and locate ../shared."""
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("GLOG_v", "3")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED = REPO_ROOT.parent / "shared"
+REFERENCE_115B = SHARED / "reference" / "telechat2-115b"
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+@pytest.fixture
+def shared_dir():
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared is not beside the checkout ({SHARED} missing)")
+    return SHARED
+
+
+@pytest.fixture
+def tokenizer_115b_path():
+    path = REFERENCE_115B / "tokenizer.model"
+    if not path.exists():
+        pytest.skip(f"real TeleChat2 tokenizer not found at {path}")
+    return str(path)

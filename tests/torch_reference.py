@@ -1,0 +1,84 @@
+"""The independent PyTorch reference: HF transformers' LlamaForCausalLM holding TeleChat2 weights.
+
+Mapping (../shared/docs/reference_equivalence.md): attention_bias/mlp_bias on, q/k/v/gate/up biases zero,
+o_proj.bias = wo.bias, down_proj.bias = w2.bias; key_value [2*k*d, H] de-interleaved per kv head
+(reshape [k, 2, d, H]: [:,0] is K, [:,1] is V); rotary cos/sin rounded to fp16 as the official code does.
+"""
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def ms_state_numpy(model):
+    """MindSpore model -> {MindFormers name: float32 numpy array}."""
+    return {p.name: p.asnumpy().astype(np.float32) for p in model.get_parameters()}
+
+
+def split_key_value(w_kv: np.ndarray, kv_heads: int, head_dim: int):
+    """[2*k*d, H] per-head interleaved -> (K [k*d, H], V [k*d, H])."""
+    w4 = w_kv.reshape(kv_heads, 2, head_dim, w_kv.shape[-1])
+    return w4[:, 0].reshape(-1, w_kv.shape[-1]), w4[:, 1].reshape(-1, w_kv.shape[-1])
+
+
+def _fp16_rotary(rotary):
+    original = rotary.forward
+
+    def forward(x, position_ids):
+        cos, sin = original(x, position_ids)
+        return cos.half().to(cos.dtype), sin.half().to(sin.dtype)
+
+    rotary.forward = forward
+
+
+def llama_reference(cfg, state: dict, fp16_rotary: bool = True) -> LlamaForCausalLM:
+    """Build an fp32 eager LlamaForCausalLM equal to TeleChat2 with `state` (MindFormers names)."""
+    d, H = cfg.head_dim, cfg.hidden_size
+    conf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=H, intermediate_size=cfg.ffn_hidden_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, head_dim=d, rms_norm_eps=cfg.rms_norm_eps,
+                       rope_theta=cfg.rope_theta, max_position_embeddings=cfg.training_seqlen,
+                       attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                       bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                       pad_token_id=cfg.pad_token_id, attn_implementation="eager")
+    with torch.device("meta"):
+        ref = LlamaForCausalLM(conf)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    zeros = lambda n: torch.zeros(n, dtype=torch.float32)
+    sd = {"model.embed_tokens.weight": t(state["model.tok_embeddings.embedding_weight"]),
+          "model.norm.weight": t(state["model.norm_out.weight"]),
+          "lm_head.weight": t(state["lm_head.weight"])}
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{i}."
+        k, v = split_key_value(state[src + "attention.wk_v.weight"], cfg.num_kv_heads, d)
+        sd.update({
+            dst + "input_layernorm.weight": t(state[src + "attention_norm.weight"]),
+            dst + "post_attention_layernorm.weight": t(state[src + "ffn_norm.weight"]),
+            dst + "self_attn.q_proj.weight": t(state[src + "attention.wq.weight"]),
+            dst + "self_attn.q_proj.bias": zeros(cfg.num_heads * d),
+            dst + "self_attn.k_proj.weight": t(k), dst + "self_attn.k_proj.bias": zeros(cfg.kv_dim),
+            dst + "self_attn.v_proj.weight": t(v), dst + "self_attn.v_proj.bias": zeros(cfg.kv_dim),
+            dst + "self_attn.o_proj.weight": t(state[src + "attention.wo.weight"]),
+            dst + "self_attn.o_proj.bias": t(state[src + "attention.wo.bias"]),
+            dst + "mlp.gate_proj.weight": t(state[src + "feed_forward.w1.weight"]),
+            dst + "mlp.gate_proj.bias": zeros(cfg.ffn_hidden_size),
+            dst + "mlp.up_proj.weight": t(state[src + "feed_forward.w3.weight"]),
+            dst + "mlp.up_proj.bias": zeros(cfg.ffn_hidden_size),
+            dst + "mlp.down_proj.weight": t(state[src + "feed_forward.w2.weight"]),
+            dst + "mlp.down_proj.bias": t(state[src + "feed_forward.w2.bias"]),
+        })
+    ref.load_state_dict(sd, strict=True, assign=True)
+    ref.model.rotary_emb = type(ref.model.rotary_emb)(conf)  # rebuild the (non-persistent) inv_freq buffer
+    if fp16_rotary:
+        _fp16_rotary(ref.model.rotary_emb)
+    return ref.eval()
+
+
+def randomize_biases_and_norms(model, seed: int = 1):
+    """Give wo/w2 biases and norm weights non-trivial values so the parity test sees them."""
+    rng = np.random.default_rng(seed)
+    from mindspore import Tensor
+    for p in model.get_parameters():
+        if p.name.endswith(".bias"):
+            p.set_data(Tensor(rng.normal(0, 0.05, p.shape).astype(np.float32)))
+        elif p.name.endswith("norm.weight") or p.name.endswith("norm_out.weight"):
+            p.set_data(Tensor(rng.normal(1.0, 0.1, p.shape).astype(np.float32)))
