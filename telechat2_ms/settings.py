@@ -101,7 +101,8 @@ class RunSettings:
     device_target: str = "CPU"  # CPU | Ascend | GPU
     use_fused_kernels: bool = False  # Ascend fused attention / norm / rope
     jit: bool = True  # compile the hot paths (decode step, train step)
-    predict_data: List[str] = field(default_factory=list)
+    predict_data: List[str] = field(default_factory=list)  # prompts for predict (empty: two demo prompts)
+    prompt_format: str = "chat"  # chat: TeleChat2 chat template with system prompt; raw: text as-is
     system_prompt: Optional[str] = None  # chat: None uses the TeleChat2 default system prompt
     generate: GenerateSettings = field(default_factory=GenerateSettings)
     parallel_config: ParallelSettings = field(default_factory=ParallelSettings)

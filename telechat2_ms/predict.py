@@ -1,0 +1,115 @@
+"""The `predict` and `chat` run modes.
+
+predict: each text in `predict_data` is wrapped in the TeleChat2 chat template (system prompt + user turn +
+`<_bot>`; `prompt_format: raw` sends the text as-is, special tokens parsed, e.g. MindFormers'
+"<_start><_user>...<_bot>"), generated as one left-padded batch, and printed; a single prompt streams its
+text as it is produced. chat: an interactive loop with multi-turn history (tools off); `/clear` forgets the
+history, `/exit` (or end of input) quits.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List, Optional, TextIO
+
+from telechat2_ms.chat_template import DEFAULT_SYSTEM_PROMPT
+from telechat2_ms.config import ConfigError
+from telechat2_ms.generate import GenerationConfig, GenerationError, Generator
+from telechat2_ms.runtime import model_and_tokenizer
+from telechat2_ms.settings import RunSettings
+
+DEMO_PROMPTS = ["What is 3 plus 4?", "你好"]
+
+
+def encode_prompt(tokenizer, text: str, settings: RunSettings, history: Optional[List[Dict]] = None) -> List[int]:
+    if settings.prompt_format == "raw":
+        return tokenizer.encode(text)
+    if settings.prompt_format != "chat":
+        raise ConfigError(f"prompt_format must be chat or raw, got {settings.prompt_format!r}")
+    system = DEFAULT_SYSTEM_PROMPT if settings.system_prompt is None else settings.system_prompt
+    messages = [{"role": "system", "content": system}] + list(history or []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _generation_config(settings: RunSettings, tokenizer) -> GenerationConfig:
+    return GenerationConfig.from_settings(settings.generate, tokenizer.eos_id, tokenizer.pad_id)
+
+
+class _Streamer:
+    """Prints the text of row 0 as tokens arrive."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        self.decoder = tokenizer.incremental_decoder()
+        self.out = out
+        self.eos = tokenizer.eos_id
+        self.done = False
+
+    def __call__(self, tokens):
+        token = int(tokens[0])
+        if self.done or token == self.eos:
+            self.done = True
+            return
+        self.out.write(self.decoder.push(token))
+        self.out.flush()
+
+    def finish(self):
+        self.out.write(self.decoder.finish() + "\n")
+        self.out.flush()
+
+
+def run_predict(settings: RunSettings, out: TextIO = sys.stdout) -> List[str]:
+    model, tokenizer = model_and_tokenizer(settings)
+    texts = [t for t in settings.predict_data] or DEMO_PROMPTS
+    if any(not t.strip() for t in texts):
+        raise GenerationError("predict_data holds an empty prompt")
+    prompts = [encode_prompt(tokenizer, t, settings) for t in texts]
+    generator = Generator(model, settings.seq_length, use_jit=settings.jit)
+    gen = _generation_config(settings, tokenizer)
+    stream = settings.generate.stream and len(prompts) == 1
+    streamer = _Streamer(tokenizer, out) if stream else None
+    if stream:
+        out.write(f"### prompt: {texts[0]}\n### answer: ")
+    outputs = generator.generate(prompts, gen, on_tokens=streamer)
+    answers = [tokenizer.decode(ids) for ids in outputs]
+    if stream:
+        streamer.finish()
+    else:
+        for text, answer in zip(texts, answers):
+            out.write(f"### prompt: {text}\n### answer: {answer}\n")
+    return answers
+
+
+def run_chat(settings: RunSettings, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> List[Dict]:
+    """Interactive multi-turn chat; returns the history when the input ends."""
+    model, tokenizer = model_and_tokenizer(settings)
+    generator = Generator(model, settings.seq_length, use_jit=settings.jit)
+    gen = _generation_config(settings, tokenizer)
+    history: List[Dict] = []
+    out.write("TeleChat2 chat. /clear forgets the conversation, /exit quits.\n")
+    while True:
+        out.write("user> ")
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            out.write("\n")
+            return history
+        text = line.rstrip("\n")
+        if text.strip() == "/clear":
+            history.clear()
+            out.write("(history cleared)\n")
+            continue
+        if not text.strip():
+            continue
+        prompt = encode_prompt(tokenizer, text, settings, history)
+        budget = settings.seq_length - gen.max_new_tokens
+        while len(prompt) > budget and history:  # drop the oldest turns until the prompt fits
+            history = history[2:]
+            prompt = encode_prompt(tokenizer, text, settings, history)
+        out.write("bot> ")
+        streamer = _Streamer(tokenizer, out)
+        try:
+            ids = generator.generate([prompt], gen, on_tokens=streamer)[0]
+        except GenerationError as err:
+            out.write(f"\n(error: {err})\n")
+            continue
+        streamer.finish()
+        history += [{"role": "user", "content": text}, {"role": "bot", "content": tokenizer.decode(ids)}]

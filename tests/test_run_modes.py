@@ -1,0 +1,60 @@
+"""run_telechat2.py: predict and chat on the built-in tiny default, and clear errors on bad input."""
+import io
+import subprocess
+import sys
+
+import pytest
+
+from telechat2_ms.generate import GenerationError
+from telechat2_ms.predict import run_chat, run_predict
+from telechat2_ms.settings import load_settings
+from tests.conftest import REPO_ROOT
+
+FAST = ["--generate.max_new_tokens=6", "--seq_length=512", "--jit=false"]
+
+
+def test_main_job_runs_with_no_downloads_and_prints_text():
+    """The README's main command (tiny default, no checkpoint, CPU) in a fresh process."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_telechat2.py"), "--predict_data", "你好",
+                           "--generate.max_new_tokens=8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "### prompt: 你好" in proc.stdout
+    answer = proc.stdout.split("### answer:")[1].strip()
+    assert len(answer) > 0
+
+
+def test_predict_batch_returns_one_answer_per_prompt():
+    out = io.StringIO()
+    settings = load_settings(None, FAST + ["--predict_data=[\"a\", \"bb\", \"ccc\"]"])
+    answers = run_predict(settings, out)
+    assert len(answers) == 3 and out.getvalue().count("### answer:") == 3
+
+
+def test_chat_keeps_history_and_clears_it():
+    settings = load_settings(None, FAST)
+    history = run_chat(settings, io.StringIO("hello\nhow are you\n/clear\nagain\n/exit\n"), io.StringIO())
+    assert [m["role"] for m in history] == ["user", "bot"]
+    assert history[0]["content"] == "again"
+
+
+def test_empty_prompt_and_too_long_prompt_are_refused():
+    with pytest.raises(GenerationError, match="empty prompt"):
+        run_predict(load_settings(None, FAST + ["--predict_data=[\"  \"]"]), io.StringIO())
+    long_prompt = "word " * 600
+    settings = load_settings(None, ["--seq_length=64", "--jit=false", "--generate.max_new_tokens=4"])
+    settings.predict_data = [long_prompt]
+    with pytest.raises(GenerationError, match="exceeds the context of 64 tokens"):
+        run_predict(settings, io.StringIO())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=telechat2_8b"], "unknown model size 'telechat2_8b'"),
+    (["--generate.topk=3"], "unknown config key 'generate.topk'"),
+    (["--load_checkpoint=/nonexistent/ckpt"], "does not exist"),
+    (["--compute_dtype=bfloat16"], "bfloat16 has no CPU kernels"),
+])
+def test_cli_errors_are_one_clear_line(args, message):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_telechat2.py")] + args, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
