@@ -58,3 +58,15 @@ def test_cli_errors_are_one_clear_line(args, message):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_config_that_contradicts_the_named_size_is_refused(tmp_path):
+    import json
+    from telechat2_ms.config import ConfigError, get_config
+    from telechat2_ms.runtime import resolve_model_config
+    (tmp_path / "config.json").write_text(json.dumps(get_config("telechat2_7b").to_hf_config()))
+    settings = load_settings(None, [f"--load_checkpoint={tmp_path}", "--model=telechat2_3b"])
+    with pytest.raises(ConfigError, match="does not match model 'telechat2_3b'"):
+        resolve_model_config(settings)
+    settings = load_settings(None, [f"--load_checkpoint={tmp_path}", "--model=telechat2_7b"])
+    assert resolve_model_config(settings) == get_config("telechat2_7b")
