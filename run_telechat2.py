@@ -28,8 +28,10 @@ def _train(settings):
 
 
 def _eval(settings):
-    from telechat2_ms.evaluate import run_eval_mode
-    return run_eval_mode(settings)
+    from telechat2_ms.evaluate import run_eval
+    from telechat2_ms.runtime import model_and_tokenizer
+    model, tokenizer = model_and_tokenizer(settings)
+    return run_eval(settings, model, tokenizer)
 
 
 RUN_MODES = {"predict": _predict, "chat": _chat, "finetune": _train, "train": _train, "eval": _eval}

@@ -1,0 +1,309 @@
+"""Communication layer for explicit (Megatron-style) parallelism: process groups, collectives, and
+autograd-aware region Cells.
+
+Two backends, chosen once per process:
+- native (Ascend/HCCL, GPU/NCCL): `ops.AllReduce`, `ops.AllGather`, `ops.ReduceScatter`, `ops.Broadcast`.
+- emulated (CPU/mccl, or forced with TELECHAT2_COMM_EMULATE=1): on CPU only AllReduce works inside a
+  sub-group (mindspore_cpu_facts.md addendum), and only with op sum (measured: "AllReduce only support
+  reduce sum on CPU"), so every other collective is built from AllReduce(sum):
+  all-gather = my slice in a zero buffer + all-reduce; reduce-scatter = all-reduce + keep my slice;
+  broadcast = non-roots contribute zeros; max/min = all-gather + local reduce; ring shift = blocks placed by rank + all-reduce + pick the
+  neighbour's block.
+
+`ring_shift` (the point-to-point step of RingAttention and of the pipeline) uses all-gather + pick on the
+native backend as well: it is correct everywhere, costs `size` times the bandwidth of a true send/recv, and
+is the one place to swap in HCCL P2P later.
+
+A group of size 1 (and a world of size 1, i.e. a plain `python` run without msrun) makes every op the
+identity, so the same model code runs in one process.
+
+Autograd: collectives are wrapped in Cells with an explicit `bprop` that uses only collectives existing on
+the device (custom bprop works on CPU in PyNative and ms.jit):
+
+| Cell                 | forward          | backward         | used for                                  |
+|----------------------|------------------|------------------|-------------------------------------------|
+| CopyToRegion         | identity         | all-reduce       | input of a column-parallel linear (TP)    |
+| ReduceFromRegion     | all-reduce       | identity         | output of a row-parallel linear (TP)      |
+| ScatterToRegion      | keep my slice    | all-gather       | enter a sharded region                    |
+| GatherFromRegion     | all-gather       | keep my slice    | leave a sharded region (e.g. logits)      |
+| GatherFromSPRegion   | all-gather       | reduce-scatter   | sequence parallel: before column-parallel |
+| ReduceScatterToSP    | reduce-scatter   | all-gather       | sequence parallel: after row-parallel     |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Sequence, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+_STATE: Dict[str, object] = {"initialized": False, "rank": 0, "world": 1, "emulate": True, "created": {}}
+_PRIMS: Dict[Tuple, object] = {}
+
+
+@dataclass(frozen=True)
+class Group:
+    """A process group: `ranks` are global ranks in group order; `rank` is this process's index in it
+    (-1 when this process is not a member). `name` is the backend's communicator name."""
+
+    name: str
+    ranks: Tuple[int, ...]
+    rank: int
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def __repr__(self) -> str:
+        return f"Group({self.name}, ranks={list(self.ranks)}, my index={self.rank})"
+
+
+# ---- process setup ------------------------------------------------------------------------------------
+
+def launched_by_msrun() -> bool:
+    """True inside a process started by msrun: a worker (MS_ROLE=MS_WORKER) or the scheduler (MS_SCHED),
+    which runs the same script and must call init() too (it serves the cluster there, then exits)."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
+
+
+def init_distributed() -> Tuple[int, int]:
+    """Initialise communication once; returns (rank, world_size). Without msrun: (0, 1) and no init."""
+    if _STATE["initialized"]:
+        return int(_STATE["rank"]), int(_STATE["world"])
+    device = ms.get_context("device_target")
+    _STATE["emulate"] = device == "CPU" or os.environ.get("TELECHAT2_COMM_EMULATE", "0") == "1"
+    if launched_by_msrun():
+        from mindspore import communication
+
+        communication.init()
+        _STATE["rank"] = communication.get_rank()
+        _STATE["world"] = communication.get_group_size()
+    _STATE["initialized"] = True
+    return int(_STATE["rank"]), int(_STATE["world"])
+
+
+def get_rank() -> int:
+    return int(_STATE["rank"])
+
+
+def get_world_size() -> int:
+    return int(_STATE["world"])
+
+
+def is_emulated() -> bool:
+    return bool(_STATE["emulate"])
+
+
+def world_group() -> Group:
+    world = get_world_size()
+    if world == 1:
+        return Group("world", (0,), 0)
+    from mindspore.communication import GlobalComm
+
+    return Group(GlobalComm.WORLD_COMM_GROUP, tuple(range(world)), get_rank())
+
+
+def new_group(ranks: Sequence[int], tag: str) -> Group:
+    """The group of `ranks` (global ranks, in order). Only members create the communicator (a non-member
+    calling create_group fails on CPU); non-members get a Group with rank -1 that they must not use."""
+    ranks = tuple(int(r) for r in ranks)
+    me = get_rank()
+    index = ranks.index(me) if me in ranks else -1
+    if len(ranks) == 1:
+        return Group(f"{tag}_solo_{ranks[0]}", ranks, index)
+    if len(ranks) == get_world_size() and ranks == tuple(range(len(ranks))):
+        return world_group()
+    name = f"{tag}_" + "_".join(str(r) for r in ranks)
+    if index >= 0 and name not in _STATE["created"]:
+        from mindspore.communication import create_group
+
+        create_group(name, list(ranks))
+        _STATE["created"][name] = ranks
+    return Group(name, ranks, index)
+
+
+def _prim(kind: str, group: Group, *args):
+    key = (kind, group.name) + tuple(args)
+    if key not in _PRIMS:
+        if kind == "allreduce":
+            _PRIMS[key] = ops.AllReduce(args[0], group.name)
+        elif kind == "allgather":
+            _PRIMS[key] = ops.AllGather(group.name)
+        elif kind == "reducescatter":
+            _PRIMS[key] = ops.ReduceScatter(ops.ReduceOp.SUM, group.name)
+        elif kind == "broadcast":
+            _PRIMS[key] = ops.Broadcast(args[0], group.name)
+        else:
+            raise ValueError(f"unknown collective {kind}")
+    return _PRIMS[key]
+
+
+def _check_member(group: Group, op: str) -> None:
+    if group.rank < 0:
+        raise ValueError(f"{op}: rank {get_rank()} is not a member of {group}")
+
+
+# ---- plain collectives (no autograd; use the Cells below inside differentiated code) -------------------
+
+def all_reduce(x: Tensor, group: Group, op: str = "sum") -> Tensor:
+    """Sum (or max/min/prod) of x over the group; every member gets the result."""
+    if group.size == 1:
+        return x
+    _check_member(group, "all_reduce")
+    if op not in ("sum", "max", "min", "prod"):
+        raise ValueError(f"all_reduce: unknown op {op!r}; expected sum, max, min or prod")
+    if op != "sum" and is_emulated():  # mccl AllReduce only sums: gather every member's x, reduce here
+        stacked = all_gather(ops.expand_dims(x, 0), group, dim=0)  # [size, *x.shape]
+        return {"max": ops.amax, "min": ops.amin, "prod": ops.prod}[op](stacked, 0)
+    reduce_op = {"sum": ops.ReduceOp.SUM, "max": ops.ReduceOp.MAX, "min": ops.ReduceOp.MIN,
+                 "prod": ops.ReduceOp.PROD}[op]
+    return _prim("allreduce", group, reduce_op)(x)
+
+
+def split(x: Tensor, group: Group, dim: int) -> Tensor:
+    """My contiguous slice of x along `dim` (no communication)."""
+    if group.size == 1:
+        return x
+    n = x.shape[dim]
+    if n % group.size:
+        raise ValueError(f"split: dim {dim} of size {n} is not divisible by group size {group.size}")
+    part = n // group.size
+    return ops.narrow(x, dim, group.rank * part, part)
+
+
+def all_gather(x: Tensor, group: Group, dim: int = 0) -> Tensor:
+    """Concatenate every member's x along `dim` in group order: [.., n, ..] -> [.., size*n, ..]."""
+    if group.size == 1:
+        return x
+    _check_member(group, "all_gather")
+    dim = dim % x.ndim
+    if is_emulated():
+        pieces = [x if i == group.rank else ops.zeros_like(x) for i in range(group.size)]
+        return all_reduce(ops.cat(pieces, axis=dim), group)  # [.., size*n, ..]
+    moved = x if dim == 0 else ops.swapaxes(x, 0, dim)
+    gathered = _prim("allgather", group)(moved)  # [size*n, ..] on dim 0
+    return gathered if dim == 0 else ops.swapaxes(gathered, 0, dim)
+
+
+def reduce_scatter(x: Tensor, group: Group, dim: int = 0) -> Tensor:
+    """Sum over the group, then keep my slice along `dim`: [.., size*n, ..] -> [.., n, ..]."""
+    if group.size == 1:
+        return x
+    _check_member(group, "reduce_scatter")
+    dim = dim % x.ndim
+    if x.shape[dim] % group.size:
+        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[dim]} is not divisible by {group.size}")
+    if is_emulated():
+        return split(all_reduce(x, group), group, dim)
+    moved = x if dim == 0 else ops.swapaxes(x, 0, dim)
+    out = _prim("reducescatter", group)(moved)
+    return out if dim == 0 else ops.swapaxes(out, 0, dim)
+
+
+def broadcast(x: Tensor, group: Group, root: int = 0) -> Tensor:
+    """Member `root` (an index in the group)'s x, on every member."""
+    if group.size == 1:
+        return x
+    _check_member(group, "broadcast")
+    if is_emulated():
+        return all_reduce(x if group.rank == root else ops.zeros_like(x), group)
+    return _prim("broadcast", group, group.ranks[root])((x,))[0]
+
+
+def ring_shift(x: Tensor, group: Group, shift: int = 1) -> Tensor:
+    """Send x to member (rank+shift) % size and return what member (rank-shift) % size sent.
+    Every member must call it with same-shaped x (the ring step of RingAttention and the pipeline)."""
+    if group.size == 1:
+        return x
+    _check_member(group, "ring_shift")
+    source = (group.rank - shift) % group.size
+    stacked = all_gather(ops.expand_dims(x, 0), group, dim=0)  # [size, *x.shape]
+    return stacked[source]
+
+
+# ---- autograd-aware regions ----------------------------------------------------------------------------
+
+class CopyToRegion(nn.Cell):
+    """Forward identity; backward all-reduce (the input of a column-parallel linear)."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.group = group
+
+    def construct(self, x):
+        return x
+
+    def bprop(self, x, out, dout):
+        return (all_reduce(dout, self.group),)
+
+
+class ReduceFromRegion(nn.Cell):
+    """Forward all-reduce; backward identity (the output of a row-parallel linear)."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.group = group
+
+    def construct(self, x):
+        return all_reduce(x, self.group)
+
+    def bprop(self, x, out, dout):
+        return (dout,)
+
+
+class ScatterToRegion(nn.Cell):
+    """Forward keep my slice along `dim`; backward all-gather."""
+
+    def __init__(self, group: Group, dim: int):
+        super().__init__()
+        self.group, self.dim = group, dim
+
+    def construct(self, x):
+        return split(x, self.group, self.dim)
+
+    def bprop(self, x, out, dout):
+        return (all_gather(dout, self.group, self.dim),)
+
+
+class GatherFromRegion(nn.Cell):
+    """Forward all-gather along `dim`; backward keep my slice (every member holds the full gradient)."""
+
+    def __init__(self, group: Group, dim: int):
+        super().__init__()
+        self.group, self.dim = group, dim
+
+    def construct(self, x):
+        return all_gather(x, self.group, self.dim)
+
+    def bprop(self, x, out, dout):
+        return (split(dout, self.group, self.dim),)
+
+
+class GatherFromSPRegion(nn.Cell):
+    """Sequence parallel -> tensor parallel: forward all-gather along `dim`; backward reduce-scatter
+    (each member's gradient for the full sequence is partial over the TP group)."""
+
+    def __init__(self, group: Group, dim: int):
+        super().__init__()
+        self.group, self.dim = group, dim
+
+    def construct(self, x):
+        return all_gather(x, self.group, self.dim)
+
+    def bprop(self, x, out, dout):
+        return (reduce_scatter(dout, self.group, self.dim),)
+
+
+class ReduceScatterToSPRegion(nn.Cell):
+    """Tensor parallel -> sequence parallel: forward reduce-scatter along `dim`; backward all-gather."""
+
+    def __init__(self, group: Group, dim: int):
+        super().__init__()
+        self.group, self.dim = group, dim
+
+    def construct(self, x):
+        return reduce_scatter(x, self.group, self.dim)
+
+    def bprop(self, x, out, dout):
+        return (all_gather(dout, self.group, self.dim),)

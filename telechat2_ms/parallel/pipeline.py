@@ -1,0 +1,144 @@
+"""Pipeline parallelism: the 1F1B schedule and its executor.
+
+`one_f_one_b(stage, pp, m)` is the per-stage order of forward (F) and backward (B) micro-batch steps:
+pp-1-stage warm-up forwards, then alternating F/B, then the remaining backwards, so a stage holds at
+most pp-stage micro-batches in flight. `timetable(pp, m)` places those orders on lockstep ticks (one step
+per stage per tick, a message sent in tick t is usable from tick t+1); every rank computes the same table,
+so all pipeline ranks know which micro-batch each message carries.
+
+`run_pipeline` executes one stage's part of the table. After each tick in which any stage sent something,
+the pipeline group does one exchange: activations go to the next stage, gradients to the previous one
+(comm.all_gather of [to_next, to_prev], then each stage picks its neighbours' blocks; on CPU that is the
+AllReduce emulation, there being no Send/Recv). A stage's forward runs without autograd; its backward
+recomputes the forward under `ms.grad` of sum(output * incoming gradient) (full activation recompute:
+MindSpore PyNative cannot keep several pending vjp closures alive at once, measured).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from telechat2_ms.parallel import comm
+
+Step = Tuple[str, int]  # ("F" | "B", micro-batch index)
+
+
+def one_f_one_b(stage: int, pp: int, micro_batches: int) -> List[Step]:
+    """The 1F1B order of one stage."""
+    warmup = min(pp - 1 - stage, micro_batches)
+    order: List[Step] = [("F", i) for i in range(warmup)]
+    forward, backward = warmup, 0
+    while forward < micro_batches:
+        order += [("F", forward), ("B", backward)]
+        forward, backward = forward + 1, backward + 1
+    order += [("B", i) for i in range(backward, micro_batches)]
+    return order
+
+
+def timetable(pp: int, micro_batches: int) -> List[List[Optional[Step]]]:
+    """ticks[t][stage] = the step that stage runs at tick t (None = idle)."""
+    orders = [one_f_one_b(s, pp, micro_batches) for s in range(pp)]
+    position = [0] * pp
+    done: Dict[Tuple[str, int, int], int] = {}  # (kind, stage, micro-batch) -> tick
+    never = 1 << 30
+    ticks: List[List[Optional[Step]]] = []
+    while any(position[s] < len(orders[s]) for s in range(pp)):
+        tick = len(ticks)
+        row: List[Optional[Step]] = []
+        for s in range(pp):
+            if position[s] == len(orders[s]):
+                row.append(None)
+                continue
+            kind, i = orders[s][position[s]]
+            if kind == "F":
+                ready = s == 0 or done.get(("F", s - 1, i), never) < tick
+            else:
+                ready = done.get(("F", s, i), never) < tick and (
+                    s == pp - 1 or done.get(("B", s + 1, i), never) < tick)
+            if ready:
+                row.append((kind, i))
+                done[(kind, s, i)] = tick
+                position[s] += 1
+            else:
+                row.append(None)
+        if all(step is None for step in row):
+            raise RuntimeError(f"pipeline timetable deadlocked at tick {tick} (pp={pp}, m={micro_batches})")
+        ticks.append(row)
+    return ticks
+
+
+class StageFunctions:
+    """What one stage computes for micro-batch i (built by parallelize.TelechatParallel):
+    forward(i, x) -> output (hidden states, or the micro-batch loss on the last stage; x is None on the
+    first stage), params: the stage's trainable parameters."""
+
+    def __init__(self, forward: Callable[[int, Optional[Tensor]], Tensor], params: Sequence,
+                 activation_shape: Tuple[int, ...], activation_dtype=ms.float32):
+        self.forward = forward
+        self.params = list(params)
+        self.activation_shape = tuple(activation_shape)
+        self.activation_dtype = activation_dtype
+
+
+def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: int):
+    """Run this stage's 1F1B steps. Returns (sum of micro-batch losses on the last stage else None,
+    gradients of the stage parameters summed over micro-batches)."""
+    pp, stage = group.size, max(group.rank, 0)
+    first, last = stage == 0, stage == pp - 1
+    grads = [ops.zeros_like(p) for p in stage_fns.params]
+    inputs: Dict[int, Tensor] = {}  # micro-batch -> received activation
+    grads_in: Dict[int, Tensor] = {}  # micro-batch -> received gradient of our output
+    total_loss = None
+    zeros = ops.zeros(stage_fns.activation_shape, stage_fns.activation_dtype)
+    table = timetable(pp, micro_batches)
+    for tick, row in enumerate(table):
+        to_next, to_prev = None, None
+        step = row[stage]
+        if step is not None and step[0] == "F":
+            i = step[1]
+            out = stage_fns.forward(i, None if first else inputs[i])
+            if last:
+                total_loss = out if total_loss is None else total_loss + out
+            else:
+                to_next = out
+        elif step is not None:
+            i = step[1]
+            x = None if first else inputs.pop(i)
+            sens = ops.ones((), ms.float32) if last else grads_in.pop(i)
+
+            def surrogate(x_in, i=i, sens=sens):
+                return (ops.cast(stage_fns.forward(i, x_in), ms.float32) * sens).sum()
+
+            if first:
+                weight_grads = ms.grad(lambda: surrogate(None), grad_position=None, weights=stage_fns.params)()
+            else:
+                dx, weight_grads = ms.grad(surrogate, grad_position=0, weights=stage_fns.params)(x)
+                to_prev = dx
+            grads = [g + w for g, w in zip(grads, weight_grads)]
+        if pp > 1 and _anyone_sends(table[tick], pp):
+            from_prev, from_next = _exchange(to_next, to_prev, zeros, group)
+            previous = table[tick][stage - 1] if stage > 0 else None
+            following = table[tick][stage + 1] if stage < pp - 1 else None
+            if previous is not None and previous[0] == "F":
+                inputs[previous[1]] = from_prev
+            if following is not None and following[0] == "B":
+                grads_in[following[1]] = from_next
+    return total_loss, grads
+
+
+def _anyone_sends(row: List[Optional[Step]], pp: int) -> bool:
+    return any(step is not None and ((step[0] == "F" and s < pp - 1) or (step[0] == "B" and s > 0))
+               for s, step in enumerate(row))
+
+
+def _exchange(to_next, to_prev, zeros, group: comm.Group):
+    """One collective per tick: every stage contributes [to_next, to_prev] (zeros when idle) and picks
+    (activation from stage-1, gradient from stage+1)."""
+    mine = ops.stack([zeros if to_next is None else to_next, zeros if to_prev is None else to_prev], 0)
+    everyone = comm.all_gather(ops.expand_dims(mine, 0), group, dim=0)  # [pp, 2, *shape]
+    stage, pp = group.rank, group.size
+    from_prev = everyone[stage - 1][0] if stage > 0 else zeros
+    from_next = everyone[stage + 1][1] if stage < pp - 1 else zeros
+    return from_prev, from_next

@@ -1,0 +1,209 @@
+"""How every TeleChat2 parameter is split for tensor parallel (tp) and placed on pipeline stages (pp).
+
+The single source of these rules: the checkpoint resharder (convert/reshard.py) and the parallel layers
+at load time both read this table. Pure python + numpy, no MindSpore.
+
+Tensor parallel follows Megatron (all weights are [out, in]):
+- column-parallel (output rows split): wq, wk_v, w1, w3. wk_v rows are per-kv-head [K_h; V_h], so a
+  contiguous 1/tp slice holds whole kv heads with their K and V rows (needs num_kv_heads % tp == 0).
+- row-parallel (input columns split): wo, w2; their biases are replicated (added once, after the
+  all-reduce).
+- vocab-parallel (vocab rows split): tok_embeddings.embedding_weight and lm_head (needs V % tp == 0).
+- replicated: the RMSNorm weights.
+- fused inference layouts (spec 3.3, pitfall 10.18): rank r holds [q_r; K_r; V_r] of w_qkv and
+  [w1_r; w3_r] of w_gate_hidden, i.e. the fused rows of its own column slices, never a slice of the
+  global concatenation.
+A shard is a plain slice, so `merge_shards(name, [shard_tensor(name, w, tp, r) for r in range(tp)])`
+gives back `w` bit for bit, and resharding between layouts is a pure tensor operation.
+
+Pipeline parallel: `stage_layer_ranges` gives each stage a contiguous block of layers (even split by
+default, the first `num_layers % pp` stages taking one more; or explicit per-stage counts). The embedding
+lives on the first stage, norm_out and lm_head on the last. Parameter names keep their global layer index
+on every stage (as MindFormers' pipeline checkpoints do), so merging needs no renumbering.
+
+Rank order for a (tp, pp) layout: rank = pp_stage * tp + tp_rank (tp fastest, as in parallel/dims.py).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from telechat2_ms.config import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How one parameter is split over tp ranks."""
+
+    kind: str  # "replicate" | "rows" (split dim 0) | "cols" (split dim 1) | "fused_rows" (per-rank fused blocks)
+    layout: str  # one-line layout comment: full -> per-rank shape
+
+    def split_dim(self) -> Optional[int]:
+        return {"rows": 0, "cols": 1, "fused_rows": 0}.get(self.kind)
+
+
+REPLICATE = SplitRule("replicate", "[H] -> [H] on every rank")
+COLUMN = SplitRule("rows", "[out, in] -> [out/tp, in]")
+KV_COLUMN = SplitRule("rows", "[2kd, H] -> [2kd/tp, H]: whole kv heads, each [K_h; V_h]")
+VOCAB = SplitRule("rows", "[V, H] -> [V/tp, H]")
+ROW = SplitRule("cols", "[out, in] -> [out, in/tp]")
+FUSED_QKV = SplitRule("fused_rows", "[H+2kd, H] = [q; K; V] -> [q_r; K_r; V_r] of [(H+2kd)/tp, H]")
+FUSED_GATE_HIDDEN = SplitRule("fused_rows", "[2F, H] = [w1; w3] -> [w1_r; w3_r] of [2F/tp, H]")
+
+_L = r"model\.layers\.\d+\."
+# (parameter-name pattern, rule): the whole tensor-parallel plan for the parameters
+SHARD_TABLE: Tuple[Tuple[str, SplitRule], ...] = (
+    (r"model\.tok_embeddings\.embedding_weight", VOCAB),
+    (_L + r"attention_norm\.weight", REPLICATE),
+    (_L + r"attention\.wq\.weight", COLUMN),
+    (_L + r"attention\.wk_v\.weight", KV_COLUMN),
+    (_L + r"attention\.w_qkv\.weight", FUSED_QKV),
+    (_L + r"attention\.wo\.weight", ROW),
+    (_L + r"attention\.wo\.bias", REPLICATE),
+    (_L + r"ffn_norm\.weight", REPLICATE),
+    (_L + r"feed_forward\.w1\.weight", COLUMN),
+    (_L + r"feed_forward\.w3\.weight", COLUMN),
+    (_L + r"feed_forward\.w_gate_hidden\.weight", FUSED_GATE_HIDDEN),
+    (_L + r"feed_forward\.w2\.weight", ROW),
+    (_L + r"feed_forward\.w2\.bias", REPLICATE),
+    (r"model\.norm_out\.weight", REPLICATE),
+    (r"lm_head\.weight", VOCAB),
+)
+_COMPILED = tuple((re.compile(p + r"\Z"), rule) for p, rule in SHARD_TABLE)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def split_rule(name: str) -> SplitRule:
+    """The rule for parameter `name`; ValueError for a name the table does not know."""
+    for pattern, rule in _COMPILED:
+        if pattern.match(name):
+            return rule
+    raise ValueError(f"parameter {name!r} has no tensor-parallel rule in telechat2_ms.shard_layout.SHARD_TABLE")
+
+
+def _fused_sections(name: str, shape: Sequence[int]) -> List[int]:
+    """Row counts of the parts of a fused weight, read from its full shape [rows, H]."""
+    rows, hidden = shape[0], shape[1]
+    if "w_qkv" in name:
+        kd2 = rows - hidden  # rows = H + 2kd
+        return [hidden, kd2 // 2, kd2 // 2]
+    return [rows // 2, rows // 2]  # w_gate_hidden: [w1; w3]
+
+
+def _check_divisible(name: str, size: int, tp: int, what: str) -> None:
+    if size % tp:
+        raise ValueError(f"parameter {name}: {what} {size} is not divisible by tp={tp}")
+
+
+def shard_shape(name: str, shape: Sequence[int], tp: int) -> Tuple[int, ...]:
+    """Per-rank shape of parameter `name` (full shape `shape`) under tensor parallel `tp`."""
+    rule = split_rule(name)
+    dim = rule.split_dim()
+    shape = tuple(int(s) for s in shape)
+    if dim is None:
+        return shape
+    if rule.kind == "fused_rows":
+        for part in _fused_sections(name, shape):
+            _check_divisible(name, part, tp, "fused part rows")
+    _check_divisible(name, shape[dim], tp, f"dim {dim} size")
+    return shape[:dim] + (shape[dim] // tp,) + shape[dim + 1:]
+
+
+def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int) -> np.ndarray:
+    """The slice of the full tensor `array` that tp rank `tp_rank` of `tp` holds (a contiguous copy)."""
+    if not 0 <= tp_rank < tp:
+        raise ValueError(f"tp_rank {tp_rank} is outside tp={tp}")
+    rule = split_rule(name)
+    shard_shape(name, array.shape, tp)  # divisibility checks
+    if rule.kind == "replicate":
+        return np.ascontiguousarray(array)
+    if rule.kind == "fused_rows":
+        offsets = np.cumsum([0] + _fused_sections(name, array.shape))
+        pieces = []
+        for start, stop in zip(offsets[:-1], offsets[1:]):
+            part = (stop - start) // tp
+            pieces.append(array[start + tp_rank * part: start + (tp_rank + 1) * part])  # [part/tp, H]
+        return np.concatenate(pieces, axis=0)
+    dim = rule.split_dim()
+    size = array.shape[dim] // tp
+    index = [slice(None)] * array.ndim
+    index[dim] = slice(tp_rank * size, (tp_rank + 1) * size)
+    return np.ascontiguousarray(array[tuple(index)])
+
+
+def merge_shards(name: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Inverse of `shard_tensor`: the full tensor from the shards of all tp ranks, in rank order."""
+    tp = len(arrays)
+    if tp == 0:
+        raise ValueError(f"parameter {name}: no shards to merge")
+    shapes = {tuple(a.shape) for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"parameter {name}: shards have different shapes {sorted(shapes)}")
+    rule = split_rule(name)
+    if rule.kind == "replicate":
+        if any(arrays[0].tobytes() != a.tobytes() for a in arrays[1:]):  # bitwise (NaN-safe)
+            raise ValueError(f"parameter {name} is replicated but its {tp} copies differ")
+        return np.ascontiguousarray(arrays[0])
+    if rule.kind == "fused_rows":
+        local = arrays[0].shape
+        full = (local[0] * tp,) + tuple(local[1:])
+        sections = [s // tp for s in _fused_sections(name, full)]
+        offsets = np.cumsum([0] + sections)
+        parts = [np.concatenate([a[start:stop] for a in arrays], axis=0)  # [part, H]
+                 for start, stop in zip(offsets[:-1], offsets[1:])]
+        return np.concatenate(parts, axis=0)
+    return np.concatenate(arrays, axis=rule.split_dim())
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """ConfigError unless `cfg` splits into `tp` ranks with whole heads, kv heads, vocab rows and ffn rows."""
+    if tp < 1:
+        raise ConfigError(f"tp must be >= 1, got {tp}")
+    for what, value in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
+                        ("vocab_size", cfg.vocab_size), ("ffn_hidden_size", cfg.ffn_hidden_size)):
+        if value % tp:
+            raise ConfigError(f"{what} {value} of model {cfg.name} is not divisible by tp={tp}")
+
+
+def stage_layer_ranges(num_layers: int, pp: int, layer_counts: Optional[Sequence[int]] = None
+                       ) -> List[Tuple[int, int]]:
+    """[(first, end)] global layer range of each pipeline stage.
+
+    Default: an even split, the first `num_layers % pp` stages taking one extra layer (the last stage
+    also runs norm_out, lm_head and the loss). `layer_counts` gives the count per stage explicitly."""
+    if pp < 1:
+        raise ConfigError(f"pp must be >= 1, got {pp}")
+    if layer_counts is None:
+        if num_layers < pp:
+            raise ConfigError(f"{num_layers} layers cannot fill {pp} pipeline stages (each needs one layer)")
+        base, extra = divmod(num_layers, pp)
+        layer_counts = [base + (1 if s < extra else 0) for s in range(pp)]
+    counts = [int(c) for c in layer_counts]
+    if len(counts) != pp:
+        raise ConfigError(f"layer_counts {counts} has {len(counts)} entries, expected one per stage (pp={pp})")
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"layer_counts {counts}: every pipeline stage needs at least one layer")
+    if sum(counts) != num_layers:
+        raise ConfigError(f"layer_counts {counts} sum to {sum(counts)}, but the model has {num_layers} layers")
+    starts = np.cumsum([0] + counts).tolist()
+    return [(starts[s], starts[s + 1]) for s in range(pp)]
+
+
+def layer_index(name: str) -> Optional[int]:
+    """Global layer index in a parameter name, or None for the embedding / final norm / lm_head."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def param_stage(name: str, ranges: Sequence[Tuple[int, int]]) -> int:
+    """Pipeline stage holding parameter `name`: embedding on the first, norm_out/lm_head on the last."""
+    layer = layer_index(name)
+    if layer is None:
+        return 0 if name.startswith("model.tok_embeddings.") else len(ranges) - 1
+    for stage, (first, end) in enumerate(ranges):
+        if first <= layer < end:
+            return stage
+    raise ValueError(f"parameter {name}: layer {layer} is outside the stage ranges {list(ranges)}")
