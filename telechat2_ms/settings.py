@@ -49,7 +49,8 @@ class ParallelSettings:
 class TrainSettings:
     """Training / fine-tuning (train and finetune run modes)."""
 
-    train_dataset: str = ""  # jsonl file or preprocessed dataset directory
+    train_dataset: str = ""  # jsonl file(s), a directory of jsonl, a data-mix .json, a preprocessed dataset
+    # directory, or "demo" / "demo:N" (N generated demo dialogs, telechat2_ms/demo_corpus.py)
     data_format: str = "sft"  # sft | pretrain
     batch_size: int = 1
     learning_rate: float = 3e-5
@@ -71,6 +72,10 @@ class TrainSettings:
     lora_rank: int = 0  # 0: full fine-tune
     lora_alpha: float = 16.0
     lora_targets: List[str] = field(default_factory=lambda: ["wq", "wk_v", "wo", "w1", "w2", "w3"])
+    truncation: str = "error"  # SFT sample longer than seq_length: error | truncate (keep the start) | drop
+    resume_from: str = ""  # a checkpoints/step_XXXXXXXX directory; empty: the newest one when resume is true
+    loss_scale: float = 65536.0  # initial dynamic loss scale (float16 compute only)
+    loss_scale_window: int = 1000  # finite steps before the loss scale doubles
 
 
 @dataclass

@@ -1,0 +1,49 @@
+"""Preprocess training data once, before a (multi-process) run:
+
+    python -m telechat2_ms.data --input data/sft --output data/sft_4096 --seq_length 4096 \
+        [--format sft|pretrain] [--tokenizer PATH] [--truncation error|truncate|drop] [--seed 1234]
+
+--input takes what `train.train_dataset` takes (jsonl files, a directory, a data-mix .json, comma-separated);
+the output directory can then be given as `train.train_dataset`. Prints the dataset summary.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from telechat2_ms.data.dataset import build_dataset
+from telechat2_ms.data.sft import TRUNCATION_POLICIES
+from telechat2_ms.data.sources import DataError, resolve_sources
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m telechat2_ms.data", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, help="jsonl file(s), a directory of jsonl, or a data-mix .json")
+    parser.add_argument("--output", required=True, help="new dataset directory (must not exist)")
+    parser.add_argument("--seq_length", type=int, required=True, help="training sequence length")
+    parser.add_argument("--format", default="sft", choices=("sft", "pretrain"), help="data format (default sft)")
+    parser.add_argument("--tokenizer", default="", help="tokenizer.model or its directory (default: demo tokenizer)")
+    parser.add_argument("--truncation", default="error", choices=TRUNCATION_POLICIES,
+                        help="SFT samples longer than seq_length: error (default), truncate or drop")
+    parser.add_argument("--seed", type=int, default=1234, help="data-mix resampling seed (train.seed)")
+    args = parser.parse_args(argv)
+    from telechat2_ms.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or None)
+        dataset = build_dataset(resolve_sources(args.input), args.output, tokenizer, args.seq_length, args.format,
+                                args.truncation, args.seed)
+    except (DataError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    index = dataset.index
+    print(f"{dataset}: {index['num_tokens']} tokens, {index['num_target_tokens']} targets")
+    if "sft" in index:
+        sft = index["sft"]
+        print(f"  {sft['records']} records ({sft['packed_dialogs']} packed single-turn), "
+              f"{sft['num_truncated']} truncated, {sft['num_dropped']} dropped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

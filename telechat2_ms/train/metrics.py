@@ -1,0 +1,86 @@
+"""Training progress: one line per step on stdout, a metrics jsonl, and the loss-curve PNG at the end.
+
+Progress line (every `log_steps` steps):
+    step 40/300 | loss 2.4113 | lr 2.87e-03 | grad_norm 0.812 | 12450 tok/s | 0.21 s/step | ETA 0:00:54
+(`| loss_scale 32768` is appended with fp16 loss scaling, `| skipped (non-finite gradients)` on an
+overflow step.) tok/s counts real (non-pad) tokens of the step, on this process. The ETA uses the mean time
+of the steps run so far in this process, leaving out the first (it includes compilation).
+
+metrics.jsonl: one JSON object per step {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+"step_time_s", "loss_scale", "skipped", "consumed_samples"}. On resume, lines after the resumed step (written
+by the interrupted run after its last checkpoint) are dropped, so the file describes one clean run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+from telechat2_ms.train.png import moving_average, plot_lines
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, total_steps: int, log_steps: int = 1,
+                 printer: Callable[[str], None] = print):
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.total_steps = total_steps
+        self.log_steps = max(int(log_steps), 1)
+        self.printer = printer
+        self.step_times: List[float] = []
+        os.makedirs(output_dir, exist_ok=True)
+
+    def start(self, resumed_step: int) -> None:
+        """Keep only records up to `resumed_step` (0: start a fresh file)."""
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step] if resumed_step else []
+        with open(self.path, "w", encoding="utf-8") as f:
+            for record in kept:
+                f.write(json.dumps(record) + "\n")
+
+    def eta(self, step: int) -> Optional[float]:
+        timed = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
+        if not timed:
+            return None
+        return sum(timed) / len(timed) * (self.total_steps - step)
+
+    def log(self, record: Dict[str, Any]) -> str:
+        """Append the record to metrics.jsonl, print the progress line (every log_steps), return the line."""
+        self.step_times.append(record["step_time_s"])
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        eta = self.eta(step)
+        line = (f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+                f"{record['step_time_s']:.2f} s/step | ETA "
+                + (str(datetime.timedelta(seconds=int(eta))) if eta is not None else "?"))
+        if record.get("loss_scale") not in (None, 1.0):
+            line += f" | loss_scale {record['loss_scale']:g}"
+        if record.get("skipped"):
+            line += " | skipped (non-finite gradients)"
+        if step % self.log_steps == 0 or step == self.total_steps or record.get("skipped"):
+            self.printer(line)
+        return line
+
+    def plot(self, output_dir: str) -> str:
+        """Write loss_curve.png (raw loss and its moving average) from metrics.jsonl; returns its path."""
+        records = read_metrics(self.path)
+        steps = [r["step"] for r in records]
+        losses = [r["loss"] if r["loss"] is not None and math.isfinite(r["loss"]) else float("nan")
+                  for r in records]
+        window = max(len(losses) // 20, 1)
+        smooth = moving_average([v if math.isfinite(v) else 0.0 for v in losses], window)
+        path = os.path.join(output_dir, LOSS_CURVE_FILE)
+        plot_lines(path, [(steps, losses), (steps, smooth)], title="training loss vs step")
+        return path

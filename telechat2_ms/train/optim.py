@@ -1,0 +1,108 @@
+"""AdamW with explicit, checkpointable state; warmup + cosine learning rate; dynamic loss scaling.
+
+AdamW follows torch.optim.AdamW (decoupled weight decay, bias correction) exactly:
+    p <- p * (1 - lr * wd)                       (only parameters with >= 2 dims: no decay on norms, biases)
+    m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+    p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+Its state is two fp32 Parameters per trainable parameter (`exp_avg.<name>`, `exp_avg_sq.<name>`) plus the
+step count t kept by the trainer; the per-step scalars (lr, bias corrections, gradient coefficient) come in
+as Tensors, so the compiled update never recompiles. (`mint.optim.AdamW` has no CPU kernel and
+`nn.AdamWeightDecay` has no bias correction; this is written from plain ops.)
+
+The learning rate for optimizer step t (1-based) is linear warmup lr * t / warmup_steps for t <= warmup_steps,
+then cosine decay from lr to min_lr, reaching min_lr at t = total_steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+
+def learning_rate_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Warmup + cosine schedule (module docstring); step is 1-based."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return base_lr * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class AdamW(nn.Cell):
+    """construct(grads, lr, step_size, bc2_sqrt, grad_coef) applies one update in place.
+
+    grads: tuple of gradients in the order of `params`; lr: learning rate (for weight decay);
+    step_size = lr / (1 - b1^t); bc2_sqrt = sqrt(1 - b2^t); grad_coef multiplies every gradient first
+    (loss-scale removal times the clipping factor). All scalars are fp32 Tensors []."""
+
+    def __init__(self, params: Sequence[Parameter], beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+                 weight_decay: float = 0.0, names: Optional[Sequence[str]] = None):
+        super().__init__(auto_prefix=False)
+        names = list(names) if names is not None else [p.name for p in params]
+        self.params = ms.ParameterTuple(params)
+        self.exp_avg = ms.ParameterTuple([_zeros_like(p, f"exp_avg.{n}") for p, n in zip(params, names)])
+        self.exp_avg_sq = ms.ParameterTuple([_zeros_like(p, f"exp_avg_sq.{n}") for p, n in zip(params, names)])
+        self.decay = tuple(len(p.shape) >= 2 and weight_decay > 0 for p in params)
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+
+    def construct(self, grads, lr, step_size, bc2_sqrt, grad_coef):
+        for i in range(len(self.params)):
+            p, m, v = self.params[i], self.exp_avg[i], self.exp_avg_sq[i]
+            g = ops.cast(grads[i], ms.float32) * grad_coef
+            if self.decay[i]:
+                ops.assign(p, p * (1.0 - lr * self.weight_decay))
+            ops.assign(m, m * self.beta1 + g * (1.0 - self.beta1))
+            ops.assign(v, v * self.beta2 + ops.square(g) * (1.0 - self.beta2))
+            denom = ops.sqrt(v) / bc2_sqrt + self.eps
+            ops.assign(p, p - step_size * m / denom)
+        return lr
+
+    def step_scalars(self, lr: float, step: int, grad_coef: float):
+        """Host-side per-step Tensors (lr, step_size, bc2_sqrt, grad_coef) for optimizer step `step` (1-based)."""
+        bc1 = 1.0 - self.beta1 ** step
+        bc2 = 1.0 - self.beta2 ** step
+        return tuple(Tensor(np.float32(x)) for x in (lr, lr / bc1, math.sqrt(bc2), grad_coef))
+
+    def state_tensors(self) -> Dict[str, Parameter]:
+        """{name: Parameter} of the moment estimates (`exp_avg.<param>`, `exp_avg_sq.<param>`), for checkpoints."""
+        return {p.name: p for p in list(self.exp_avg) + list(self.exp_avg_sq)}
+
+
+def _zeros_like(param: Parameter, name: str) -> Parameter:
+    return Parameter(Tensor(np.zeros(param.shape, np.float32)), name=name, requires_grad=False)
+
+
+class DynamicLossScaler:
+    """Loss scaling for fp16 compute: multiply the loss by `scale`; a step whose gradients are not finite is
+    skipped and halves the scale (not below 1); `growth_interval` finite steps in a row double it.
+    With enabled=False the scale stays 1 (fp32 / bf16); a non-finite step is still skipped."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_interval: int = 1000):
+        self.enabled = enabled
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale = max(self.scale / 2.0, 1.0)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= 2.0
+            self.good_steps = 0
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"enabled": self.enabled, "scale": self.scale, "good_steps": self.good_steps,
+                "growth_interval": self.growth_interval}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])

@@ -1,0 +1,71 @@
+"""The compiled pieces of one optimizer step: forward+backward into gradient accumulators, gradient norm,
+AdamW update.
+
+    loss_k = micro_step(ids_k, mask_k, denominator, loss_scale)   for each of the grad_accum_steps batches
+    norm   = grad_norm()                                           of the accumulated (still scaled) gradients
+    apply_update(lr, step_size, bc2_sqrt, coef)  or  zero_grads()  (a non-finite norm skips the update)
+
+The accumulators are fp32 Parameters (`grad_accum.<name>`), so the state between the calls lives on the
+device and no gradient tuple crosses the Python boundary. Every input is a Tensor of fixed shape and dtype
+(scalars are 0-d fp32 Tensors, never Python floats), so each function compiles once: there are no tuple
+inputs that would need `ms.mutable`. With use_jit=False the same functions run in PyNative (debugging).
+The host computes coef = (1 / loss_scale) * min(1, grad_clip / (norm + 1e-6)) from the returned norm, as
+torch's clip_grad_norm_ does.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+from telechat2_ms.train.optim import AdamW
+
+
+class TrainStep:
+    def __init__(self, loss_net, params: Sequence[Parameter], optimizer: AdamW, use_jit: bool = True):
+        self.loss_net = loss_net
+        self.params = ms.ParameterTuple(params)
+        self.accum = ms.ParameterTuple([Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"grad_accum.{p.name}",
+                                                  requires_grad=False) for p in params])
+        self.optimizer = optimizer
+        accum = self.accum
+
+        def scaled_loss(ids, mask, denominator, loss_scale):
+            return loss_net(ids, mask, denominator) * loss_scale
+
+        grad_fn = ms.value_and_grad(scaled_loss, None, self.params)
+
+        def micro_step(ids, mask, denominator, loss_scale):
+            """ids [B,S] int32, mask [B,S] fp32, denominator [] fp32, loss_scale [] fp32 -> loss [] (unscaled)."""
+            loss, grads = grad_fn(ids, mask, denominator, loss_scale)
+            for i in range(len(accum)):
+                ops.assign_add(accum[i], ops.cast(grads[i], ms.float32))
+            return loss / loss_scale
+
+        def grad_norm():
+            """Global L2 norm [] of the accumulated gradients (scaled by the loss scale)."""
+            total = ops.reduce_sum(ops.square(accum[0]))
+            for i in range(1, len(accum)):
+                total = total + ops.reduce_sum(ops.square(accum[i]))
+            return ops.sqrt(total)
+
+        def apply_update(lr, step_size, bc2_sqrt, coef):
+            """AdamW step with gradients accum * coef, then clear the accumulators."""
+            done = optimizer(tuple(accum), lr, step_size, bc2_sqrt, coef)
+            for i in range(len(accum)):
+                ops.assign(accum[i], ops.zeros_like(accum[i]))
+            return done
+
+        def zero_grads():
+            for i in range(len(accum)):
+                ops.assign(accum[i], ops.zeros_like(accum[i]))
+            return ops.zeros((), ms.float32)
+
+        wrap = ms.jit if use_jit else (lambda fn: fn)
+        self.micro_step = wrap(micro_step)
+        self.grad_norm = wrap(grad_norm)
+        self.apply_update = wrap(apply_update)
+        self.zero_grads = wrap(zero_grads)

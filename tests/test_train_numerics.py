@@ -1,0 +1,186 @@
+"""Numerics of the training pieces: learning-rate schedule, AdamW against torch.optim.AdamW, the masked loss
+against a numpy reference, gradient accumulation against one big batch, fp16 loss scaling, recompute."""
+import math
+
+import numpy as np
+import pytest
+
+from mindspore import Parameter, Tensor
+
+from telechat2_ms.config import get_config
+from telechat2_ms.model import Telechat2ForCausalLM
+from telechat2_ms.settings import load_settings
+from telechat2_ms.train import Trainer
+from telechat2_ms.train.trainer import apply_recompute
+from telechat2_ms.train.loss import CausalLMLoss, cast_batch
+from telechat2_ms.train.optim import AdamW, DynamicLossScaler, learning_rate_at
+from telechat2_ms.train.step import TrainStep
+
+TINY = get_config("tiny")
+
+
+def test_learning_rate_schedule():
+    lr = [learning_rate_at(s, 1e-3, 1e-4, warmup_steps=10, total_steps=110) for s in range(1, 111)]
+    assert lr[0] == pytest.approx(1e-4) and lr[4] == pytest.approx(5e-4) and lr[9] == pytest.approx(1e-3)
+    assert lr[59] == pytest.approx(0.5 * (1e-3 + 1e-4))  # half way through the cosine
+    assert lr[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
+    assert learning_rate_at(1, 1e-3, 0.0, warmup_steps=0, total_steps=1) == pytest.approx(0.0)
+
+
+def test_adamw_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    shapes = {"w": (5, 3), "b": (5,)}  # b is 1-D: no weight decay
+    init = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    params = [Parameter(Tensor(init[n]), name=n) for n in shapes]
+    opt = AdamW(params, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    t_params = {n: torch.nn.Parameter(torch.tensor(v)) for n, v in init.items()}
+    t_opt = torch.optim.AdamW([{"params": [t_params["w"]], "weight_decay": 0.1},
+                               {"params": [t_params["b"]], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(1, 6):
+        lr = 1e-2 * (0.5 if step > 3 else 1.0)
+        for group in t_opt.param_groups:
+            group["lr"] = lr
+        grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        opt(tuple(Tensor(grads[n]) for n in shapes), *opt.step_scalars(lr, step, 1.0))
+        for n in shapes:
+            t_params[n].grad = torch.tensor(grads[n])
+        t_opt.step()
+        for p in params:
+            np.testing.assert_allclose(p.asnumpy(), t_params[p.name].detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert set(opt.state_tensors()) == {"exp_avg.w", "exp_avg.b", "exp_avg_sq.w", "exp_avg_sq.b"}
+
+
+def test_loss_matches_numpy_reference():
+    model = Telechat2ForCausalLM(TINY, seed=3)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, TINY.vocab_size, (2, 16)).astype(np.int32)
+    mask = (rng.random((2, 16)) < 0.6).astype(np.float32)
+    loss_net = CausalLMLoss(model, 2, 16)
+    loss = float(loss_net(*cast_batch(ids, mask), Tensor(np.float32(7.0))).asnumpy())
+    logits = model(Tensor(ids)).asnumpy().astype(np.float64)[:, :-1]  # [2,15,V]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[:, 1:, None].astype(np.int64), -1)[..., 0]
+    assert loss == pytest.approx(float((nll * mask[:, 1:]).sum() / 7.0), rel=1e-5)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, TINY.vocab_size, (4, 16)).astype(np.int32)
+    mask = (rng.random((4, 16)) < 0.7).astype(np.float32)
+    denominator = Tensor(np.float32(mask[:, 1:].sum()))
+    one = Tensor(np.float32(1.0))
+    grads = []
+    for batch in (4, 2):
+        model = Telechat2ForCausalLM(TINY, seed=4)
+        params = list(model.trainable_params())
+        step = TrainStep(CausalLMLoss(model, batch, 16), params, AdamW(params), use_jit=False)
+        loss = sum(float(step.micro_step(*cast_batch(ids[i:i + batch], mask[i:i + batch]), denominator, one).asnumpy())
+                   for i in range(0, 4, batch))
+        grads.append((loss, [a.asnumpy().copy() for a in step.accum], float(step.grad_norm().asnumpy())))
+    (loss_a, acc_a, norm_a), (loss_b, acc_b, norm_b) = grads
+    assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-5)
+    for a, b in zip(acc_a, acc_b):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_dynamic_loss_scaler():
+    scaler = DynamicLossScaler(True, init_scale=8.0, growth_interval=2)
+    scaler.update(False)
+    assert scaler.scale == 4.0
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 8.0
+    for _ in range(10):
+        scaler.update(False)
+    assert scaler.scale == 1.0
+    off = DynamicLossScaler(False, init_scale=8.0)
+    off.update(False)
+    assert off.scale == 1.0
+
+
+SMALL = ["--seq_length=48", "--train.train_dataset=demo:120", "--train.truncation=drop", "--train.batch_size=2",
+         "--train.learning_rate=3e-3", "--train.warmup_steps=0"]
+
+
+def test_fp16_compute_with_loss_scaling_skips_overflow_steps():
+    """fp16 matmuls on CPU: a too large loss scale overflows fp16, the step is skipped (parameters untouched)
+    and the scale halves until the gradients are finite (2^16 here); then the parameters move."""
+    fp16 = Trainer(load_settings(None, SMALL + ["--output_dir=fp16", "--compute_dtype=float16",
+                                                "--train.total_steps=3", "--train.loss_scale=262144"]),
+                   printer=lambda line: None)
+    before = {n: p.asnumpy().copy() for n, p in fp16.model.parameters_and_names()}
+    first = fp16.train_step()
+    assert first["skipped"] and first["grad_norm"] is None and math.isfinite(first["loss"])
+    assert first["loss_scale"] == 262144.0 and fp16.scaler.scale == 131072.0
+    for n, p in fp16.model.parameters_and_names():
+        np.testing.assert_array_equal(p.asnumpy(), before[n])
+    records = [fp16.train_step() for _ in range(2)]
+    assert [r["skipped"] for r in records] == [True, False]
+    assert [r["loss_scale"] for r in records] == [131072.0, 65536.0]
+    assert math.isfinite(records[1]["loss"]) and math.isfinite(records[1]["grad_norm"])
+    assert any((p.asnumpy() != before[n]).any() for n, p in fp16.model.parameters_and_names())
+
+
+@pytest.mark.slow
+def test_fp16_training_tracks_fp32():
+    runs = {}
+    for dtype in ("float16", "float32"):
+        trainer = Trainer(load_settings(None, SMALL + [f"--output_dir={dtype}", f"--compute_dtype={dtype}",
+                                                       "--train.total_steps=5", "--train.loss_scale=1024"]),
+                          printer=lambda line: None)
+        runs[dtype] = trainer.train()["losses"]
+    np.testing.assert_allclose(runs["float16"], runs["float32"], rtol=2e-3)
+
+
+def _recompute_grads(mode, ids, mask):
+    model = Telechat2ForCausalLM(TINY, seed=5)
+    apply_recompute(model, mode)
+    params = list(model.trainable_params())
+    step = TrainStep(CausalLMLoss(model, 2, 16), params, AdamW(params), use_jit=True)
+    loss = float(step.micro_step(*cast_batch(ids, mask), Tensor(np.float32(20.0)), Tensor(np.float32(1.0))).asnumpy())
+    return loss, [a.asnumpy().copy() for a in step.accum]
+
+
+def test_full_recompute_gives_the_same_gradients():
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, TINY.vocab_size, (2, 16)).astype(np.int32)
+    mask = np.ones((2, 16), np.float32)
+    loss_ref, grads_ref = _recompute_grads("none", ids, mask)
+    loss, grads = _recompute_grads("full", ids, mask)
+    assert loss == pytest.approx(loss_ref, rel=1e-6)
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_recompute_gives_the_same_training():
+    """full / selective recompute only trade compute for memory: losses and parameters stay the same."""
+    results = {}
+    for mode in ("none", "full", "selective"):
+        trainer = Trainer(load_settings(None, SMALL + [f"--output_dir={mode}", f"--train.recompute={mode}",
+                                                       "--train.total_steps=3"]), printer=lambda line: None)
+        losses = trainer.train()["losses"]
+        results[mode] = (losses, trainer.model.lm_head.weight.asnumpy().copy())
+    for mode in ("full", "selective"):
+        np.testing.assert_allclose(results[mode][0], results["none"][0], rtol=1e-6)
+        np.testing.assert_allclose(results[mode][1], results["none"][1], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_clipping_on_pretraining_data(shared_dir):
+    """Global-norm clipping: after one AdamW step from zero moments, exp_avg = (1 - beta1) * clipped gradients,
+    whose global norm is grad_clip. Runs the pretraining path (jsonl {"text"}) end to end."""
+    data = shared_dir / "data" / "pretrain" / "pretrain_example.jsonl"
+    trainer = Trainer(load_settings(None, ["--seq_length=64", f"--train.train_dataset={data}",
+                                           "--train.data_format=pretrain", "--train.batch_size=2",
+                                           "--train.grad_clip=0.05", "--train.total_steps=1", "--jit=false",
+                                           "--output_dir=clip"]), printer=lambda line: None)
+    assert trainer.dataset.kind == "pretrain" and trainer.dataset.num_samples > 100
+    record = trainer.train_step()
+    assert record["grad_norm"] > 0.5  # far above the clip
+    exp_avg = [p.asnumpy() for name, p in trainer.optimizer.state_tensors().items() if name.startswith("exp_avg.")]
+    norm = math.sqrt(sum(float((m.astype(np.float64) ** 2).sum()) for m in exp_avg))
+    assert norm == pytest.approx(0.1 * 0.05, rel=1e-4)
+    assert record["tokens"] == 2 * 64
