@@ -41,9 +41,22 @@ def checkpoint_config_path(path: str) -> Optional[str]:
     return candidate if os.path.exists(candidate) else None
 
 
+def resolve_checkpoint_path(path: str) -> str:
+    """A training output directory (holding checkpoints/step_*) stands for its latest checkpoint."""
+    from telechat2_ms.train.checkpointing import checkpoint_root, latest_checkpoint
+
+    if path and os.path.isdir(checkpoint_root(path)):
+        latest = latest_checkpoint(checkpoint_root(path))
+        if latest is None:
+            raise ConfigError(f"{path} holds no finished checkpoint under checkpoints/")
+        return latest
+    return path
+
+
 def resolve_model_config(settings: RunSettings) -> ModelConfig:
     if settings.load_checkpoint and not os.path.exists(settings.load_checkpoint):
         raise ConfigError(f"load_checkpoint {settings.load_checkpoint!r} does not exist")
+    settings.load_checkpoint = resolve_checkpoint_path(settings.load_checkpoint)
     found = checkpoint_config_path(settings.load_checkpoint)
     if found:
         cfg = ModelConfig.from_hf_config(found, name=os.path.basename(os.path.dirname(os.path.abspath(found))))
