@@ -70,3 +70,28 @@ def test_checkpoint_config_that_contradicts_the_named_size_is_refused(tmp_path):
         resolve_model_config(settings)
     settings = load_settings(None, [f"--load_checkpoint={tmp_path}", "--model=telechat2_7b"])
     assert resolve_model_config(settings) == get_config("telechat2_7b")
+
+
+def test_training_output_dir_loads_its_latest_checkpoint(tmp_path):
+    """`--load_checkpoint OUTPUT_DIR` picks checkpoints/step_<latest>; the predictions use those weights."""
+    from telechat2_ms.checkpoint import save_model
+    from telechat2_ms.config import ConfigError, get_config
+    from telechat2_ms.model import Telechat2ForCausalLM
+    from telechat2_ms.runtime import resolve_checkpoint_path
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="no finished checkpoint"):
+        resolve_checkpoint_path(str(tmp_path))
+    cfg = get_config("tiny")
+    for step, seed in ((5, 1), (10, 2)):
+        folder = tmp_path / "checkpoints" / f"step_{step:08d}"
+        save_model(Telechat2ForCausalLM(cfg, seed=seed), str(folder), config=cfg)
+        (folder / "trainer_state.json").write_text("{}")
+    assert resolve_checkpoint_path(str(tmp_path)).endswith("step_00000010")
+    settings = load_settings(None, FAST + [f"--load_checkpoint={tmp_path}", "--predict_data=[\"hi\"]"])
+    via_dir = run_predict(settings, io.StringIO())
+    settings = load_settings(None, FAST + [f"--load_checkpoint={tmp_path}/checkpoints/step_00000010",
+                                           "--predict_data=[\"hi\"]"])
+    assert run_predict(settings, io.StringIO()) == via_dir
+    settings = load_settings(None, FAST + [f"--load_checkpoint={tmp_path}/checkpoints/step_00000005",
+                                           "--predict_data=[\"hi\"]"])
+    assert run_predict(settings, io.StringIO()) != via_dir
