@@ -90,6 +90,8 @@ class EvalSettings:
     subjects: List[str] = field(default_factory=list)  # empty = all
     batch_size: int = 4
     max_length: int = 4096
+    add_bos: bool = False  # prepend <_start> to every prompt (TeleChat2's tokenizer adds none)
+    limit: int = 0  # score only the first N questions of each subject (0 = all); for smoke tests
 
 
 @dataclass
