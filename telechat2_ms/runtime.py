@@ -57,16 +57,28 @@ def resolve_model_config(settings: RunSettings) -> ModelConfig:
     if settings.load_checkpoint and not os.path.exists(settings.load_checkpoint):
         raise ConfigError(f"load_checkpoint {settings.load_checkpoint!r} does not exist")
     settings.load_checkpoint = resolve_checkpoint_path(settings.load_checkpoint)
-    found = checkpoint_config_path(settings.load_checkpoint)
-    if found:
-        cfg = ModelConfig.from_hf_config(found, name=os.path.basename(os.path.dirname(os.path.abspath(found))))
+    stored = _stored_config(settings.load_checkpoint)
+    if stored is not None:
         if settings.model != "tiny" and settings.model in _known_sizes():
             registry = get_config(settings.model)
-            if _architecture(registry) != _architecture(cfg):
-                raise ConfigError(f"the checkpoint's config.json ({found}) does not match model '{settings.model}': "
-                                  f"{_architecture(cfg)} vs {_architecture(registry)}")
-        return cfg
+            if _architecture(registry) != _architecture(stored):
+                raise ConfigError(f"the config stored with {settings.load_checkpoint} does not match model "
+                                  f"'{settings.model}': {_architecture(stored)} vs {_architecture(registry)}")
+        return stored
     return get_config(settings.model)
+
+
+def _stored_config(path: str) -> Optional[ModelConfig]:
+    """The architecture saved with a checkpoint (config.json beside it, or converter metadata), if any."""
+    if not path:
+        return None
+    found = checkpoint_config_path(path)
+    if found:
+        return ModelConfig.from_hf_config(found, name=os.path.basename(os.path.dirname(os.path.abspath(found))))
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        from telechat2_ms.checkpoint import load_model_config
+        return load_model_config(path)
+    return None
 
 
 def _known_sizes():
