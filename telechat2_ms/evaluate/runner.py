@@ -177,7 +177,12 @@ def run_eval(settings, model, tokenizer) -> Dict[str, Any]:
                                                     jit=bool(settings.jit) and settings.device_target != "CPU")
     model_tag = {"model": settings.model, "load_checkpoint": settings.load_checkpoint,
                  "tokenizer": settings.tokenizer, "compute_dtype": settings.compute_dtype}
-    return evaluate(options, next_token_logits, _plain_encoder(tokenizer),
-                    bos_id=int(tokenizer.bos_id) if options.add_bos else None, model_tag=model_tag, rank=rank,
-                    world=world, data_parallel=data_parallel,
-                    gather_fn=mindspore_gather_objects if world > 1 else None, progress=True)
+    summary = evaluate(options, next_token_logits, _plain_encoder(tokenizer),
+                       bos_id=int(tokenizer.bos_id) if options.add_bos else None, model_tag=model_tag, rank=rank,
+                       world=world, data_parallel=data_parallel,
+                       gather_fn=mindspore_gather_objects if world > 1 else None, progress=True)
+    if "outputs" in summary:  # rank 0: show the table and where the files are
+        with open(summary["outputs"]["markdown"], encoding="utf-8") as f:
+            print(f.read())
+        print("results written to " + ", ".join(summary["outputs"].values()))
+    return summary
