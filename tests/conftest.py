@@ -39,3 +39,15 @@ def tokenizer_115b_path():
     if not path.exists():
         pytest.skip(f"real TeleChat2 tokenizer not found at {path}")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def encode():
+    """The real TeleChat2 tokenizer's encode, special-token strings kept as text (prompt parity tests)."""
+    path = REFERENCE_115B / "tokenizer.model"
+    if not path.exists():
+        pytest.skip(f"real TeleChat2 tokenizer not found at {path}")
+    from telechat2_ms.tokenizer import Telechat2Tokenizer
+
+    tokenizer = Telechat2Tokenizer(str(path))
+    return lambda text: tokenizer.encode(text, parse_special=False)

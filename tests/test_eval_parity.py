@@ -44,18 +44,6 @@ def models():
     return mindspore_next_token_logits(model, pad_id=3), torch_next_token_logits
 
 
-@pytest.fixture(scope="module")
-def encode():
-    from tests.conftest import REFERENCE_115B
-    from telechat2_ms.tokenizer import Telechat2Tokenizer
-
-    path = REFERENCE_115B / "tokenizer.model"
-    if not path.exists():
-        pytest.skip(f"real tokenizer missing at {path}")
-    tok = Telechat2Tokenizer(str(path))
-    return lambda text: tok.encode(text, parse_special=False)
-
-
 def questions(out_dir, benchmark, subject):
     opts = EvalOptions(benchmark=benchmark, split="val", output_dir=str(out_dir))
     with open(os.path.join(run_dir_of(opts), "subjects", f"{subject}.json"), encoding="utf-8") as f:

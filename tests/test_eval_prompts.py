@@ -19,18 +19,6 @@ def rows():
     return get
 
 
-@pytest.fixture(scope="module")
-def encode():
-    from tests.conftest import REFERENCE_115B
-    from telechat2_ms.tokenizer import Telechat2Tokenizer
-
-    path = REFERENCE_115B / "tokenizer.model"
-    if not path.exists():
-        pytest.skip(f"real tokenizer missing at {path}")
-    tok = Telechat2Tokenizer(str(path))
-    return lambda text: tok.encode(text, parse_special=False)
-
-
 # eval_protocols.md 1.2, "Worked example (abstract_algebra, k = 1, taken from our CSVs)", verbatim.
 MMLU_HENDRYCKS_1SHOT = (
     "The following are multiple choice questions (with answers) about  abstract algebra.\n"

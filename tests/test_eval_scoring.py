@@ -46,18 +46,6 @@ def answer_share(data_dir, benchmark, subject, letter):
     return answers.count(letter), len(answers)
 
 
-@pytest.fixture(scope="module")
-def encode():
-    from tests.conftest import REFERENCE_115B
-    from telechat2_ms.tokenizer import Telechat2Tokenizer
-
-    path = REFERENCE_115B / "tokenizer.model"
-    if not path.exists():
-        pytest.skip(f"real tokenizer missing at {path}")
-    tok = Telechat2Tokenizer(str(path))
-    return lambda text: tok.encode(text, parse_special=False)
-
-
 @pytest.mark.parametrize("benchmark,protocol", sorted(CASES))
 def test_favoured_letter_accuracy_equals_its_answer_share(shared_dir, encode, tmp_path, benchmark, protocol):
     letter_ids, cue_id = CASES[benchmark, protocol]
