@@ -1,6 +1,7 @@
 """The one entry point: `python run_telechat2.py --config X.yaml --run_mode MODE [--section.key=value ...]`.
 
-Run directly for one device, or under `msrun` for several (parallel degrees come from `parallel_config`).
+Run directly for one device, or under `msrun` for several (parallel degrees come from `parallel_config`, and
+their product must equal msrun's worker count; only rank 0 prints, see telechat2_ms/parallel/session.py).
 Modes: predict (generate for `predict_data`), chat (interactive), finetune (SFT jsonl), train (pretraining
 jsonl), eval (C-Eval / MMLU). Without --config the built-in tiny model runs on CPU with no downloads.
 """
@@ -23,15 +24,19 @@ def _chat(settings):
 
 
 def _train(settings):
+    from telechat2_ms.parallel import comm
+    if comm.get_world_size() > 1:  # under msrun: the trainer's loop around the explicit parallel step
+        from telechat2_ms.parallel.training import run_parallel_train
+        return run_parallel_train(settings)
     from telechat2_ms.train import run_train
     return run_train(settings)
 
 
 def _eval(settings):
     from telechat2_ms.evaluate import run_eval
-    from telechat2_ms.runtime import model_and_tokenizer
-    model, tokenizer = model_and_tokenizer(settings)
-    return run_eval(settings, model, tokenizer)
+    from telechat2_ms.parallel.session import build_run
+    run = build_run(settings, "eval")
+    return run_eval(settings, run.model, run.tokenizer)
 
 
 RUN_MODES = {"predict": _predict, "chat": _chat, "finetune": _train, "train": _train, "eval": _eval}
@@ -57,6 +62,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from telechat2_ms.parallel.session import start as start_parallel
     from telechat2_ms.runtime import check_run_mode, setup_device
     from telechat2_ms.settings import load_settings
 
@@ -70,6 +76,7 @@ def main(argv=None) -> int:
             settings.predict_data = list(args.predict_data)
         check_run_mode(settings.run_mode)
         setup_device(settings)
+        start_parallel(settings)  # under msrun: communication.init(), checks parallel_config vs world size
         RUN_MODES[settings.run_mode](settings)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,24 +1,29 @@
-"""Batched generation with a preallocated KV cache and a compiled decode step.
+"""Batched generation with preallocated in-place KV caches and compiled prefill / decode steps.
 
-Flow: left-pad the prompts -> one prefill forward (no cache; its K/V fill slots 0..P-1 of a cache of
-`max_length` slots) -> decode steps of one token each, all with the same static shapes, so the compiled step
-(`ms.jit`) is built once. Each sequence's positions start at 0 at its first real token (left pads do not
-shift positions) and pad keys are masked, so a padded row generates what it would alone. Rotary tables follow
-the dynamic NTK rule for the total key length at each step (spec 4.2); cached keys keep their rotation.
+Flow: left-pad the prompts -> one prefill forward (no cache) whose K/V are scattered into slots 0..P-1 of
+per-layer cache Parameters of `max_length` slots -> decode steps of one token each that scatter their K/V
+into the next slot in place (no copy of the cache) and attend over all slots. Every step has static shapes
+and only Tensor inputs, so each compiled step (`ms.jit`) is built once per batch size (the prefill once per
+prompt length). Each sequence's positions start at 0 at its first real token (left pads do not shift
+positions) and pad keys are masked, so a padded row generates what it would alone. Rotary tables follow the
+dynamic NTK rule for the total key length at each step (spec 4.2); cached keys keep their rotation.
 Generation stops at `<_end>` (eos) per row, or after max_new_tokens. Sampling runs in the graph
-(telechat2_ms/sampling.py); the host only sees the sampled token ids.
+(telechat2_ms/sampling.py); the host only reads the sampled token ids (one [B] int32 array per step).
+`PrefillStep` / `DecodeStep` are the functional form (caches as tensors in and out), kept for tests and tools.
 Shapes: B batch, P padded prompt length, T = max_length cache slots, k kv heads, d head dim, V vocab.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
+from telechat2_ms.layers import scatter_rows
 from telechat2_ms.model import Telechat2ForCausalLM
 from telechat2_ms.rope import ntk_parameters
 from telechat2_ms.sampling import TokenSampler
@@ -74,6 +79,45 @@ class DecodeStep(nn.Cell):
         return ops.cast(self.lm_head(hidden), ms.float32)[:, 0], caches
 
 
+class CachedSteps(nn.Cell):
+    """Prefill and decode for one batch size against per-layer K/V cache Parameters, updated in place.
+
+    Cache layout (telechat2_ms/layers.py, in-place form): layer i's keys and values are 2-D Parameters
+    `kv_cache.{i}.key` / `.value` [B*k*T, d], row (b*k + h)*T + t. `prefill` writes slots 0..P-1 and
+    `construct` (one decode step) writes slot `slot`; both return last-position logits [B,V] fp32."""
+
+    def __init__(self, model: Telechat2ForCausalLM, batch: int, slots: int):
+        super().__init__()
+        self.model = model.model
+        self.lm_head = model.lm_head
+        head_dim = model.config.head_dim
+        caches = []
+        for i, layer in enumerate(self.model.layers):
+            kv_heads = layer.attention.wk_v.out_features // (2 * head_dim)  # local count under tensor parallel
+            zeros = np.zeros((batch * kv_heads * slots, head_dim), ms.dtype_to_nptype(model.compute_dtype))
+            caches += [Parameter(Tensor(zeros), name=f"kv_cache.{i}.{part}", requires_grad=False)
+                       for part in ("key", "value")]
+        self.cache_params = ms.ParameterTuple(caches)
+        self.num_layers = len(self.model.layers)
+
+    def _caches(self):
+        return tuple((self.cache_params[2 * i], self.cache_params[2 * i + 1]) for i in range(self.num_layers))
+
+    def prefill(self, input_ids, position_ids, allowed, inv_freq, mscale):
+        """input_ids/position_ids [B,P], allowed [B,1,P,P] -> logits [B,V]; K/V land in slots 0..P-1."""
+        hidden, kvs = self.model(input_ids, position_ids, allowed, inv_freq, mscale)
+        slots = ops.arange(0, input_ids.shape[1], dtype=ms.int32)  # [P]
+        for i in range(self.num_layers):
+            scatter_rows(self.cache_params[2 * i], kvs[i][0], slots)
+            scatter_rows(self.cache_params[2 * i + 1], kvs[i][1], slots)
+        return ops.cast(self.lm_head(hidden[:, -1:]), ms.float32)[:, 0]  # [B,V]
+
+    def construct(self, token, position, allowed, inv_freq, mscale, slot):
+        """token/position [B,1] int32, allowed [B,1,1,T], slot [1] int32 -> logits [B,V] fp32."""
+        hidden, _ = self.model(token, position, allowed, inv_freq, mscale, self._caches(), slot)
+        return ops.cast(self.lm_head(hidden), ms.float32)[:, 0]
+
+
 class SampleStep(nn.Cell):
     """Sampler plus the bookkeeping of which tokens each row has produced (for the repetition penalty)."""
 
@@ -103,24 +147,36 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
 class Generator:
     """Generates continuations for batches of token-id prompts with one model and a fixed cache size.
 
-    `max_length` is the context: padded prompt + new tokens must fit in it. The compiled steps are kept
-    between calls (same batch size and settings reuse them)."""
+    `max_length` is the context: padded prompt + new tokens must fit in it. The compiled steps and their
+    caches are kept between calls, per batch size (the `max_cached_batches` most recent ones).
+    After each `generate`, `last_timing` holds wall seconds of its phases: `prefill` (prompt in, first token
+    on the host) and `decode` (the remaining steps)."""
 
-    def __init__(self, model: Telechat2ForCausalLM, max_length: int, use_jit: bool = True):
+    def __init__(self, model: Telechat2ForCausalLM, max_length: int, use_jit: bool = True,
+                 max_cached_batches: int = 2):
         if max_length <= 0:
             raise GenerationError(f"max_length must be positive, got {max_length}")
         self.model = model
         self.cfg = model.config
         self.max_length = max_length
         self.use_jit = use_jit
-        self.prefill = PrefillStep(model)
-        self.decode = DecodeStep(model)
+        self.max_cached_batches = max_cached_batches
         self._sample_steps = {}
-        if use_jit:
-            self._prefill_fn = ms.jit(self.prefill.construct)
-            self._decode_fn = ms.jit(self.decode.construct)
-        else:
-            self._prefill_fn, self._decode_fn = self.prefill, self.decode
+        self._steps = {}  # batch -> (CachedSteps, prefill fn, decode fn)
+        self._rope_tensors = {}
+        self.last_timing = {}
+
+    def _cached_steps(self, batch: int):
+        """(prefill fn, decode fn) with in-place caches for this batch size; compiled once per batch size."""
+        if batch not in self._steps:
+            while len(self._steps) >= self.max_cached_batches:
+                self._steps.pop(next(iter(self._steps)))  # oldest first: frees its caches
+            steps = CachedSteps(self.model, batch, self.max_length)
+            if self.use_jit:
+                self._steps[batch] = (steps, ms.jit(steps.prefill), ms.jit(steps.construct))
+            else:
+                self._steps[batch] = (steps, steps.prefill, steps)
+        return self._steps[batch][1:]
 
     def _sampler(self, gen: GenerationConfig):
         key = (gen.do_sample, gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty)
@@ -130,9 +186,14 @@ class Generator:
         return self._sample_steps[key]
 
     def _rope(self, key_length: int):
+        """(inv_freq [d/2], mscale []) Tensors for `key_length` keys; they only change when the NTK alpha or
+        mscale does, so the Tensors are made once per distinct value."""
         params = ntk_parameters(key_length, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.base_seqlen,
                                 self.cfg.training_seqlen)
-        return Tensor(params.inv_freq), Tensor(np.float32(params.mscale))
+        key = (params.alpha, params.mscale)
+        if key not in self._rope_tensors:
+            self._rope_tensors[key] = (Tensor(params.inv_freq), Tensor(np.float32(params.mscale)))
+        return self._rope_tensors[key]
 
     def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
         if len(prompts) == 0:
@@ -157,34 +218,36 @@ class Generator:
         `on_tokens(tokens [B])` is called after each step (rows already finished get the pad id)."""
         gen = gen or GenerationConfig(eos_token_id=self.cfg.eos_token_id, pad_token_id=self.cfg.pad_token_id)
         self.check_prompts(prompts, gen.max_new_tokens)
+        start = time.perf_counter()
         batch, slots = len(prompts), self.max_length
         ids, mask, positions = left_pad(prompts, gen.pad_token_id)
         prompt_len = ids.shape[1]
         sample = self._sampler(gen)
+        prefill, decode = self._cached_steps(batch)
         rng = np.random.default_rng(gen.seed)
 
-        # prefill: causal over the prompt, pad keys masked
+        # prefill: causal over the prompt, pad keys masked; its K/V fill cache slots 0..P-1
         causal = np.tril(np.ones((prompt_len, prompt_len), bool))
         allowed = causal[None, None] & (mask[:, None, None, :] > 0)  # [B,1,P,P]
-        logits, kvs = self._prefill_fn(Tensor(ids), Tensor(positions), Tensor(allowed), *self._rope(prompt_len))
-        pad = ((0, 0), (0, 0), (0, slots - prompt_len), (0, 0))
-        caches = tuple((_pad_cache(k, pad), _pad_cache(v, pad)) for k, v in kvs)  # [B,k,T,d] each
+        logits = prefill(Tensor(ids), Tensor(positions), Tensor(allowed), *self._rope(prompt_len))
 
         seen = np.zeros((batch, self.cfg.vocab_size), bool)
         for row, prompt in enumerate(prompts):
             seen[row, np.asarray(prompt)] = True
         seen = Tensor(seen)
-        key_valid = np.zeros((batch, slots), bool)
-        key_valid[:, :prompt_len] = mask > 0
+        key_valid = np.zeros((batch, 1, 1, slots), bool)  # [B,1,1,T]: slots holding a real token so far
+        key_valid[:, 0, 0, :prompt_len] = mask > 0
         next_position = positions[:, -1:] + 1  # [B,1]
         finished = np.zeros(batch, bool)
         outputs: List[List[int]] = [[] for _ in range(batch)]
-        slot_ids = np.arange(slots)
+        first_token_at = None
 
         for step in range(gen.max_new_tokens):
             uniform = Tensor(rng.random(batch, dtype=np.float32))
             token, seen = sample(logits, seen, uniform)
-            token = token.asnumpy()
+            token = token.asnumpy()  # the one device -> host transfer of a step
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
             token = np.where(finished, gen.pad_token_id, token)
             for row in np.nonzero(~finished)[0]:
                 if token[row] == gen.eos_token_id:
@@ -195,16 +258,10 @@ class Generator:
                 on_tokens(token)
             if finished.all() or step == gen.max_new_tokens - 1:
                 break
-            slot = prompt_len + step  # the new token's cache slot
-            key_valid[:, slot] = True
-            allowed = (key_valid & (slot_ids <= slot))[:, None, None, :]  # [B,1,1,T]
-            write_slot = (slot_ids == slot).astype(np.float32)[None]  # [1,T]
-            logits, caches = self._decode_fn(Tensor(token.reshape(batch, 1).astype(np.int32)), Tensor(next_position),
-                                             Tensor(allowed), *self._rope(slot + 1), Tensor(write_slot),
-                                             ms.mutable(caches))  # mutable: a tuple input must not recompile
+            slot = prompt_len + step  # the new token's cache slot; later slots stay masked
+            key_valid[:, 0, 0, slot] = True
+            logits = decode(Tensor(token.reshape(batch, 1).astype(np.int32)), Tensor(next_position),
+                            Tensor(key_valid.copy()), *self._rope(slot + 1), Tensor(np.array([slot], np.int32)))
             next_position = next_position + 1
+        self.last_timing = {"prefill": first_token_at - start, "decode": time.perf_counter() - first_token_at}
         return outputs
-
-
-def _pad_cache(x, pad):
-    return ops.pad(x, tuple(v for pair in reversed(pad) for v in pair))

@@ -119,10 +119,14 @@ class Attention(nn.Cell):
     def construct(self, x, cos, sin, allowed, cache=None, write_slots=None):
         """x [B,S,H]; cos/sin [B,1,S,d]; allowed [B,1,S,T].
 
-        Without `cache`, keys are this call's own tokens (T = S). With `cache` = (k_cache, v_cache) [B,k,T,d]
-        and `write_slots` [S,T] float one-hot (row i marks the cache slot of token i), the new K/V are
-        written into the cache first and attention runs over all T slots. Returns (out [B,S,H], (k, v)),
-        where (k, v) is the updated cache or, without a cache, this call's K/V [B,k,S,d].
+        Without `cache`, keys are this call's own tokens (T = S). With `cache` = (k_cache, v_cache), the new
+        K/V are written into the cache first and attention runs over all T slots, in one of two forms:
+        - functional: k_cache/v_cache [B,k,T,d] tensors and `write_slots` [S,T] float one-hot (row i marks the
+          slot of token i); returns updated copies;
+        - in place (generation's fast path): k_cache/v_cache 2-D Parameters [B*k*T, d] (row (b*k + h)*T + t)
+          and `write_slots` [S] int32 slot indices; the S new rows per (b, h) are scattered into the
+          Parameters (no copy of the cache) and attention reads them as [B,k,T,d].
+        Returns (out [B,S,H], (k, v)): the updated cache ([B,k,T,d]) or, without a cache, this call's K/V.
         """
         q, k, v = self.project_qkv(x, cos, sin)
         if cache is not None:
@@ -132,11 +136,26 @@ class Attention(nn.Cell):
 
 
 def _write_cache(cache, new, write_slots):
-    """cache [B,k,T,d], new [B,k,S,d], write_slots [S,T] one-hot -> cache with row i of `new` at its slot.
-    Exact: every output is either the old value or one new value times 1 plus zeros."""
+    """Write new [B,k,S,d] into a cache (the two forms of Attention.construct) -> the cache as [B,k,T,d].
+    Functional form: exact, every output is either the old value or one new value times 1 plus zeros."""
+    if len(cache.shape) == 2:
+        return scatter_rows(cache, new, write_slots)
     keep = 1.0 - ops.reduce_sum(write_slots, 0)  # [T]: 0 where a new token lands
     placed = ops.matmul(ops.cast(ops.transpose(write_slots, (1, 0)), new.dtype), new)  # [T,S]@[B,k,S,d]->[B,k,T,d]
     return cache * ops.reshape(ops.cast(keep, cache.dtype), (1, 1, -1, 1)) + placed
+
+
+def scatter_rows(cache, new, slots):
+    """In-place cache write: cache Parameter [B*k*T, d] (row (b*k + h)*T + t), new [B,k,S,d], slots [S] int32
+    -> the updated cache viewed as [B,k,T,d]. A ScatterUpdate along axis 0 is the in-place scatter that does
+    not copy the whole Parameter on CPU (ScatterNdUpdate and TensorScatterUpdate do), hence the 2-D layout;
+    the reshape back is a view."""
+    batch, heads, seq, dim = new.shape
+    num_slots = cache.shape[0] // (batch * heads)
+    first_rows = ops.reshape(ops.arange(0, batch * heads, dtype=ms.int32) * num_slots, (-1, 1))  # [B*k,1]
+    rows = ops.reshape(first_rows + ops.reshape(slots, (1, seq)), (-1,))  # [B*k*S]
+    updated = ops.scatter_update(cache, rows, ops.reshape(ops.cast(new, cache.dtype), (-1, dim)))  # [B*k*T,d]
+    return ops.reshape(updated, (batch, heads, num_slots, dim))
 
 
 class FeedForward(nn.Cell):

@@ -5,16 +5,21 @@ predict: each text in `predict_data` is wrapped in the TeleChat2 chat template (
 "<_start><_user>...<_bot>"), generated as one left-padded batch, and printed; a single prompt streams its
 text as it is produced. chat: an interactive loop with multi-turn history (tools off); `/clear` forgets the
 history, `/exit` (or end of input) quits.
+
+Under msrun (telechat2_ms/parallel/session.py) the model is tensor-parallel within a replica and only rank 0
+prints; with data_parallel > 1 the replicas split the predict prompts (replica r takes prompts r, r+dp, ...)
+and the answers are gathered in order; in chat, rank 0 reads the input and sends each line to every rank.
 """
 from __future__ import annotations
 
+import io
 import sys
 from typing import Dict, List, Optional, TextIO
 
 from telechat2_ms.chat_template import DEFAULT_SYSTEM_PROMPT
 from telechat2_ms.config import ConfigError
 from telechat2_ms.generate import GenerationConfig, GenerationError, Generator
-from telechat2_ms.runtime import model_and_tokenizer
+from telechat2_ms.parallel.session import broadcast_object, build_run, gather_objects
 from telechat2_ms.settings import RunSettings
 
 DEMO_PROMPTS = ["What is 3 plus 4?", "你好"]
@@ -56,20 +61,28 @@ class _Streamer:
         self.out.flush()
 
 
-def run_predict(settings: RunSettings, out: TextIO = sys.stdout) -> List[str]:
-    model, tokenizer = model_and_tokenizer(settings)
+def run_predict(settings: RunSettings, out: Optional[TextIO] = None) -> List[str]:
+    run = build_run(settings, "generate")
+    out = (out or sys.stdout) if run.is_main else io.StringIO()  # only rank 0 prints
+    tokenizer = run.tokenizer
     texts = [t for t in settings.predict_data] or DEMO_PROMPTS
     if any(not t.strip() for t in texts):
         raise GenerationError("predict_data holds an empty prompt")
-    prompts = [encode_prompt(tokenizer, t, settings) for t in texts]
-    generator = Generator(model, settings.seq_length, use_jit=settings.jit)
+    mine = list(range(run.replica, len(texts), run.replicas))  # this data-parallel replica's prompts
+    prompts = [encode_prompt(tokenizer, texts[i], settings) for i in mine]
+    generator = Generator(run.model, settings.seq_length, use_jit=settings.jit)
     gen = _generation_config(settings, tokenizer)
-    stream = settings.generate.stream and len(prompts) == 1
+    stream = settings.generate.stream and len(texts) == 1
     streamer = _Streamer(tokenizer, out) if stream else None
     if stream:
         out.write(f"### prompt: {texts[0]}\n### answer: ")
-    outputs = generator.generate(prompts, gen, on_tokens=streamer)
+    outputs = generator.generate(prompts, gen, on_tokens=streamer) if prompts else []
     answers = [tokenizer.decode(ids) for ids in outputs]
+    if run.replicas > 1:
+        by_index = {}
+        for part in gather_objects(dict(zip(map(str, mine), answers))):
+            by_index.update(part)
+        answers = [by_index[str(i)] for i in range(len(texts))]
     if stream:
         streamer.finish()
     else:
@@ -78,17 +91,21 @@ def run_predict(settings: RunSettings, out: TextIO = sys.stdout) -> List[str]:
     return answers
 
 
-def run_chat(settings: RunSettings, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> List[Dict]:
-    """Interactive multi-turn chat; returns the history when the input ends."""
-    model, tokenizer = model_and_tokenizer(settings)
-    generator = Generator(model, settings.seq_length, use_jit=settings.jit)
+def run_chat(settings: RunSettings, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> List[Dict]:
+    """Interactive multi-turn chat; returns the history when the input ends. Under msrun rank 0 reads
+    `stdin` and prints; every rank generates each reply (the model's collectives need all of them)."""
+    run = build_run(settings, "generate")
+    stdin = stdin or sys.stdin
+    out = (out or sys.stdout) if run.is_main else io.StringIO()
+    tokenizer = run.tokenizer
+    generator = Generator(run.model, settings.seq_length, use_jit=settings.jit)
     gen = _generation_config(settings, tokenizer)
     history: List[Dict] = []
     out.write("TeleChat2 chat. /clear forgets the conversation, /exit quits.\n")
     while True:
         out.write("user> ")
         out.flush()
-        line = stdin.readline()
+        line = broadcast_object(stdin.readline() if run.is_main else None)
         if not line or line.strip() == "/exit":
             out.write("\n")
             return history

@@ -1,5 +1,6 @@
 """ParallelDims validation and rank/group maps, the 1F1B timetable, and the whole parallel training path
 in one process (world of 1: every collective is the identity) against the plain model."""
+import numpy as np
 import pytest
 
 import mindspore as ms
@@ -95,18 +96,25 @@ def test_one_f_one_b_timetable(pp, m):
 
 def test_single_process_parallel_step_matches_plain_model():
     """World of 1 with 2 micro-batches: the parallel code path (vocab-parallel embedding/CE, region norms,
-    pipeline executor with recompute) gives the plain model's loss and SGD update."""
+    pipeline executor with recompute, global-norm clipping) gives the plain model's loss, gradient norm and
+    clipped SGD update."""
+    from telechat2_ms.parallel.data_parallel import sgd_step
+    from telechat2_ms.parallel.optimizer import clip_coefficient, clipped_grads
     from telechat2_ms.parallel.parallelize import parallelize_telechat2
     from tests.msrun import parallel_cases as pc
 
     ms.set_device("CPU")
     ms.runtime.launch_blocking()
-    ref_loss, reference = pc.reference_step()
+    ref_loss, ref_norm, reference = pc.reference_step()
+    assert ref_norm > pc.CLIP  # the clip is active
     initial = pc.initial_state()
     parallel = parallelize_telechat2(pc.build_model(), ParallelDims(micro_batch_num=2))
-    loss = parallel.train_step_sgd(*pc.make_batch(), pc.LR)
+    loss, grads = parallel.forward_backward(*pc.make_batch())
+    norm = parallel.grad_norm(grads)
+    sgd_step(parallel.params, clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
     state = parallel.local_state()
     assert abs(loss - ref_loss) / ref_loss <= 1e-5
+    assert abs(norm - ref_norm) / ref_norm <= 1e-5
     assert sorted(state) == sorted(reference)
     for name, want in reference.items():
         assert pc.max_rel_diff(state[name] - initial[name], want - initial[name]) <= 1e-4, name
@@ -134,3 +142,37 @@ def test_single_process_adamw_step_matches_plain_model():
     state = parallel.local_state()
     for name, want in reference.items():
         assert pc.max_rel_diff(state[name], want) <= 1e-5, name
+
+
+def test_parallel_adamw_in_one_process_matches_trainer_adamw():
+    """ParallelAdamW (world 1, so no sharding) equals train/optim.AdamW over two clipped steps."""
+    from telechat2_ms.parallel.parallelize import parallelize_telechat2
+    from tests.msrun import parallel_cases as pc
+
+    ms.set_device("CPU")
+    ms.runtime.launch_blocking()
+    ref_losses, ref_norms, reference = pc.reference_adamw()
+    parallel = parallelize_telechat2(pc.build_model(), ParallelDims(optimizer_shard=True))
+    a = pc.ADAMW
+    optimizer = parallel.make_adamw(a["beta1"], a["beta2"], a["eps"], a["weight_decay"])
+    for step in range(1, pc.ADAMW_STEPS + 1):
+        loss, norm = parallel.train_step_adamw(*pc.make_batch(), optimizer, a["lr"], step, pc.CLIP)
+        assert abs(loss - ref_losses[step - 1]) / ref_losses[step - 1] <= 1e-5
+        assert abs(norm - ref_norms[step - 1]) / ref_norms[step - 1] <= 1e-5
+    state = parallel.local_state()
+    for name, want in reference.items():
+        assert pc.max_rel_diff(state[name], want) <= 1e-4, name
+
+
+def test_trainer_batches_become_next_token_batches_by_replica():
+    from telechat2_ms.parallel.training import arrange_by_replica, next_token_batch
+
+    a = np.arange(8).reshape(4, 2)  # micro-step 1: replica 0 rows 0-1, replica 1 rows 2-3
+    b = 100 + a
+    arranged = arrange_by_replica([a, b], 2)
+    assert arranged[:, 0].tolist() == [0, 2, 100, 102, 4, 6, 104, 106]
+    ids = np.array([[5, 6, 7]])
+    mask = np.array([[0, 1, 1]], np.float32)
+    inputs, labels, loss_mask = next_token_batch(ids, mask)
+    assert inputs.tolist() == [[5, 6, 7]] and labels.tolist() == [[6, 7, 0]]
+    assert loss_mask.tolist() == [[1, 1, 0]]

@@ -101,7 +101,7 @@ def world_group() -> Group:
         return Group("world", (0,), 0)
     from mindspore.communication import GlobalComm
 
-    return Group(GlobalComm.WORLD_COMM_GROUP, tuple(range(world)), get_rank())
+    return _warm(Group(GlobalComm.WORLD_COMM_GROUP, tuple(range(world)), get_rank()))
 
 
 def new_group(ranks: Sequence[int], tag: str) -> Group:
@@ -120,12 +120,27 @@ def new_group(ranks: Sequence[int], tag: str) -> Group:
 
         create_group(name, list(ranks))
         _STATE["created"][name] = ranks
-    return Group(name, ranks, index)
+    return _warm(Group(name, ranks, index))
+
+
+def _warm(group: Group) -> Group:
+    """Create every primitive a member may use, now: a compiled graph (ms.jit, e.g. the generation steps)
+    can read the primitive cache but not add to it."""
+    if group.rank >= 0 and group.size > 1:
+        for op in (ops.ReduceOp.SUM,) if is_emulated() else (ops.ReduceOp.SUM, ops.ReduceOp.MAX,
+                                                              ops.ReduceOp.MIN, ops.ReduceOp.PROD):
+            _prim("allreduce", group, op)
+        if not is_emulated():
+            _prim("allgather", group)
+            _prim("reducescatter", group)
+            for root in group.ranks:
+                _prim("broadcast", group, root)
+    return group
 
 
 def _prim(kind: str, group: Group, *args):
     key = (kind, group.name) + tuple(args)
-    if key not in _PRIMS:
+    if key not in _PRIMS:  # only in PyNative (see _warm)
         if kind == "allreduce":
             _PRIMS[key] = ops.AllReduce(args[0], group.name)
         elif kind == "allgather":

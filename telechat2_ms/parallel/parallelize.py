@@ -11,7 +11,7 @@ contain no parallel code; this module rewrites the model in place).
    the checkpoint resharder);
 3. context parallel: each attention's core becomes RingAttention over the cp group (zig-zag layout).
 It returns a `TelechatParallel` that runs training steps (1F1B over micro-batches, gradient reduction
-over data/context replicas) and whose `.model` is a drop-in for generation when only tp is used.
+over data/context replicas, global-norm clipping and AdamW with optional dp-sharded states: optimizer.py) and whose `.model` is a drop-in for generation when only tp is used.
 
 Training data: every rank passes the same global batch (numpy); each rank takes its dp rows, its zig-zag
 cp positions and splits them into micro-batches. The loss is MindFormers': sum(ce * mask) / sum(mask)
@@ -25,13 +25,13 @@ import numpy as np
 
 from mindspore import Tensor, nn, ops
 
-from telechat2_ms.config import ConfigError
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.data_parallel import reduce_gradients, sgd_step
 from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
                                           VocabParallelEmbedding, VocabParallelHead,
                                           vocab_parallel_cross_entropy)
+from telechat2_ms.parallel.optimizer import ParallelAdamW, clip_coefficient, global_grad_norm
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
 from telechat2_ms.rope import rope_inputs
@@ -151,9 +151,6 @@ def parallelize_telechat2(model, dims: ParallelDims, weights: Optional[Mapping[s
     """Rewrite `model` (a plain Telechat2ForCausalLM holding the full weights, or `weights` name -> full
     array) for this rank of `dims`. Call comm.init_distributed() first (not needed for a world of 1)."""
     dims.check_model(model.config)
-    if dims.optimizer_shard:
-        raise ConfigError("parallel_config.optimizer_shard is not implemented yet by the explicit parallel "
-                          "path; set it to false (optimizer states are replicated over data parallel)")
     groups = groups or build_groups(dims)
     if weights is None:
         weights = {name: p.asnumpy() for name, p in model.parameters_and_names()}
@@ -253,6 +250,23 @@ class TelechatParallel:
         loss, grads = self.forward_backward(input_ids, labels, loss_mask)
         optimizer(tuple(grads))
         return loss
+
+    def grad_norm(self, grads) -> float:
+        """Global gradient norm over every shard and stage (replicas counted once; parallel/optimizer.py)."""
+        return global_grad_norm(self.params, grads, self.groups)
+
+    def make_adamw(self, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+                   weight_decay: float = 0.0) -> ParallelAdamW:
+        """AdamW over `params`, its states sharded over dp when dims.optimizer_shard is set."""
+        return ParallelAdamW(self.params, self.groups.dp, self.dims.optimizer_shard, beta1, beta2, eps, weight_decay)
+
+    def train_step_adamw(self, input_ids, labels, loss_mask, optimizer: ParallelAdamW, learning_rate: float,
+                         step: int, grad_clip: float = 0.0) -> Tuple[float, float]:
+        """One step: gradients, global-norm clipping to `grad_clip` (0: off), AdamW. -> (loss, grad norm)."""
+        loss, grads = self.forward_backward(input_ids, labels, loss_mask)
+        norm = self.grad_norm(grads)
+        optimizer.step(grads, learning_rate, step, clip_coefficient(norm, grad_clip))
+        return loss, norm
 
     def local_state(self) -> Dict[str, np.ndarray]:
         """name -> this rank's (sharded) parameter values."""

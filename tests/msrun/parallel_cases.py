@@ -21,6 +21,10 @@ from telechat2_ms.parallel.dims import ParallelDims
 from telechat2_ms.shard_layout import merge_shards
 
 BATCH, SEQ, SEED, LR = 4, 16, 7, 0.5
+CLIP = 0.5  # global-norm clipping in every training case (the tests check the norm exceeds it)
+# AdamW cases: ADAMW_STEPS steps on the same batch (the 2nd step uses the moments of the 1st)
+ADAMW = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.1)
+ADAMW_STEPS = 2
 
 # layout name -> ParallelDims keyword arguments
 LAYOUTS: Dict[str, dict] = {
@@ -30,7 +34,20 @@ LAYOUTS: Dict[str, dict] = {
     "pp2": dict(pp=2, micro_batch_num=4),
     "cp2": dict(cp=2),
     "tp2_pp2": dict(tp=2, pp=2, micro_batch_num=4),
+    "dp2_zero": dict(dp=2, micro_batch_num=2, optimizer_shard=True),
+    "dp2_tp2_sp_zero": dict(dp=2, tp=2, sp=True, optimizer_shard=True),
 }
+ADAMW_LAYOUTS = ("dp2_zero", "dp2_tp2_sp_zero")  # AdamW (sharded states); the others one SGD step
+# chat under tp2 (worker task chat:tp2) and in one process (the test): run_chat arguments and typed lines
+CHAT_ARGS = ["--seq_length=128", "--generate.max_new_tokens=6"]
+CHAT_INPUT = "hello\nhow are you\n/exit\n"
+# predict under dp2 (worker task predict:dp2: replicas split the prompts) and in one process (the test)
+PREDICT_ARGS = ["--seq_length=128", "--generate.max_new_tokens=6", "--jit=false",
+                '--predict_data=["What is 3 plus 4?", "hi", "Tell me a story"]']
+# the train run mode under tp2 (worker task trainer:tp2) and in one process (the test): run settings
+TRAIN_ARGS = ["--train.train_dataset=demo:64", "--seq_length=64", "--train.truncation=truncate",
+              "--train.batch_size=2", "--train.total_steps=2", "--train.learning_rate=1e-2",
+              "--train.min_learning_rate=1e-3", "--train.eps=1e-6", "--train.grad_clip=0.5", "--jit=false"]
 
 
 def build_model() -> Telechat2ForCausalLM:
@@ -64,15 +81,42 @@ def reference_loss_fn(model):
     return loss
 
 
+def _norm_and_coef(grads) -> tuple:
+    from telechat2_ms.parallel.optimizer import clip_coefficient
+
+    norm = float(np.sqrt(sum(float(np.sum(g.asnumpy().astype(np.float64) ** 2)) for g in grads)))
+    return norm, clip_coefficient(norm, CLIP)
+
+
 def reference_step() -> tuple:
-    """(loss, {name: updated full parameter}) after one SGD step of the plain model."""
+    """(loss, gradient norm, {name: updated full parameter}) after one clipped SGD step of the plain model."""
     model = build_model()
     params = model.trainable_params()
     loss_fn = reference_loss_fn(model)
     loss, grads = ms.value_and_grad(loss_fn, None, weights=params)()
+    norm, coef = _norm_and_coef(grads)
     for p, g in zip(params, grads):
-        ops.assign(p, p - LR * g)
-    return float(loss.asnumpy()), {name: p.asnumpy() for name, p in model.parameters_and_names()}
+        ops.assign(p, p - LR * coef * g)
+    return float(loss.asnumpy()), norm, {name: p.asnumpy() for name, p in model.parameters_and_names()}
+
+
+def reference_adamw() -> tuple:
+    """(losses, gradient norms, {name: parameter}) after ADAMW_STEPS clipped steps of the trainer's AdamW
+    (telechat2_ms/train/optim.py) on the plain model."""
+    from telechat2_ms.train.optim import AdamW
+
+    model = build_model()
+    params = model.trainable_params()
+    optimizer = AdamW(params, ADAMW["beta1"], ADAMW["beta2"], ADAMW["eps"], ADAMW["weight_decay"])
+    grad_fn = ms.value_and_grad(reference_loss_fn(model), None, weights=params)
+    losses, norms = [], []
+    for step in range(1, ADAMW_STEPS + 1):
+        loss, grads = grad_fn()
+        norm, coef = _norm_and_coef(grads)
+        optimizer(tuple(grads), *optimizer.step_scalars(ADAMW["lr"], step, coef))
+        losses.append(float(loss.asnumpy()))
+        norms.append(norm)
+    return losses, norms, {name: p.asnumpy() for name, p in model.parameters_and_names()}
 
 
 def initial_state() -> Dict[str, np.ndarray]:
@@ -80,12 +124,17 @@ def initial_state() -> Dict[str, np.ndarray]:
 
 
 def save_rank_result(out_dir: str, layout: str, rank: int, coords, loss: float, state: Dict[str, np.ndarray],
-                     seconds: float) -> None:
+                     seconds: float, **extra) -> None:
     path = os.path.join(out_dir, layout)
     os.makedirs(path, exist_ok=True)
     np.savez(os.path.join(path, f"rank{rank}.npz"), **state)
     with open(os.path.join(path, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump({"loss": loss, "coords": list(coords), "seconds": seconds}, f)
+        json.dump({"loss": loss, "coords": list(coords), "seconds": seconds, **extra}, f)
+
+
+def rank_info(out_dir: str, layout: str, rank: int) -> dict:
+    with open(os.path.join(out_dir, layout, f"rank{rank}.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def merge_layout(out_dir: str, layout: str) -> tuple:

@@ -2,9 +2,17 @@
 
 Usage: python worker_parallel.py OUT_DIR TASK [TASK ...], TASK one of
   comm              every collective and region of comm.py against numpy (comm_checks.py)
-  reference         rank 0 writes the single-process loss and updated parameters (OUT_DIR/reference.npz)
-  train:LAYOUT      one SGD step under a layout of parallel_cases.LAYOUTS; each rank dumps its loss and
-                    local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz}
+  reference         rank 0 writes the single-process loss, gradient norm and parameters after one clipped
+                    SGD step (OUT_DIR/reference.{json,npz}) and after the AdamW steps (reference_adamw.*)
+  train:LAYOUT      one clipped SGD step (or, for parallel_cases.ADAMW_LAYOUTS, the clipped AdamW steps
+                    with dp-sharded states) under a layout of parallel_cases.LAYOUTS; each rank dumps its
+                    loss, global gradient norm and local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz}
+  trainer:tp2       the train run mode (parallel/training.py) under tp2 for parallel_cases.TRAIN_ARGS;
+                    OUT_DIR/trainer_tp2/ (its output dir) and OUT_DIR/trainer/rank{r}.json (its summary)
+  predict:dp2       run_predict (predict.py) under dp2: replica r answers prompts r, r+2, ..., rank 0 prints
+                    them all in order; OUT_DIR/predict/rank{r}.json
+  chat:tp2          run_chat (predict.py) under tp2 with typed lines on rank 0, plus the object
+                    broadcast/gather of parallel/session.py; OUT_DIR/chat/rank{r}.json
   generate:tp2      greedy generation under tp2 and in one process; OUT_DIR/generate/rank{r}.json
   load:tp2          per-rank shards of a convert/reshard.py layout, and a full checkpoint sliced at load
                     time, equal the shards cut from the in-memory model; OUT_DIR/load/rank{r}.json
@@ -32,19 +40,89 @@ from telechat2_ms.parallel.parallelize import parallelize_telechat2
 def task_reference(out_dir: str, rank: int) -> None:
     if rank != 0:
         return
-    loss, state = pc.reference_step()
+    loss, norm, state = pc.reference_step()
     np.savez(os.path.join(out_dir, "reference.npz"), **state)
     with open(os.path.join(out_dir, "reference.json"), "w", encoding="utf-8") as f:
-        json.dump({"loss": loss}, f)
+        json.dump({"loss": loss, "norm": norm}, f)
+    losses, norms, state = pc.reference_adamw()
+    np.savez(os.path.join(out_dir, "reference_adamw.npz"), **state)
+    with open(os.path.join(out_dir, "reference_adamw.json"), "w", encoding="utf-8") as f:
+        json.dump({"loss": losses[0], "losses": losses, "norms": norms}, f)
 
 
 def task_train(out_dir: str, rank: int, layout: str) -> None:
+    from telechat2_ms.parallel.data_parallel import sgd_step
+    from telechat2_ms.parallel.optimizer import ParallelAdamW, clip_coefficient, clipped_grads
+
     dims = ParallelDims(**pc.LAYOUTS[layout])
     start = time.monotonic()
     parallel = parallelize_telechat2(pc.build_model(), dims)
-    loss = parallel.train_step_sgd(*pc.make_batch(), pc.LR)
+    batch = pc.make_batch()
+    if layout in pc.ADAMW_LAYOUTS:
+        optimizer = parallel.make_adamw(pc.ADAMW["beta1"], pc.ADAMW["beta2"], pc.ADAMW["eps"],
+                                        pc.ADAMW["weight_decay"])
+        steps = [parallel.train_step_adamw(*batch, optimizer, pc.ADAMW["lr"], step, pc.CLIP)
+                 for step in range(1, pc.ADAMW_STEPS + 1)]
+        # the same steps with replicated optimizer states: sharding must not change a single bit of the math
+        replicated = parallelize_telechat2(pc.build_model(), dims)
+        replicated_opt = ParallelAdamW(replicated.params, replicated.groups.dp, False, pc.ADAMW["beta1"],
+                                       pc.ADAMW["beta2"], pc.ADAMW["eps"], pc.ADAMW["weight_decay"])
+        for step in range(1, pc.ADAMW_STEPS + 1):
+            replicated.train_step_adamw(*batch, replicated_opt, pc.ADAMW["lr"], step, pc.CLIP)
+        other = replicated.local_state()
+        extra = {"losses": [s[0] for s in steps], "norms": [s[1] for s in steps],
+                 "state_elements": optimizer.state_elements, "replicated_state_elements": replicated_opt.state_elements,
+                 "param_elements": sum(int(np.prod(p.shape)) for p in parallel.params),
+                 "max_diff_vs_replicated": max(pc.max_rel_diff(v, other[k]) for k, v in parallel.local_state().items())}
+        loss = steps[0][0]
+    else:
+        loss, grads = parallel.forward_backward(*batch)
+        norm = parallel.grad_norm(grads)
+        sgd_step(parallel.params, clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
+        extra = {"norms": [norm]}
     pc.save_rank_result(out_dir, layout, rank, parallel.groups.coords, loss, parallel.local_state(),
-                        time.monotonic() - start)
+                        time.monotonic() - start, **extra)
+
+
+def task_trainer(out_dir: str, rank: int) -> None:
+    from telechat2_ms.parallel.training import run_parallel_train
+    from telechat2_ms.settings import load_settings
+
+    settings = load_settings(None, pc.TRAIN_ARGS + ["--parallel_config.model_parallel=2",
+                                                    f"--output_dir={os.path.join(out_dir, 'trainer_tp2')}"])
+    summary = run_parallel_train(settings)
+    os.makedirs(os.path.join(out_dir, "trainer"), exist_ok=True)
+    with open(os.path.join(out_dir, "trainer", f"rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+
+
+def task_predict(out_dir: str, rank: int) -> None:
+    import io
+
+    from telechat2_ms.predict import run_predict
+    from telechat2_ms.settings import load_settings
+
+    printed = io.StringIO()
+    answers = run_predict(load_settings(None, pc.PREDICT_ARGS + ["--parallel_config.data_parallel=2"]), printed)
+    os.makedirs(os.path.join(out_dir, "predict"), exist_ok=True)
+    with open(os.path.join(out_dir, "predict", f"rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump({"answers": answers, "printed": printed.getvalue()}, f, ensure_ascii=False)
+
+
+def task_chat(out_dir: str, rank: int) -> None:
+    import io
+
+    from telechat2_ms.parallel.session import gather_objects
+    from telechat2_ms.predict import run_chat
+    from telechat2_ms.settings import load_settings
+
+    settings = load_settings(None, pc.CHAT_ARGS + ["--parallel_config.model_parallel=2"])
+    printed = io.StringIO()
+    history = run_chat(settings, io.StringIO(pc.CHAT_INPUT) if rank == 0 else None, printed)
+    result = {"history": history, "printed": printed.getvalue(), "gathered": gather_objects({"rank": rank})}
+    os.makedirs(os.path.join(out_dir, "chat"), exist_ok=True)
+    with open(os.path.join(out_dir, "chat", f"rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, ensure_ascii=False)
 
 
 def task_generate(out_dir: str, rank: int) -> None:
@@ -101,6 +179,12 @@ def main(out_dir: str, tasks) -> None:
                 task_load(out_dir, rank)
             elif kind == "generate":
                 task_generate(out_dir, rank)
+            elif kind == "trainer":
+                task_trainer(out_dir, rank)
+            elif kind == "predict":
+                task_predict(out_dir, rank)
+            elif kind == "chat":
+                task_chat(out_dir, rank)
             elif kind == "crash":
                 if rank == int(arg):
                     raise RuntimeError(f"deliberate crash on rank {rank}")
