@@ -154,6 +154,10 @@ CONFIGS: Dict[str, ModelConfig] = {
     # vocabulary is the built-in demo tokenizer's (telechat2_ms/assets), which keeps ids 0-12 of TeleChat2.
     "tiny": ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=160,
                         vocab_size=1024, rms_norm_eps=1e-5, name="tiny"),
+    # Benchmark size (research/bench_speed.py), not a released model: MHA with head dim 64 and ffn 8/3 H,
+    # 12 layers of hidden 768 and a 16K vocabulary: 110M parameters.
+    "bench_100m": ModelConfig(hidden_size=768, num_layers=12, num_heads=12, ffn_hidden_size=2048,
+                              vocab_size=16384, name="bench_100m"),
     # https://huggingface.co/Tele-AI/TeleChat2-3B/blob/main/config.json
     "telechat2_3b": ModelConfig(hidden_size=3072, num_layers=24, num_heads=24, ffn_hidden_size=6144,
                                 name="telechat2_3b"),

@@ -104,8 +104,9 @@ class Attention(nn.Cell):
         kv_heads = self.wk_v.out_features // (2 * self.head_dim)
         q = ops.transpose(ops.reshape(self.wq(x), (batch, seq, n_heads, self.head_dim)), (0, 2, 1, 3))
         kv = ops.reshape(self.wk_v(x), (batch, seq, kv_heads, 2, self.head_dim))  # [B,S,k,2,d]
-        k = ops.transpose(kv[:, :, :, 0], (0, 2, 1, 3))  # [B,k,S,d]
-        v = ops.transpose(kv[:, :, :, 1], (0, 2, 1, 3))  # [B,k,S,d]
+        k, v = ops.unstack(kv, 3)  # [B,S,k,d] each (an Unstack is ~17x faster on CPU than kv[:, :, :, 0])
+        k = ops.transpose(k, (0, 2, 1, 3))  # [B,k,S,d]
+        v = ops.transpose(v, (0, 2, 1, 3))  # [B,k,S,d]
         q = kernels.apply_rope(q, cos, sin, self.use_fused)
         k = kernels.apply_rope(k, cos, sin, self.use_fused)
         return q, k, v

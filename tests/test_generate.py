@@ -143,3 +143,19 @@ def test_bad_input_is_rejected_clearly(generator):
         generator.generate([[5, 999999]], GenerationConfig(max_new_tokens=4))
     with pytest.raises(GenerationError, match="no prompts"):
         generator.generate([], GenerationConfig(max_new_tokens=4))
+
+
+def test_decode_compiles_once_per_batch_size(model):
+    """Static shapes and Tensor-only inputs: the prefill, decode and sampling steps compile during the first
+    tokens of the first call; the remaining decode steps, and a second call with the same batch size and
+    prompt length, compile nothing (MindSpore's jit cache does not grow)."""
+    from mindspore.graph import api
+
+    generator = Generator(model, max_length=48, use_jit=True)
+    sizes = []
+    gen = GenerationConfig(max_new_tokens=12, eos_token_id=-1)
+    out = generator.generate(_prompts()[:2], gen, on_tokens=lambda t: sizes.append(len(api.ms_compile_cache)))
+    assert len(out[0]) == 12 and len(sizes) == 12
+    assert sizes[2] == sizes[-1], sizes  # after the first decode step: no compilation per token
+    generator.generate([p[::-1] for p in _prompts()[:2]], gen)
+    assert len(api.ms_compile_cache) == sizes[-1]

@@ -52,6 +52,15 @@ def test_adamw_matches_torch():
     assert set(opt.state_tensors()) == {"exp_avg.w", "exp_avg.b", "exp_avg_sq.w", "exp_avg_sq.b"}
 
 
+def test_adamw_with_zero_learning_rate_keeps_parameters():
+    """lr 0 (a cosine schedule ending at min_learning_rate 0) must leave the weights as they are, not NaN."""
+    init = np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)
+    param = Parameter(Tensor(init), name="w")
+    opt = AdamW([param], beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    opt((Tensor(np.ones((4, 3), np.float32)),), *opt.step_scalars(0.0, 1, 1.0))
+    np.testing.assert_array_equal(param.asnumpy(), init)
+
+
 def test_loss_matches_numpy_reference():
     model = Telechat2ForCausalLM(TINY, seed=3)
     rng = np.random.default_rng(1)

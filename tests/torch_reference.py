@@ -30,8 +30,9 @@ def _fp16_rotary(rotary):
     rotary.forward = forward
 
 
-def llama_reference(cfg, state: dict, fp16_rotary: bool = True) -> LlamaForCausalLM:
-    """Build an fp32 eager LlamaForCausalLM equal to TeleChat2 with `state` (MindFormers names)."""
+def llama_reference(cfg, state: dict, fp16_rotary: bool = True, attn_implementation: str = "eager") -> LlamaForCausalLM:
+    """Build an fp32 LlamaForCausalLM equal to TeleChat2 with `state` (MindFormers names); eager attention by
+    default (the parity tests), "sdpa" for speed (research/bench_speed.py)."""
     d, H = cfg.head_dim, cfg.hidden_size
     conf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=H, intermediate_size=cfg.ffn_hidden_size,
                        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -39,7 +40,7 @@ def llama_reference(cfg, state: dict, fp16_rotary: bool = True) -> LlamaForCausa
                        rope_theta=cfg.rope_theta, max_position_embeddings=cfg.training_seqlen,
                        attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
                        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                       pad_token_id=cfg.pad_token_id, attn_implementation="eager")
+                       pad_token_id=cfg.pad_token_id, attn_implementation=attn_implementation)
     with torch.device("meta"):
         ref = LlamaForCausalLM(conf)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))

@@ -16,8 +16,10 @@ Checkpoints (every save_steps and at the end): `<output_dir>/parallel_checkpoint
 convert/reshard layout directory (layout.json + tp{t}_pp{p}/model.safetensors, written by the dp = cp = 0
 ranks), so `--load_checkpoint=<that dir>` runs predict/eval under msrun with the same tp x pp, and
 `python -m convert merge <that dir> model.safetensors` gives the single-process checkpoint. Not supported
-on this path (refused with a ConfigError): resume (optimizer states are not saved), LoRA, recompute,
-float16 loss scaling. Only rank 0 prints and writes metrics.
+on this path (refused with a ConfigError): resume (optimizer states are not saved), LoRA, selective
+recompute, float16 loss scaling. Activations are always fully recomputed (each stage's backward reruns its
+forward, parallel/pipeline.py), so `train.recompute` full and none both run that way. Only rank 0 prints and
+writes metrics.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def check_parallel_train_settings(settings) -> None:
     check_train_settings(dataclasses.replace(settings, parallel_config=ParallelSettings()))  # all but the layout
     t = settings.train
     unsupported = {"train.resume": t.resume or bool(t.resume_from), "train.lora_rank": t.lora_rank > 0,
-                   "train.recompute": t.recompute != "none", "compute_dtype float16": settings.compute_dtype == "float16"}
+                   "train.recompute selective": t.recompute == "selective",
+                   "compute_dtype float16": settings.compute_dtype == "float16"}
     bad = [key for key, on in unsupported.items() if on]
     if bad:
         raise ConfigError(f"multi-process training does not support {', '.join(bad)} yet; run it in one process "
@@ -191,10 +194,11 @@ class ParallelTrainer:
                 self.save_checkpoint()
         if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"step_{self.step:08d}"):
             self.save_checkpoint()
+        curve = self.metrics.plot(self.output_dir) if self.metrics else None
         summary = {"steps": self.step, "losses": losses, "final_loss": losses[-1] if losses else None,
                    "checkpoint": self.last_checkpoint, "output_dir": self.output_dir,
                    "tokens_seen": self.tokens_seen, "elapsed_s": time.perf_counter() - started,
-                   "metrics_file": self.metrics.path if self.metrics else None}
+                   "metrics_file": self.metrics.path if self.metrics else None, "loss_curve": curve}
         self._emit("train_end", summary)
         self.printer(f"done: {self.step} steps, final loss {summary['final_loss']}, checkpoint {self.last_checkpoint}")
         return summary

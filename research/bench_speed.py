@@ -1,0 +1,341 @@
+"""Speed of this port against the PyTorch reference (HF transformers), side by side in one run (not a test).
+
+    .venv/bin/python research/bench_speed.py                       # ~100M TeleChat2 (bench_100m), 2 threads
+    .venv/bin/python research/bench_speed.py --json out/bench.json --repeats 5
+    .venv/bin/python research/bench_speed.py --size tiny --prompt-len 64 --new-tokens 16 --train-seq 64  # smoke
+
+Both frameworks run the same weights (the MindSpore model's seeded initialisation, handed to the PyTorch
+worker as a safetensors file and mapped to HF `LlamaForCausalLM` by tests/torch_reference.py, the parity
+tests' reference), the same token ids, in fp32 on the CPU with the same thread count, each in its own child
+process one after the other (so they never share cores, and each peak RSS is its own: ru_maxrss of that
+child from os.wait4, framework import included).
+
+Measured, each as median [min, max] of --repeats runs after a warm-up (compilation excluded); prefill and
+decode come from the same --repeats generations:
+  prefill  batch 1 and 8, --prompt-len tokens: time to the first token (prompt in -> KV cache filled ->
+           last-position logits -> greedy token on the host); tokens/s = batch * prompt_len / time.
+           This port: Generator (telechat2_ms/generate.py), compiled prefill; PyTorch: `model.generate`
+           (DynamicCache, sdpa attention by default), timed with a streamer at the first new token.
+  decode   the same prompts, --new-tokens greedy tokens: time from the first to the last new token;
+           tokens/s = batch * (new_tokens - 1) / time. Eos is disabled on both sides so every run makes
+           exactly new_tokens tokens; no repetition penalty.
+  train    one optimizer step on batch --train-batch x --train-seq tokens: forward, masked next-token
+           cross-entropy, backward, global-norm clipping (1.0), AdamW. This port: the trainer's compiled
+           TrainStep (telechat2_ms/train/step.py); PyTorch: eager autograd + torch.optim.AdamW.
+           tokens/s = batch * seq / step time.
+Ratio = port tokens/s / PyTorch tokens/s (> 1: the port is faster). Also printed: how many of the batch-1
+greedy tokens agree between the two (a sanity check that both ran the same model; random weights give
+nearly flat logits, so late tokens may flip on fp32 rounding; the first batch row when batch 1 is not run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+
+from telechat2_ms.config import ConfigError, get_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_ORDINARY_ID = 13  # ids 0-12 are TeleChat2's special tokens; prompts use ordinary ids only
+
+
+def summarize(values: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def make_prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
+    """[batch, length] int32 token ids, the same on both sides."""
+    return np.random.default_rng(seed).integers(FIRST_ORDINARY_ID, vocab, (batch, length)).astype(np.int32)
+
+
+def time_repeats(fn, repeats: int) -> List[float]:
+    """One warm-up call, then `repeats` timed calls of fn() -> seconds (fn returns its own measured time)."""
+    fn()
+    return [fn() for _ in range(repeats)]
+
+
+def record_generation(result: Dict, batch: int, run, repeats: int, new_tokens: int) -> None:
+    """Warm up (compiles the prefill and decode steps: 2 new tokens), then `repeats` timed generations of
+    new_tokens; each gives one prefill time (to the first token) and one decode time (first to last token).
+    run(new_tokens) -> {"prefill": s, "decode": s}."""
+    run(2)
+    timings = [run(new_tokens) for _ in range(repeats)]
+    result["prefill"][str(batch)] = [t["prefill"] for t in timings]
+    result["decode"][str(batch)] = [t["decode"] for t in timings]
+
+
+# ---- this port --------------------------------------------------------------------------------------
+
+def mindspore_worker(args) -> Dict:
+    import mindspore as ms
+    from safetensors.numpy import save_file
+
+    from telechat2_ms.generate import GenerationConfig, Generator
+    from telechat2_ms.model import Telechat2ForCausalLM
+    from telechat2_ms.train.loss import CausalLMLoss
+    from telechat2_ms.train.optim import AdamW
+    from telechat2_ms.train.step import TrainStep
+
+    ms.set_device("CPU")
+    ms.runtime.launch_blocking()
+    ms.device_context.cpu.op_tuning.threads_num(args.threads)
+    cfg = get_config(args.size)
+    model = Telechat2ForCausalLM(cfg, seed=args.seed)
+    save_file({p.name: p.asnumpy() for p in model.get_parameters()}, args.weights)
+    generator = Generator(model, args.prompt_len + args.new_tokens)
+    result: Dict = {"prefill": {}, "decode": {}, "tokens": {}}
+    for batch in args.batches:
+        prompts = make_prompts(batch, args.prompt_len, cfg.vocab_size, args.seed).tolist()
+
+        def run(new_tokens: int) -> Dict[str, float]:
+            gen = GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=1.0, eos_token_id=-1,
+                                   pad_token_id=cfg.pad_token_id)
+            outputs = generator.generate(prompts, gen)
+            assert all(len(o) == new_tokens for o in outputs), "generation stopped early"
+            result["tokens"][str(batch)] = outputs[0]
+            return dict(generator.last_timing)
+
+        record_generation(result, batch, run, args.repeats, args.new_tokens)
+    del generator
+
+    params = model.trainable_params()
+    optimizer = AdamW(params, 0.9, 0.95, 1e-8, 0.1)
+    step = TrainStep(CausalLMLoss(model, args.train_batch, args.train_seq), params, optimizer, use_jit=True)
+    ids = ms.Tensor(make_prompts(args.train_batch, args.train_seq, cfg.vocab_size, args.seed + 1))
+    mask = ms.Tensor(np.ones((args.train_batch, args.train_seq), np.float32))
+    denominator = ms.Tensor(np.float32(args.train_batch * (args.train_seq - 1)))
+    one = ms.Tensor(np.float32(1.0))
+    count = [0]
+
+    def train_step() -> float:
+        start = time.perf_counter()
+        count[0] += 1
+        loss = step.micro_step(ids, mask, denominator, one)
+        norm = float(step.grad_norm().asnumpy())
+        coef = min(1.0, 1.0 / (norm + 1e-6))
+        step.apply_update(*optimizer.step_scalars(1e-4, count[0], coef)).asnumpy()
+        if not np.isfinite(loss.asnumpy()):
+            raise RuntimeError("non-finite training loss")
+        return time.perf_counter() - start
+
+    result["train"] = time_repeats(train_step, args.repeats)
+    return result
+
+
+# ---- the PyTorch reference ----------------------------------------------------------------------------
+
+def torch_worker(args) -> Dict:
+    import torch
+    from safetensors.numpy import load_file
+    from transformers.generation.streamers import BaseStreamer
+
+    from tests.torch_reference import llama_reference
+
+    torch.set_num_threads(args.threads)
+    cfg = get_config(args.size)
+    model = llama_reference(cfg, load_file(args.weights), attn_implementation=args.torch_attention)
+    model.generation_config.eos_token_id = None  # eos disabled: exactly new_tokens tokens (as the port)
+
+    class Clock(BaseStreamer):
+        """generate() calls put() with the prompt, then once per new token: times the first and the last."""
+
+        def __init__(self):
+            self.calls, self.first, self.last = 0, None, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:
+                self.first = time.perf_counter()
+            self.last = time.perf_counter()
+
+        def end(self):
+            self.last = time.perf_counter()
+
+    result: Dict = {"prefill": {}, "decode": {}, "tokens": {}}
+    for batch in args.batches:
+        prompts = torch.from_numpy(make_prompts(batch, args.prompt_len, cfg.vocab_size, args.seed).astype(np.int64))
+
+        def run(new_tokens: int) -> Dict[str, float]:
+            clock = Clock()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                     do_sample=False, pad_token_id=cfg.pad_token_id, streamer=clock)
+            assert out.shape[1] == args.prompt_len + new_tokens, "generation stopped early"
+            result["tokens"][str(batch)] = out[0, args.prompt_len:].tolist()
+            return {"prefill": clock.first - start, "decode": clock.last - clock.first}
+
+        record_generation(result, batch, run, args.repeats, args.new_tokens)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ids = torch.from_numpy(make_prompts(args.train_batch, args.train_seq, cfg.vocab_size, args.seed + 1).astype(np.int64))
+
+    def train_step() -> float:
+        start = time.perf_counter()
+        logits = model(ids).logits.float()  # [B,S,V]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise RuntimeError("non-finite training loss")
+        return time.perf_counter() - start
+
+    result["train"] = time_repeats(train_step, args.repeats)
+    return result
+
+
+WORKERS = {"mindspore": mindspore_worker, "torch": torch_worker}
+
+
+# ---- the parent: runs both workers and prints the table -------------------------------------------------
+
+def run_worker(kind: str, args, weights: str, out_json: str) -> Dict:
+    """Run one worker as a child process; returns its result plus peak RSS and wall seconds."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--weights", weights,
+               "--worker-out", out_json] + args.passthrough
+    # the child runs in the temporary directory (MindSpore's compile files land there); PYTHONPATH names the
+    # repository root so it imports tests/torch_reference.py (the project packages are pip-installed)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GLOG_v=os.environ.get("GLOG_v", "3"),
+               PYTHONPATH=REPO_ROOT)
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, cwd=os.path.dirname(out_json))
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"the {kind} worker failed with exit code {code}")
+    with open(out_json, encoding="utf-8") as f:
+        result = json.load(f)
+    result["peak_rss_bytes"] = usage.ru_maxrss * 1024
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def rows(args, port: Dict, ref: Dict) -> List[Dict]:
+    """One row per measurement: tokens/s of each side (median, min, max) and the ratio of medians."""
+    table = []
+
+    def add(name: str, tokens: int, port_s: List[float], ref_s: List[float]):
+        rate = lambda seconds: summarize([tokens / s for s in seconds])
+        mine, theirs = rate(port_s), rate(ref_s)
+        table.append({"measure": name, "port_tokens_per_s": mine, "torch_tokens_per_s": theirs,
+                      "ratio": mine["median"] / theirs["median"]})
+
+    for batch in args.batches:
+        add(f"prefill b{batch} x {args.prompt_len}", batch * args.prompt_len,
+            port["prefill"][str(batch)], ref["prefill"][str(batch)])
+    for batch in args.batches:
+        add(f"decode b{batch}, {args.new_tokens} new after {args.prompt_len}", batch * (args.new_tokens - 1),
+            port["decode"][str(batch)], ref["decode"][str(batch)])
+    add(f"train step b{args.train_batch} x {args.train_seq}", args.train_batch * args.train_seq,
+        port["train"], ref["train"])
+    return table
+
+
+def print_table(args, table: List[Dict], port: Dict, ref: Dict, agree: int) -> None:
+    cfg = get_config(args.size)
+    print(f"\nTeleChat2 {args.size} ({cfg.num_parameters() / 1e6:.1f}M parameters), fp32, CPU, {args.threads} "
+          f"threads, {args.repeats} runs each; tokens/s as median [min, max]")
+    print(f"PyTorch reference: HF transformers LlamaForCausalLM, attention {args.torch_attention}\n")
+    fmt = lambda r: f"{r['median']:9.1f} [{r['min']:.1f}, {r['max']:.1f}]"
+    print(f"| {'measure':<36} | {'this port':<28} | {'PyTorch':<28} | ratio |")
+    print(f"|{'-' * 38}|{'-' * 30}|{'-' * 30}|-------|")
+    for row in table:
+        print(f"| {row['measure']:<36} | {fmt(row['port_tokens_per_s']):<28} | {fmt(row['torch_tokens_per_s']):<28} "
+              f"| {row['ratio']:5.2f} |")
+    gib = lambda b: b / 1024 ** 3
+    print(f"\npeak RSS: this port {gib(port['peak_rss_bytes']):.2f} GiB, PyTorch {gib(ref['peak_rss_bytes']):.2f} GiB;"
+          f" worker wall time {port['wall_s']:.0f} s / {ref['wall_s']:.0f} s")
+    print(f"greedy tokens of the first prompt equal between the two: first {agree} of {args.new_tokens}")
+
+
+def leading_agreement(a: List[int], b: List[int]) -> int:
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="bench_100m", help="model size from the registry (default bench_100m)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after one warm-up")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes for prefill and decode")
+    p.add_argument("--train-batch", type=int, default=1)
+    p.add_argument("--train-seq", type=int, default=512)
+    p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"],
+                   help="HF attention implementation of the reference (default sdpa, HF's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.threads < 1:
+        p.error("--new-tokens must be >= 2 and --prompt-len, --repeats, --threads >= 1")
+    try:
+        get_config(args.size)
+    except ConfigError as err:  # an unknown size: one line naming the known ones
+        p.error(str(err))
+    skip = {"--json", "--worker", "--weights", "--worker-out"}
+    args.passthrough = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if flag in skip or key == "passthrough" or value is None:
+            continue
+        args.passthrough += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        result = WORKERS[args.worker](args)
+        with open(args.worker_out, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        return 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
+        weights = os.path.join(tmp, "weights.safetensors")
+        print(f"running this port (MindSpore) on {args.size} ...", flush=True)
+        port = run_worker("mindspore", args, weights, os.path.join(tmp, "mindspore.json"))
+        print("running the PyTorch reference ...", flush=True)
+        ref = run_worker("torch", args, weights, os.path.join(tmp, "torch.json"))
+    table = rows(args, port, ref)
+    first = str(args.batches[0])
+    agree = leading_agreement(port["tokens"][first], ref["tokens"][first])
+    print_table(args, table, port, ref, agree)
+    report = {"size": args.size, "parameters": get_config(args.size).num_parameters(), "threads": args.threads,
+              "repeats": args.repeats, "torch_attention": args.torch_attention, "rows": table,
+              "peak_rss_bytes": {"port": port["peak_rss_bytes"], "torch": ref["peak_rss_bytes"]},
+              "greedy_tokens_agree": agree, "machine": platform.platform(), "cpus": os.cpu_count(),
+              "total_wall_s": time.perf_counter() - started}
+    print(json.dumps(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    print(f"total {report['total_wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

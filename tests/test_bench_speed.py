@@ -1,0 +1,39 @@
+"""research/bench_speed.py end to end at the tiny size: both workers run, the table and JSON come out, and the
+two frameworks generate the same greedy tokens (a check that they ran the same model). No timing is
+asserted (machines are noisy); the figures themselves come from running the script (README Performance)."""
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "research", "bench_speed.py")
+
+
+def test_bench_speed_runs_both_frameworks_on_the_tiny_model(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--size", "tiny", "--prompt-len", "16", "--new-tokens", "6",
+                           "--batches", "1", "2", "--train-seq", "16", "--repeats", "1", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, GLOG_v="3"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| prefill b2 x 16" in proc.stdout and "| train step b1 x 16" in proc.stdout
+    report = json.loads(out.read_text())
+    assert [row["measure"] for row in report["rows"]] == [
+        "prefill b1 x 16", "prefill b2 x 16", "decode b1, 6 new after 16", "decode b2, 6 new after 16",
+        "train step b1 x 16"]
+    for row in report["rows"]:
+        for side in ("port_tokens_per_s", "torch_tokens_per_s"):
+            assert row[side]["runs"] == 1 and row[side]["median"] > 0
+        assert row["ratio"] > 0
+    assert report["greedy_tokens_agree"] == 6
+    assert report["peak_rss_bytes"]["port"] > 0 and report["peak_rss_bytes"]["torch"] > 0
+
+
+def test_bench_speed_refuses_bad_arguments(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--new-tokens", "1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--new-tokens must be >= 2" in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--size", "telechat2_8b"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown model size 'telechat2_8b'" in proc.stderr
+    assert "Traceback" not in proc.stderr
