@@ -82,7 +82,7 @@ def mindspore_worker(args) -> Dict:
     from telechat2_ms.generate import GenerationConfig, Generator
     from telechat2_ms.model import Telechat2ForCausalLM
     from telechat2_ms.train.loss import CausalLMLoss
-    from telechat2_ms.train.optim import AdamW
+    from telechat2_ms.train.optim import AdamW, clip_coefficient
     from telechat2_ms.train.step import TrainStep
 
     ms.set_device("CPU")
@@ -121,7 +121,7 @@ def mindspore_worker(args) -> Dict:
         count[0] += 1
         loss = step.micro_step(ids, mask, denominator, one)
         norm = float(step.grad_norm().asnumpy())
-        coef = min(1.0, 1.0 / (norm + 1e-6))
+        coef = clip_coefficient(norm, 1.0)
         step.apply_update(*optimizer.step_scalars(1e-4, count[0], coef)).asnumpy()
         if not np.isfinite(loss.asnumpy()):
             raise RuntimeError("non-finite training loss")

@@ -99,7 +99,8 @@ def test_single_process_parallel_step_matches_plain_model():
     pipeline executor with recompute, global-norm clipping) gives the plain model's loss, gradient norm and
     clipped SGD update."""
     from telechat2_ms.parallel.data_parallel import sgd_step
-    from telechat2_ms.parallel.optimizer import clip_coefficient, clipped_grads
+    from telechat2_ms.parallel.optimizer import clipped_grads
+    from telechat2_ms.train.optim import clip_coefficient
     from telechat2_ms.parallel.parallelize import parallelize_telechat2
     from tests.msrun import parallel_cases as pc
 

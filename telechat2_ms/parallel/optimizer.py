@@ -7,7 +7,7 @@ rank holds a distinct slice) or replicated (RMSNorm weights, row-parallel biases
 full gradient). So the squared norm is
     sum over pipeline stages and tp ranks of (|split grads|^2 + [tp rank 0] |replicated grads|^2),
 an all-reduce over tp and one over pp; dp/cp replicas are counted once by not reducing over them. The
-clip coefficient is torch's clip_grad_norm_: min(1, max_norm / (norm + 1e-6)).
+clip coefficient is torch's clip_grad_norm_ (train/optim.clip_coefficient, shared with the trainer).
 
 AdamW (`ParallelAdamW`) is train/optim.AdamW's update (torch.optim.AdamW: decoupled weight decay on
 parameters with >= 2 dims, bias corrections) on one flat fp32 vector of this rank's parameters. With
@@ -29,6 +29,7 @@ from mindspore import Tensor, ops
 
 from telechat2_ms.parallel import comm
 from telechat2_ms.shard_layout import REPLICATE, split_rule
+from telechat2_ms.train.optim import squared_sum
 
 
 def is_tp_replicated(name: str) -> bool:
@@ -42,7 +43,7 @@ def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
     split_sq = ops.zeros((), ms.float32)
     replicated_sq = ops.zeros((), ms.float32)
     for p, g in zip(params, grads):
-        sq = ops.reduce_sum(ops.square(ops.cast(g, ms.float32)))  # []
+        sq = squared_sum(ops.cast(g, ms.float32))  # []
         if is_tp_replicated(p.name):
             replicated_sq = replicated_sq + sq
         else:
@@ -50,13 +51,6 @@ def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
     local = split_sq + (replicated_sq if groups.coords.tp == 0 else ops.zeros((), ms.float32))
     total = comm.all_reduce(comm.all_reduce(ops.reshape(local, (1,)), groups.tp), groups.pp)  # [1]
     return math.sqrt(float(total.asnumpy()[0]))
-
-
-def clip_coefficient(norm: float, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_'s factor; max_norm <= 0 disables clipping."""
-    if max_norm <= 0:
-        return 1.0
-    return min(1.0, max_norm / (norm + 1e-6))
 
 
 class ParallelAdamW:

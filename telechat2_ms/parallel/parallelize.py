@@ -31,11 +31,12 @@ from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_group
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
                                           VocabParallelEmbedding, VocabParallelHead,
                                           vocab_parallel_cross_entropy)
-from telechat2_ms.parallel.optimizer import ParallelAdamW, clip_coefficient, global_grad_norm
+from telechat2_ms.parallel.optimizer import ParallelAdamW, global_grad_norm
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
 from telechat2_ms.rope import rope_inputs
 from telechat2_ms.shard_layout import shard_tensor
+from telechat2_ms.train.optim import clip_coefficient
 
 # decoder-layer submodule -> tensor-parallel style (weights from shard_layout.SHARD_TABLE)
 TP_PLAN: Dict[str, str] = {

@@ -35,8 +35,8 @@ import numpy as np
 
 from telechat2_ms.config import ConfigError
 from telechat2_ms.parallel import comm
-from telechat2_ms.parallel.optimizer import clip_coefficient
 from telechat2_ms.parallel.session import barrier, parallel_model, run_dims
+from telechat2_ms.train.optim import clip_coefficient
 
 CHECKPOINT_DIR = "parallel_checkpoints"
 

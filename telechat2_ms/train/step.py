@@ -21,14 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from telechat2_ms.train.optim import AdamW
-
-
-def squared_sum(x):
-    """sum(x^2) [] of a tensor of any shape, as one dot product (5x faster on CPU than reduce_sum(square(x)),
-    which also materialises x^2)."""
-    flat = ops.reshape(x, (1, -1))  # [1,N]
-    return ops.reshape(ops.matmul(flat, ops.transpose(flat, (1, 0))), ())
+from telechat2_ms.train.optim import AdamW, squared_sum
 
 
 class TrainStep:

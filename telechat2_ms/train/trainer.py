@@ -43,7 +43,7 @@ from telechat2_ms.train import checkpointing as ckpts
 from telechat2_ms.train.lora import LORA_TARGETS, apply_lora, lora_state, merged_state
 from telechat2_ms.train.loss import CausalLMLoss, cast_batch, count_targets
 from telechat2_ms.train.metrics import MetricsLogger
-from telechat2_ms.train.optim import AdamW, DynamicLossScaler, learning_rate_at
+from telechat2_ms.train.optim import AdamW, DynamicLossScaler, clip_coefficient, learning_rate_at
 from telechat2_ms.train.step import TrainStep
 
 STATE_VERSION = 1
@@ -240,7 +240,7 @@ class Trainer:
         finite = math.isfinite(norm) and math.isfinite(loss)
         lr = learning_rate_at(step, t.learning_rate, t.min_learning_rate, t.warmup_steps, t.total_steps)
         if finite:
-            clip = min(1.0, t.grad_clip / (norm + 1e-6)) if t.grad_clip > 0 else 1.0
+            clip = clip_coefficient(norm, t.grad_clip)
             self.step_fns.apply_update(*self.optimizer.step_scalars(lr, step, clip / self.scaler.scale))
         else:
             self.step_fns.zero_grads()

@@ -82,7 +82,7 @@ def reference_loss_fn(model):
 
 
 def _norm_and_coef(grads) -> tuple:
-    from telechat2_ms.parallel.optimizer import clip_coefficient
+    from telechat2_ms.train.optim import clip_coefficient
 
     norm = float(np.sqrt(sum(float(np.sum(g.asnumpy().astype(np.float64) ** 2)) for g in grads)))
     return norm, clip_coefficient(norm, CLIP)

@@ -52,7 +52,8 @@ def task_reference(out_dir: str, rank: int) -> None:
 
 def task_train(out_dir: str, rank: int, layout: str) -> None:
     from telechat2_ms.parallel.data_parallel import sgd_step
-    from telechat2_ms.parallel.optimizer import ParallelAdamW, clip_coefficient, clipped_grads
+    from telechat2_ms.parallel.optimizer import ParallelAdamW, clipped_grads
+    from telechat2_ms.train.optim import clip_coefficient
 
     dims = ParallelDims(**pc.LAYOUTS[layout])
     start = time.monotonic()
