@@ -1,7 +1,9 @@
 """The one entry point: `python run_telechat2.py --config X.yaml --run_mode MODE [--section.key=value ...]`.
 
 Run directly for one device, or under `msrun` for several (parallel degrees come from `parallel_config`, and
-their product must equal msrun's worker count; only rank 0 prints, see telechat2_ms/parallel/session.py).
+their product must equal msrun's worker count; only rank 0 prints). Every run goes settings -> one validation
+(telechat2_ms/settings.validate, via build.plan_run) -> build (telechat2_ms/build.py) -> the run mode;
+`--dry_run` stops after the validation and prints the plan (telechat2_ms/dry_run.py).
 Modes: predict (generate for `predict_data`), chat (interactive), finetune (SFT jsonl), train (pretraining
 jsonl), eval (C-Eval / MMLU). Without --config the built-in tiny model runs on CPU with no downloads.
 """
@@ -13,29 +15,25 @@ import sys
 from telechat2_ms.config import ConfigError
 
 
-def _predict(settings):
+def _predict(settings, plan):
     from telechat2_ms.predict import run_predict
-    return run_predict(settings)
+    return run_predict(settings, plan=plan)
 
 
-def _chat(settings):
+def _chat(settings, plan):
     from telechat2_ms.predict import run_chat
-    return run_chat(settings)
+    return run_chat(settings, plan=plan)
 
 
-def _train(settings):
-    from telechat2_ms.parallel import comm
-    if comm.get_world_size() > 1:  # under msrun: the trainer's loop around the explicit parallel step
-        from telechat2_ms.parallel.training import run_parallel_train
-        return run_parallel_train(settings)
+def _train(settings, plan):
     from telechat2_ms.train import run_train
-    return run_train(settings)
+    return run_train(settings, plan=plan)
 
 
-def _eval(settings):
+def _eval(settings, plan):
+    from telechat2_ms.build import build_run
     from telechat2_ms.evaluate import run_eval
-    from telechat2_ms.parallel.session import build_run
-    run = build_run(settings, "eval")
+    run = build_run(plan)
     return run_eval(settings, run.model, run.tokenizer)
 
 
@@ -53,6 +51,12 @@ def parse_args(argv):
                         help="what to run (overrides the YAML's run_mode; default predict)")
     parser.add_argument("--load_checkpoint", default=None, help="MindSpore checkpoint file or directory to load")
     parser.add_argument("--predict_data", nargs="+", default=None, help="prompt text(s) for predict")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate the settings, print the layout, per-rank shapes and the cost model's memory "
+                             "and step-time prediction, build nothing, exit")
+    parser.add_argument("--world_size", type=int, default=None,
+                        help="with --dry_run outside msrun: the number of processes to check the layout for "
+                             "(default 1; under msrun the real world size)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
@@ -62,9 +66,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from telechat2_ms.parallel.session import start as start_parallel
-    from telechat2_ms.runtime import check_run_mode, setup_device
-    from telechat2_ms.settings import load_settings
+    from telechat2_ms.build import plan_run, setup_device
+    from telechat2_ms.parallel import comm
+    from telechat2_ms.settings import check_enumerations, load_settings
 
     try:
         settings = load_settings(args.config, overrides)
@@ -74,10 +78,23 @@ def main(argv=None) -> int:
             settings.load_checkpoint = args.load_checkpoint
         if args.predict_data is not None:
             settings.predict_data = list(args.predict_data)
-        check_run_mode(settings.run_mode)
-        setup_device(settings)
-        start_parallel(settings)  # under msrun: communication.init(), checks parallel_config vs world size
-        RUN_MODES[settings.run_mode](settings)
+        if args.world_size is not None and (not args.dry_run or comm.launched_by_msrun()):
+            raise ConfigError("--world_size is for --dry_run without msrun (under msrun the world is msrun's)")
+        check_enumerations(settings)  # run mode, device, dtype: what the device set-up needs
+        if args.dry_run and not comm.launched_by_msrun():
+            world = 1 if args.world_size is None else args.world_size
+            if world < 1:
+                raise ConfigError(f"--world_size must be at least 1, got {world}")
+        else:
+            setup_device(settings)
+            _, world = comm.init_distributed()  # under msrun: communication.init()
+        plan = plan_run(settings, world)  # the one validation, before any model or data work
+        if args.dry_run:
+            from telechat2_ms.dry_run import report
+            if comm.get_rank() == 0:
+                print(report(plan))
+            return 0
+        RUN_MODES[settings.run_mode](settings, plan)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

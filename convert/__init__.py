@@ -6,7 +6,7 @@
     reshard("telechat2_7b.safetensors", "telechat2_7b_tp2_pp2/", tp=2, pp=2)
 
 Command line: `python -m convert {hf2ms,ms2hf,reshard,merge} --help`. The key map is convert.keymap,
-the tensor-parallel split rules telechat2_ms.shard_layout. Every conversion streams one tensor at a time,
+the tensor-parallel split rules telechat2_ms.parallel.plan. Every conversion streams one tensor at a time,
 refuses inputs that do not match the config before writing anything, and writes its output atomically.
 """
 from convert.errors import ConversionError

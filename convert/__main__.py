@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from convert.dtypes import DTYPE_CHOICES
+from telechat2_ms.formats.dtypes import DTYPE_CHOICES
 from convert.errors import ConversionError
 from convert.hf_to_ms import hf_to_ms
 from convert.ms_to_hf import ms_to_hf

@@ -22,12 +22,12 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
-from convert.atomic import atomic_dir, check_output_path
-from convert.dtypes import target_code
+from telechat2_ms.formats.atomic import atomic_dir, check_output_path
+from telechat2_ms.formats.dtypes import target_code
 from convert.errors import ConversionError
 from convert.keymap import Fusion, check_names_and_shapes, expected_hf, expected_ms, fusion_of, is_fused, \
     ms_to_hf_name
-from convert.safetensors_io import SafetensorsWriter, TensorInfo
+from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
 from convert.sources import TensorSource, open_ms_checkpoint, resolve_config
 from convert.stream import TensorPlan, check_all_consumed, run_plans
 from telechat2_ms.config import ModelConfig

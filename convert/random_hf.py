@@ -15,10 +15,10 @@ from typing import Callable, Dict, Iterator, Mapping, Tuple
 
 import numpy as np
 
-from convert.dtypes import STORAGE, cast
+from telechat2_ms.formats.dtypes import STORAGE, cast
 from convert.keymap import expected_hf
 from convert.ms_to_hf import INDEX_NAME, pack_shards
-from convert.safetensors_io import SafetensorsWriter, TensorInfo
+from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
 from convert.stream import TensorPlan
 from telechat2_ms.config import ModelConfig
 

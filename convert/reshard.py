@@ -5,13 +5,10 @@ one layout to another directly, tensor by tensor and bit-exact.
     reshard("out/tp2_pp2", "out/tp4_pp1", tp=4, pp=1)                       # layout -> layout
     reshard("out/tp4_pp1", "merged.safetensors")                            # merge (tp = pp = 1)
 
-The split rules are telechat2_ms.shard_layout's (one table shared with the parallel layers). A layout
-directory holds
-    layout.json                    tp, pp, layer_counts, layer_ranges, rank order, fused flag, model config
-    tp{t}_pp{p}/model.safetensors  the parameters of pipeline stage p, tensor-parallel slice t
-Parameter names keep their global layer index on every stage (what MindFormers' pipeline checkpoints do,
-and merging needs no renumbering); rank = p * tp + t. Each rank file also carries the model config and its
-own (tp, tp_rank, pp, pp_stage) in the safetensors metadata.
+The split rules are telechat2_ms.parallel.plan's (one table shared with the parallel layers); the layout
+directory format is the library's (telechat2_ms/formats/layout.py): layout.json plus tp{t}_pp{p}/model.safetensors,
+parameter names with their global layer index on every stage, rank = p * tp + t, each rank file carrying
+the model config and its own (tp, tp_rank, pp, pp_stage) in its safetensors metadata.
 
 Going between layouts reads one parameter at a time (merged from the source slices in memory), slices it
 for every target rank and writes the slices straight into the target files: the full checkpoint is never
@@ -20,96 +17,23 @@ the output directory appears atomically.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from convert.atomic import atomic_dir, atomic_file, check_output_path
-from convert.dtypes import target_code
 from convert.errors import ConversionError
 from convert.keymap import check_names_and_shapes, expected_ms, is_fused
-from convert.safetensors_io import SafetensorsFile, SafetensorsWriter, TensorInfo
-from convert.sources import CONFIG_METADATA_KEY, TensorSource, config_metadata, open_ms_checkpoint, \
-    resolve_config
+from convert.sources import ShardedSource, TensorSource, config_metadata, open_ms_checkpoint, resolve_config
 from convert.stream import TensorPlan, check_all_consumed, run_plans
 from telechat2_ms.config import ModelConfig
-from telechat2_ms.shard_layout import check_tp, merge_shards, param_stage, shard_shape, shard_tensor, \
-    split_rule, stage_layer_ranges
+from telechat2_ms.formats.atomic import atomic_dir, atomic_file, check_output_path
+from telechat2_ms.formats.dtypes import target_code
+from telechat2_ms.formats.layout import layout_dict, rank_file, shard_metadata, write_layout
+from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
+from telechat2_ms.parallel.plan import check_tp, param_stage, shard_shape, shard_tensor, stage_layer_ranges
 
-LAYOUT_NAME = "layout.json"
-LAYOUT_FORMAT = "telechat2_ms.sharded/1"
-SHARD_FILE = "model.safetensors"
-
-
-def rank_file(tp_rank: int, stage: int) -> str:
-    """Path of one rank's file inside a layout directory."""
-    return os.path.join(f"tp{tp_rank}_pp{stage}", SHARD_FILE)
-
-
-def _full_shape(name: str, local: Tuple[int, ...], tp: int) -> Tuple[int, ...]:
-    dim = split_rule(name).split_dim()
-    return local if dim is None else local[:dim] + (local[dim] * tp,) + local[dim + 1:]
-
-
-class ShardedSource(TensorSource):
-    """A layout directory read as a full checkpoint: `read(name)` merges the tp slices of one parameter."""
-
-    def __init__(self, directory: str):
-        self.path = directory
-        layout_path = os.path.join(directory, LAYOUT_NAME)
-        if not os.path.isfile(layout_path):
-            raise ConversionError(f"{directory} is not a sharded checkpoint (no {LAYOUT_NAME})")
-        with open(layout_path, encoding="utf-8") as f:
-            layout = json.load(f)
-        if layout.get("format") != LAYOUT_FORMAT:
-            raise ConversionError(f"{layout_path}: format {layout.get('format')!r}, expected {LAYOUT_FORMAT!r}")
-        try:
-            self.tp, self.pp = int(layout["tp"]), int(layout["pp"])
-            self.layer_counts = [int(c) for c in layout["layer_counts"]]
-            cfg = ModelConfig.from_hf_config(layout["model_config"], name="layout")
-            self.ranges = stage_layer_ranges(cfg.num_layers, self.pp, self.layer_counts)
-        except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
-            raise ConversionError(f"{layout_path} is not a valid layout: {type(e).__name__}: {e}") from None
-        self.metadata = {CONFIG_METADATA_KEY: json.dumps(layout["model_config"])}
-        self._files: Dict[Tuple[int, int], SafetensorsFile] = {}
-        for stage in range(self.pp):
-            for t in range(self.tp):
-                path = os.path.join(directory, rank_file(t, stage))
-                if not os.path.isfile(path):
-                    raise ConversionError(f"{directory}: rank file {rank_file(t, stage)} is missing")
-                self._files[(t, stage)] = SafetensorsFile(path)
-        self._stage: Dict[str, int] = {}
-        self._infos: Dict[str, TensorInfo] = {}
-        for stage in range(self.pp):
-            self._index_stage(stage)
-
-    def _index_stage(self, stage: int) -> None:
-        first = self._files[(0, stage)]
-        for t in range(1, self.tp):
-            other = self._files[(t, stage)]
-            if other.infos() != first.infos():
-                raise ConversionError(f"{other.path} holds different tensors or shapes than {first.path}")
-        for name, info in first.infos().items():
-            try:
-                owner = param_stage(name, self.ranges)
-                full = _full_shape(name, info.shape, self.tp)
-            except ValueError as e:
-                raise ConversionError(f"{first.path}: {e}") from None
-            if owner != stage or name in self._stage:
-                raise ConversionError(f"{first.path}: {name} belongs to pipeline stage {owner}, not {stage} "
-                                      f"(layer ranges {self.ranges})")
-            self._stage[name] = stage
-            self._infos[name] = TensorInfo(info.code, full)
-
-    def infos(self) -> Dict[str, TensorInfo]:
-        return dict(self._infos)
-
-    def read(self, name: str) -> np.ndarray:
-        stage = self._stage[name]
-        return merge_shards(name, [self._files[(t, stage)].read(name) for t in range(self.tp)])
-
+__all__ = ["ShardedSource", "merge", "reshard"]
 
 def _plans(source: TensorSource, cfg: ModelConfig, dtype: str) -> List[TensorPlan]:
     """Validated identity plans over the checkpoint's parameters, in canonical order."""
@@ -147,8 +71,7 @@ def _write_layout(source: TensorSource, plans: List[TensorPlan], cfg: ModelConfi
         try:
             for (t, s), items in entries.items():
                 os.makedirs(os.path.dirname(os.path.join(tmp, rank_file(t, s))), exist_ok=True)
-                shard_meta = {"tp": tp, "tp_rank": t, "pp": pp, "pp_stage": s, "layer_range": list(ranges[s])}
-                meta = dict(config_metadata(cfg), telechat2_shard=json.dumps(shard_meta))
+                meta = dict(config_metadata(cfg), **shard_metadata(tp, t, pp, s, ranges[s]))
                 writers[(t, s)] = SafetensorsWriter(os.path.join(tmp, rank_file(t, s)), items, meta)
 
             def sink(plan: TensorPlan, array: np.ndarray) -> None:
@@ -163,21 +86,7 @@ def _write_layout(source: TensorSource, plans: List[TensorPlan], cfg: ModelConfi
             for writer in writers.values():
                 writer.abort()
         check_all_consumed(consumed, set(source.infos()), "reshard")
-        layout = {
-            "format": LAYOUT_FORMAT,
-            "tp": tp,
-            "pp": pp,
-            "layer_counts": [end - first for first, end in ranges],
-            "layer_ranges": [list(r) for r in ranges],
-            "layer_numbering": "global",
-            "rank_order": "rank = pp_stage * tp + tp_rank",
-            "fused_qkv": is_fused(p.name for p in plans),
-            "files": {str(s * tp + t): rank_file(t, s) for s in range(pp) for t in range(tp)},
-            "model_config": cfg.to_hf_config(),
-        }
-        with open(os.path.join(tmp, LAYOUT_NAME), "w", encoding="utf-8") as f:
-            json.dump(layout, f, indent=2)
-            f.write("\n")
+        write_layout(tmp, layout_dict(tp, ranges, cfg.to_hf_config(), is_fused(p.name for p in plans)))
 
 
 def reshard(src: str, output: str, tp: int = 1, pp: int = 1, layer_counts: Optional[Sequence[int]] = None,

@@ -9,25 +9,25 @@ numpy array in its storage dtype, BF16 as uint16 bits), so the converters hold o
   file, is in the safetensors metadata under `telechat2_config` (the HF config.json dict as JSON).
 - MindSpore `.ckpt`: `mindspore.load_checkpoint` has no streaming API, so the whole checkpoint is loaded
   into memory (documented limitation; use safetensors for large models).
-- A sharded directory (`layout.json`): see convert.reshard.ShardedSource.
+- A sharded directory (`layout.json`, telechat2_ms/formats/layout.py): `ShardedSource` merges the tp slices
+  of one parameter on read.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from convert.dtypes import STORAGE, check_code
+from telechat2_ms.formats.dtypes import STORAGE, check_code
 from convert.errors import ConversionError
-from convert.safetensors_io import SafetensorsFile, TensorInfo
-from telechat2_ms.config import ConfigError, ModelConfig, get_config
+from telechat2_ms.formats.layout import LAYOUT_NAME, rank_file, read_layout
+from telechat2_ms.formats.safetensors_io import SafetensorsFile, TensorInfo
+from telechat2_ms.parallel.plan import merge_shards, param_stage, split_rule, stage_layer_ranges
+from telechat2_ms.checkpoint import CONFIG_METADATA_KEY
+from telechat2_ms.config import ARCH_FIELDS, ConfigError, ModelConfig, get_config
 
-CONFIG_METADATA_KEY = "telechat2_config"
-# architecture fields two configs must agree on to describe the same weights
-ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
-               "rms_norm_eps", "training_seqlen", "base_seqlen")
 
 
 class TensorSource:
@@ -186,8 +186,6 @@ def open_hf_dir(directory: str) -> "tuple[TensorSource, ModelConfig]":
 def open_ms_checkpoint(path: str) -> TensorSource:
     """A MindSpore checkpoint: `.safetensors` file, `.ckpt` file, or a sharded directory with layout.json."""
     if os.path.isdir(path):
-        from convert.reshard import ShardedSource
-
         return ShardedSource(path)
     if not os.path.isfile(path):
         raise ConversionError(f"MindSpore checkpoint {path} does not exist")
@@ -230,3 +228,60 @@ def resolve_config(source: TensorSource, given: Union[None, str, ModelConfig]) -
             raise ConversionError(f"the given config does not match the one stored in {source.path}: "
                                   f"{'; '.join(diff)}")
     return given_cfg or stored
+
+
+def _full_shape(name: str, local: Tuple[int, ...], tp: int) -> Tuple[int, ...]:
+    dim = split_rule(name).split_dim()
+    return local if dim is None else local[:dim] + (local[dim] * tp,) + local[dim + 1:]
+
+
+class ShardedSource(TensorSource):
+    """A layout directory read as a full checkpoint: `read(name)` merges the tp slices of one parameter."""
+
+    def __init__(self, directory: str):
+        self.path = directory
+        layout = read_layout(directory)
+        layout_path = os.path.join(directory, LAYOUT_NAME)
+        self.tp, self.pp, self.layer_counts = layout["tp"], layout["pp"], layout["layer_counts"]
+        try:
+            cfg = ModelConfig.from_hf_config(layout["model_config"], name="layout")
+            self.ranges = stage_layer_ranges(cfg.num_layers, self.pp, self.layer_counts)
+        except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
+            raise ConversionError(f"{layout_path} is not a valid layout: {type(e).__name__}: {e}") from None
+        self.metadata = {CONFIG_METADATA_KEY: json.dumps(layout["model_config"])}
+        self._files: Dict[Tuple[int, int], SafetensorsFile] = {}
+        for stage in range(self.pp):
+            for t in range(self.tp):
+                path = os.path.join(directory, rank_file(t, stage))
+                if not os.path.isfile(path):
+                    raise ConversionError(f"{directory}: rank file {rank_file(t, stage)} is missing")
+                self._files[(t, stage)] = SafetensorsFile(path)
+        self._stage: Dict[str, int] = {}
+        self._infos: Dict[str, TensorInfo] = {}
+        for stage in range(self.pp):
+            self._index_stage(stage)
+
+    def _index_stage(self, stage: int) -> None:
+        first = self._files[(0, stage)]
+        for t in range(1, self.tp):
+            other = self._files[(t, stage)]
+            if other.infos() != first.infos():
+                raise ConversionError(f"{other.path} holds different tensors or shapes than {first.path}")
+        for name, info in first.infos().items():
+            try:
+                owner = param_stage(name, self.ranges)
+                full = _full_shape(name, info.shape, self.tp)
+            except ValueError as e:
+                raise ConversionError(f"{first.path}: {e}") from None
+            if owner != stage or name in self._stage:
+                raise ConversionError(f"{first.path}: {name} belongs to pipeline stage {owner}, not {stage} "
+                                      f"(layer ranges {self.ranges})")
+            self._stage[name] = stage
+            self._infos[name] = TensorInfo(info.code, full)
+
+    def infos(self) -> Dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def read(self, name: str) -> np.ndarray:
+        stage = self._stage[name]
+        return merge_shards(name, [self._files[(t, stage)].read(name) for t in range(self.tp)])

@@ -15,9 +15,9 @@ from typing import Callable, Dict, Sequence, Set, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from convert.dtypes import cast
+from telechat2_ms.formats.dtypes import cast
 from convert.errors import ConversionError
-from convert.safetensors_io import TensorInfo
+from telechat2_ms.formats.safetensors_io import TensorInfo
 from convert.sources import TensorSource
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from convert.dtypes import DTYPE_CHOICES, ITEMSIZE
+from telechat2_ms.formats.dtypes import DTYPE_CHOICES, ITEMSIZE
 from convert.keymap import expected_hf
 from convert.random_hf import make_random_hf
 from telechat2_ms.config import get_config

@@ -1,52 +1,107 @@
-"""Model checkpoints on the MindSpore side: save and load parameters as safetensors (MindFormers names).
+"""Model checkpoints on the MindSpore side: what a `load_checkpoint` path is, streamed reading of weights
+(whole tensors or one rank's slices), strict loading, and atomic saving (MindFormers parameter names).
 
-    save_model(model, "out/final", config=cfg, settings=run_settings)   # out/final/model.safetensors
-                                                                         # + config.json + run_settings.yaml
-    load_checkpoint_into(model, "out/final")                             # or a .safetensors / .ckpt file
-    cfg = load_model_config("out/final")                                 # ModelConfig or None
+    ref = resolve_checkpoint(path)        # CheckpointRef: kind, weights file / layout dir, config, tokenizer dir
+    weights = open_weights(ref)           # name -> full tensor or one tp rank's slice, read on demand
+    load_weights(model, weights)          # strict: names and shapes checked before anything is written
+    save_model(model, "out/final", config=cfg, settings=run_settings)
 
-A checkpoint is either one file (`.safetensors`, as written by `mindspore.save_checkpoint(format=
-"safetensors")` or by `convert/` hf2ms, or a MindSpore `.ckpt`) or a directory holding `model.safetensors`
-(or `model.ckpt`), optionally with `config.json` (the HF-style TeleChat2 config, `ModelConfig.to_hf_config`)
-and `run_settings.yaml` (the resolved RunSettings of the run that wrote it).
+What a path can be (`resolve_checkpoint`):
+- a file: `.safetensors` (written by `mindspore.save_checkpoint`, by training, or by `convert/` hf2ms, which
+  stores the config in the safetensors metadata under `telechat2_config`) or a MindSpore `.ckpt`;
+- a directory holding `model.safetensors` (or `model.ckpt`, or one such file), optionally with `config.json`
+  (`ModelConfig.to_hf_config`), `run_settings.yaml` and `tokenizer.model`;
+- a training output directory (holding `checkpoints/step_*`): its newest finished checkpoint;
+- a per-rank layout directory (`layout.json`, formats/layout.py): read under msrun, each rank its own file.
 
-`load_checkpoint_into` is strict: a checkpoint that misses a parameter of the model, has a name the model
-does not know, or has a tensor of another shape is refused with a `CheckpointError` that lists every offending
-name (the TeleChat2 HF code silently keeps a random lm_head when it is missing, spec 1.5 / 10.17; this port
-does not). Nothing is written into the model unless every check passes. Tensors are cast to each
-parameter's dtype (a bf16 checkpoint loads into an fp32 model and vice versa).
+Reading streams: a `.safetensors` file is read tensor by tensor, and for a tensor-parallel rank only the
+rows of its slice (formats/safetensors_io.py), so resident memory is one tensor (or one slice) at a time.
+A `.ckpt` has no streaming API and is read whole. Loading is strict: a missing parameter, an unknown key or
+another shape is refused with a `CheckpointError` listing every offending name (the TeleChat2 HF code
+silently keeps a random lm_head when it is missing, spec 1.5 / 10.17; this port does not). Tensors are
+cast to float32 (the parameters' dtype): a bf16 or fp16 checkpoint loads exactly.
 
-Files are written atomically (a temporary name in the same directory, then `os.replace`), so a crash during
-a save leaves either the old file or the new one, never a partial file.
+Files are written atomically (formats/atomic.py), so a crash during a save leaves the old file or the new
+one, never a partial file.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
 
-import mindspore as ms
-from mindspore import Tensor, nn, ops
-
 from telechat2_ms.config import ConfigError, ModelConfig
+from telechat2_ms.formats.atomic import atomic_file
+from telechat2_ms.formats.dtypes import cast
+from telechat2_ms.formats.errors import CheckpointError
+from telechat2_ms.formats.layout import is_layout_dir, layout_ranges, rank_file, read_layout
+from telechat2_ms.formats.safetensors_io import SafetensorsFile
+from telechat2_ms.parallel import plan
 
 MODEL_FILE = "model.safetensors"
 MODEL_FILE_CKPT = "model.ckpt"
 CONFIG_FILE = "config.json"
 SETTINGS_FILE = "run_settings.yaml"
-CONVERTER_CONFIG_KEY = "telechat2_config"  # safetensors metadata key written by convert/ (hf2ms)
+CONFIG_METADATA_KEY = "telechat2_config"  # safetensors metadata: the HF config.json dict as JSON
+CHECKPOINT_DIR = "checkpoints"  # training output: <output_dir>/checkpoints/step_XXXXXXXX/
+STATE_FILE = "trainer_state.json"  # a training checkpoint is finished once this file is in it
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
 _MAX_LISTED = 20  # names listed per category in an error message
 
+__all__ = ["CheckpointError", "CheckpointRef", "resolve_checkpoint", "open_weights", "load_weights",
+           "load_checkpoint_into", "save_model", "save_tensors"]
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not match the model; the message names file and keys."""
+
+# ---- training output directories --------------------------------------------------------------------
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINT_DIR)
 
 
-# ---- paths ---------------------------------------------------------------------------------------------
+def list_checkpoints(root: str) -> List[Tuple[int, str]]:
+    """Finished checkpoints under `root`, oldest first, as (step, path)."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def checkpoint_step(path: str) -> Optional[int]:
+    """The step of a checkpoint directory `.../step_00000040`, None for other paths."""
+    match = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+# ---- what a path is ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A resolved `load_checkpoint`. kind: none | file | dir | layout; `weights` is the parameter file (or the
+    layout directory); `config` the architecture stored with it (None: use the registry); `tokenizer_dir`
+    where a tokenizer.model may sit; `layout` the layout.json of a layout directory."""
+
+    kind: str
+    path: str = ""
+    weights: str = ""
+    config: Optional[ModelConfig] = None
+    tokenizer_dir: str = ""
+    layout: Dict[str, Any] = field(default_factory=dict)
+    missing: str = ""  # why the weights file could not be found (a directory holding only config.json)
+
+
 def resolve_checkpoint_file(path: str) -> str:
     """The parameter file of `path`: the file itself, or `model.safetensors` / `model.ckpt` in a directory
     (or the directory's only *.safetensors / *.ckpt file)."""
@@ -68,50 +123,278 @@ def resolve_checkpoint_file(path: str) -> str:
     raise CheckpointError(f"checkpoint not found: {path}")
 
 
-def _format_of(path: str) -> str:
-    return "safetensors" if path.endswith(".safetensors") else "ckpt"
+def resolve_checkpoint(path: str) -> CheckpointRef:
+    """The one interpretation of a `load_checkpoint` string (module docstring); reads headers only."""
+    if not path:
+        return CheckpointRef("none")
+    if not os.path.exists(path):
+        raise ConfigError(f"load_checkpoint {path!r} does not exist")
+    if os.path.isdir(checkpoint_root(path)) and not is_layout_dir(path):
+        latest = latest_checkpoint(checkpoint_root(path))
+        if latest is None:
+            raise ConfigError(f"{path} holds no finished checkpoint under {CHECKPOINT_DIR}/")
+        return resolve_checkpoint(latest)
+    if is_layout_dir(path):
+        layout = read_layout(path)
+        if layout.get("fused_qkv"):
+            raise ConfigError(f"{path} holds the fused inference layout (w_qkv / w_gate_hidden); reshard an "
+                              "unfused checkpoint for the parallel model")
+        cfg = _config_from_dict(layout["model_config"], os.path.basename(os.path.abspath(path)),
+                                os.path.join(path, "layout.json"))
+        return CheckpointRef("layout", path, path, cfg, path, layout)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        try:  # the config decides even before the weights are looked for (build.plan_run checks both)
+            file = resolve_checkpoint_file(path)
+        except CheckpointError as err:
+            return CheckpointRef("dir", path, "", stored_config(os.path.join(path, MODEL_FILE)), folder,
+                                 missing=str(err))
+    else:
+        file = resolve_checkpoint_file(path)
+    return CheckpointRef("dir" if os.path.isdir(path) else "file", path, file, stored_config(file), folder)
 
 
-# ---- reading -------------------------------------------------------------------------------------------
-def read_checkpoint(path: str) -> Dict[str, ms.Parameter]:
-    """All tensors of a checkpoint file or directory, {name: Parameter} (loaded into host memory)."""
-    file = resolve_checkpoint_file(path)
+def _config_from_dict(hf: Dict[str, Any], name: str, where: str) -> ModelConfig:
     try:
-        return dict(ms.load_checkpoint(file, format=_format_of(file)))
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError with long internal messages
-        raise CheckpointError(f"cannot read checkpoint {file}: {type(err).__name__}: {err}") from err
+        return ModelConfig.from_hf_config(hf, name=str(hf.get("telechat2_ms_name", name)))
+    except (ConfigError, TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
-def load_model_config(path: str) -> Optional[ModelConfig]:
-    """The ModelConfig stored with a checkpoint: `config.json` in (or beside) it, else the `telechat2_config`
-    safetensors metadata that convert/ writes; None if it carries no config."""
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    config_path = os.path.join(directory, CONFIG_FILE)
+def stored_config(file: str) -> Optional[ModelConfig]:
+    """The ModelConfig stored with a checkpoint file: config.json beside it, else the `telechat2_config`
+    safetensors metadata; None if it carries none."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(file)), CONFIG_FILE)
     if os.path.isfile(config_path):
-        return ModelConfig.from_hf_config(config_path, name=_config_name(config_path))
-    file = resolve_checkpoint_file(path)
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-
         try:
-            with safe_open(file, "np") as handle:
-                metadata = handle.metadata() or {}
-        except Exception as err:
-            raise CheckpointError(f"cannot read safetensors header of {file}: {err}") from err
-        if CONVERTER_CONFIG_KEY in metadata:
+            with open(config_path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"cannot read {config_path}: {err}") from None
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object")
+        return _config_from_dict(hf, os.path.basename(os.path.dirname(os.path.abspath(config_path))), config_path)
+    if file.endswith(".safetensors"):
+        metadata = SafetensorsFile(file).metadata
+        if CONFIG_METADATA_KEY in metadata:
             try:
-                return ModelConfig.from_hf_config(json.loads(metadata[CONVERTER_CONFIG_KEY]), name="checkpoint")
-            except (json.JSONDecodeError, ConfigError) as err:
-                raise CheckpointError(f"{file}: bad {CONVERTER_CONFIG_KEY} metadata: {err}") from err
+                hf = json.loads(metadata[CONFIG_METADATA_KEY])
+            except json.JSONDecodeError as err:
+                raise CheckpointError(f"{file}: bad {CONFIG_METADATA_KEY} metadata: {err}") from None
+            return _config_from_dict(hf, "checkpoint", file)
     return None
 
 
-def _config_name(config_path: str) -> str:
+def load_model_config(path: str) -> Optional[ModelConfig]:
+    """The ModelConfig stored with a checkpoint file or directory, or None."""
+    return resolve_checkpoint(path).config
+
+
+# ---- weights, read on demand --------------------------------------------------------------------------
+class Weights(Mapping):
+    """name -> float32 full tensor, read on demand; `shard(name, tp, tp_rank)` gives one tensor-parallel
+    rank's slice (parallel/plan.py rules) without reading more than needed where the format allows."""
+
+    path = ""
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        raise NotImplementedError
+
+    def full(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def shard(self, name: str, tp: int, tp_rank: int) -> np.ndarray:
+        return plan.shard_tensor(name, self.full(name), tp, tp_rank)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.full(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes())
+
+    def __len__(self) -> int:
+        return len(self.shapes())
+
+
+class ArrayWeights(Weights):
+    """Weights held in memory (numpy arrays or MindSpore tensors)."""
+
+    def __init__(self, arrays: Mapping[str, Any], path: str = "memory"):
+        self.arrays, self.path = arrays, path
+
+    def shapes(self):
+        return {name: tuple(a.shape) for name, a in self.arrays.items()}
+
+    def full(self, name):
+        value = self.arrays[name]
+        value = value.asnumpy() if hasattr(value, "asnumpy") else value
+        return np.asarray(value, dtype=np.float32)
+
+
+class SafetensorsWeights(Weights):
+    """One .safetensors file, streamed (F32 / F16 / BF16)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.file = SafetensorsFile(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        self.infos = self.file.infos()
+
+    def shapes(self):
+        return {name: info.shape for name, info in self.infos.items()}
+
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return cast(self.file.read(name, (start, stop)), self.infos[name].code, "F32")
+
+    def full(self, name):
+        return cast(self.file.read(name), self.infos[name].code, "F32")
+
+    def shard(self, name, tp, tp_rank):
+        rule = plan.split_rule(name)
+        shape = self.infos[name].shape
+        if tp == 1 or rule.kind == "replicate" or rule.kind == "cols":
+            return super().shard(name, tp, tp_rank)
+        plan.shard_shape(name, shape, tp)  # divisibility checks
+        sections = plan.fused_sections(name, shape) if rule.kind == "fused_rows" else [shape[0]]
+        pieces, offset = [], 0
+        for rows in sections:  # this rank's rows of every part: [part/tp, ...] each
+            part = rows // tp
+            pieces.append(self._rows(name, offset + tp_rank * part, offset + (tp_rank + 1) * part))
+            offset += rows
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+
+
+class CkptWeights(Weights):
+    """A MindSpore .ckpt, read whole on first use (the format has no streaming API)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._params = read_checkpoint(path)
+
+    def shapes(self):
+        return {name: tuple(p.shape) for name, p in self._params.items()}
+
+    def full(self, name):
+        import mindspore as ms
+        from mindspore import ops
+
+        value = self._params[name]
+        return (value if value.dtype == ms.float32 else ops.cast(value, ms.float32)).asnumpy()
+
+
+class LayoutWeights(Weights):
+    """A per-rank layout directory: `shard(name, tp, t)` reads the slice stored in rank file tp{t}_pp{stage}
+    (the layout must have this run's tp and stage layer ranges, checked by `open_weights`)."""
+
+    def __init__(self, ref: CheckpointRef):
+        self.path, self.layout = ref.path, ref.layout
+        self.tp, self.ranges = self.layout["tp"], [tuple(r) for r in layout_ranges(self.layout)]
+        self._files: Dict[Tuple[int, int], SafetensorsFile] = {}
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
+        for stage in range(len(self.ranges)):
+            for name, info in self._file(0, stage).infos().items():
+                dim = plan.split_rule(name).split_dim()
+                shape = info.shape
+                self._shapes[name] = shape if dim is None else shape[:dim] + (shape[dim] * self.tp,) + shape[dim + 1:]
+
+    def _file(self, tp_rank: int, stage: int) -> SafetensorsFile:
+        if (tp_rank, stage) not in self._files:
+            path = os.path.join(self.path, rank_file(tp_rank, stage))
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{self.path}: rank file {rank_file(tp_rank, stage)} is missing")
+            self._files[(tp_rank, stage)] = SafetensorsFile(path)
+        return self._files[(tp_rank, stage)]
+
+    def shapes(self):
+        return dict(self._shapes)
+
+    def full(self, name):
+        if plan.split_rule(name).split_dim() is None:
+            return self.shard(name, self.tp, 0)
+        return plan.merge_shards(name, [self.shard(name, self.tp, t) for t in range(self.tp)])
+
+    def shard(self, name, tp, tp_rank):
+        if tp != self.tp:
+            raise CheckpointError(f"{self.path} holds tp={self.tp} slices, this run asks for tp={tp}")
+        file = self._file(tp_rank, plan.param_stage(name, self.ranges))
+        info = file.info(name)
+        return cast(file.read(name), info.code, "F32")
+
+
+class RandomWeights(Weights):
+    """The seeded random initialisation of one process (layers.ParamInit), replayed tensor by tensor in
+    definition order: norms 1, biases 0, every other tensor N(0, std) from one generator. Read in that order
+    (parallelize does), each tensor is drawn once; a jump back restarts the generator."""
+
+    def __init__(self, skeleton, seed: int):
+        self.path = f"random init (seed {seed})"
+        self.seed, self.std = seed, skeleton.config.initializer_range
+        self._order = [(name, tuple(p.shape)) for name, p in skeleton.parameters_and_names()]
+        self._index = {name: i for i, (name, _) in enumerate(self._order)}
+        self._restart()
+
+    def _restart(self):
+        self._rng, self._next = np.random.default_rng(self.seed), 0
+
+    @staticmethod
+    def _constant(name: str) -> Optional[float]:
+        if name.endswith(".bias"):
+            return 0.0
+        if name.endswith("norm.weight") or name.endswith("norm_out.weight"):
+            return 1.0
+        return None
+
+    def shapes(self):
+        return dict(self._order)
+
+    def full(self, name):
+        target = self._index[name]
+        if target < self._next:
+            self._restart()
+        while True:
+            current, shape = self._order[self._next]
+            self._next += 1
+            value = self._constant(current)
+            if value is None:
+                array = self._rng.standard_normal(shape, dtype=np.float32) * np.float32(self.std)
+            elif current == name:
+                array = np.full(shape, value, np.float32)
+            else:
+                continue
+            if current == name:
+                return array
+
+
+def open_weights(ref: CheckpointRef, dims=None) -> Weights:
+    """The weights of a resolved checkpoint; a layout directory is checked against `dims` (tp, stage ranges)."""
+    if ref.missing:
+        raise CheckpointError(ref.missing)
+    if ref.kind == "layout":
+        if dims is None:
+            raise CheckpointError(f"{ref.path} is a per-rank layout directory; it loads under msrun only")
+        ranges = [list(r) for r in dims.stage_layer_ranges(ref.config.num_layers)]
+        layout = ref.layout
+        if (layout["tp"], layout["pp"], layout["layer_ranges"]) != (dims.tp, dims.pp, ranges):
+            raise ConfigError(f"{ref.path} holds tp={layout['tp']} pp={layout['pp']} layer ranges "
+                              f"{layout['layer_ranges']}, but this run is tp={dims.tp} pp={dims.pp} layer ranges "
+                              f"{ranges}; reshard it with `python -m convert reshard`")
+        return LayoutWeights(ref)
+    if ref.weights.endswith(".safetensors"):
+        return SafetensorsWeights(ref.weights)
+    return CkptWeights(ref.weights)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """All tensors of a checkpoint file or directory, {name: Parameter} (loaded into host memory)."""
+    import mindspore as ms
+
+    file = resolve_checkpoint_file(path)
     try:
-        with open(config_path, encoding="utf-8") as f:
-            return str(json.load(f).get("telechat2_ms_name", "checkpoint"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {config_path}: {err}") from err
+        return dict(ms.load_checkpoint(file, format="safetensors" if file.endswith(".safetensors") else "ckpt"))
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError with long internal messages
+        raise CheckpointError(f"cannot read checkpoint {file}: {type(err).__name__}: {err}") from err
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -140,76 +423,56 @@ def check_state_matches(model_shapes: Mapping[str, tuple], ckpt_shapes: Mapping[
         raise CheckpointError(f"checkpoint {source} does not match the model: " + "; ".join(problems) + hint)
 
 
-def load_checkpoint_into(model: nn.Cell, path: str, strict: bool = True) -> List[str]:
-    """Load a checkpoint file or directory into `model`'s parameters (by name) and return the loaded names.
+def load_weights(model, weights: Weights, strict: bool = True) -> List[str]:
+    """Fill `model`'s parameters (by name) from `weights`, one tensor at a time; returns the loaded names.
+    strict: the checkpoint may hold no other keys. All checks run before any parameter is changed."""
+    from mindspore import Tensor
 
-    strict=True (default): every model parameter must be present with the same shape and the checkpoint may
-    hold no other keys. strict=False allows extra checkpoint keys (e.g. optimizer state) but still requires
-    every model parameter. All checks run before any parameter is changed."""
-    file = resolve_checkpoint_file(path)
-    state = read_checkpoint(file)
     params = model_state(model)
-    check_state_matches({n: tuple(p.shape) for n, p in params.items()},
-                        {n: tuple(t.shape) for n, t in state.items()}, file, strict)
+    check_state_matches({n: tuple(p.shape) for n, p in params.items()}, weights.shapes(), weights.path, strict)
     for name, param in params.items():
-        value = state[name]  # a host Parameter; cast on the host when the dtypes differ (bf16 <-> fp32)
-        param.set_data(Tensor(value) if value.dtype == param.dtype else ops.cast(value, param.dtype))
+        param.set_data(Tensor(weights.full(name)))
     return sorted(params)
 
 
-# ---- writing -------------------------------------------------------------------------------------------
-def _atomic_target(path: str) -> str:
-    """A temporary path beside `path` with the same extension (mindspore appends .safetensors/.ckpt)."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial" + ext, dir=directory)
-    os.close(fd)
-    os.unlink(tmp)
-    return tmp
+def load_checkpoint_into(model, path: str, strict: bool = True) -> List[str]:
+    """Load a checkpoint file or directory into `model` (strict=False allows extra keys such as optimizer
+    state, but every model parameter must be there)."""
+    file = resolve_checkpoint_file(path)
+    return load_weights(model, SafetensorsWeights(file) if file.endswith(".safetensors") else CkptWeights(file),
+                        strict)
 
 
-def save_tensors(tensors: Mapping[str, Any], path: str) -> str:
-    """Write {name: Tensor | Parameter | numpy array} to `path` (.safetensors or .ckpt) atomically."""
-    if not path.endswith((".safetensors", ".ckpt")):
-        raise CheckpointError(f"{path}: checkpoint file names must end in .safetensors or .ckpt")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    items = []
-    for name, value in tensors.items():
-        if isinstance(value, np.ndarray):
-            value = Tensor(value)
-        items.append({"name": name, "data": value})
-    tmp = _atomic_target(path)
-    try:
-        ms.save_checkpoint(items, tmp, format=_format_of(path))
-        if not os.path.isfile(tmp):
-            raise CheckpointError(f"mindspore did not write {tmp} while saving {path}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def model_state(model: nn.Cell) -> Dict[str, ms.Parameter]:
+def model_state(model) -> Dict[str, Any]:
     """{parameter name: Parameter} of a model in definition order; names are attribute paths from `model`
     (MindFormers names for Telechat2ForCausalLM), whatever cell the model has been wrapped in since."""
     return dict(model.parameters_and_names())
 
 
-def save_model(model: nn.Cell, out_dir: str, config: Optional[ModelConfig] = None, settings: Any = None,
+# ---- writing -------------------------------------------------------------------------------------------
+def save_tensors(tensors: Mapping[str, Any], path: str) -> str:
+    """Write {name: Tensor | Parameter | numpy array} to `path` (.safetensors or .ckpt) atomically."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    if not path.endswith((".safetensors", ".ckpt")):
+        raise CheckpointError(f"{path}: checkpoint file names must end in .safetensors or .ckpt")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    items = [{"name": name, "data": Tensor(v) if isinstance(v, np.ndarray) else v} for name, v in tensors.items()]
+    ext = os.path.splitext(path)[1]
+    with atomic_file(path, overwrite=True, suffix=ext) as tmp:  # mindspore keeps a name that has the extension
+        ms.save_checkpoint(items, tmp, format=ext[1:])
+    return path
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path, overwrite=True) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def save_model(model, out_dir: str, config: Optional[ModelConfig] = None, settings: Any = None,
                file_name: str = MODEL_FILE) -> str:
     """Save `model`'s parameters to out_dir/model.safetensors (or file_name), with config.json (when `config`
     is given) and run_settings.yaml (when `settings`, a RunSettings, is given). Returns out_dir."""

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A config (size name, YAML key, HF config.json) is wrong; the message says which and why."""
 
 
+# the fields two configs must agree on to describe the same weights and numerics
+ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+               "rms_norm_eps", "training_seqlen", "base_seqlen")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """TeleChat2 decoder architecture. Shapes elsewhere use H=hidden_size, n=num_heads, k=num_kv_heads,
@@ -61,6 +66,10 @@ class ModelConfig:
     def kv_dim(self) -> int:
         """k*d: width of K (and of V); key_value has 2*kv_dim output rows."""
         return self.num_kv_heads * self.head_dim
+
+    def architecture(self) -> Dict[str, Any]:
+        """The ARCH_FIELDS of this config (what a checkpoint's config is compared by)."""
+        return {k: getattr(self, k) for k in ARCH_FIELDS}
 
     def replace(self, **changes) -> "ModelConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -153,10 +153,11 @@ class Generator:
     on the host) and `decode` (the remaining steps)."""
 
     def __init__(self, model: Telechat2ForCausalLM, max_length: int, use_jit: bool = True,
-                 max_cached_batches: int = 2):
+                 max_cached_batches: int = 2, pipeline=None):
         if max_length <= 0:
             raise GenerationError(f"max_length must be positive, got {max_length}")
         self.model = model
+        self.pipeline = pipeline  # a TelechatParallel with pipeline_stage > 1: parallel/generation.py
         self.cfg = model.config
         self.max_length = max_length
         self.use_jit = use_jit
@@ -171,10 +172,16 @@ class Generator:
         if batch not in self._steps:
             while len(self._steps) >= self.max_cached_batches:
                 self._steps.pop(next(iter(self._steps)))  # oldest first: frees its caches
-            steps = CachedSteps(self.model, batch, self.max_length)
-            if self.use_jit:
+            if self.pipeline is not None:
+                from telechat2_ms.parallel.generation import PipelineCachedSteps
+
+                steps = PipelineCachedSteps(self.pipeline, batch, self.max_length)
+                self._steps[batch] = (steps, steps.prefill, steps)
+            elif self.use_jit:
+                steps = CachedSteps(self.model, batch, self.max_length)
                 self._steps[batch] = (steps, ms.jit(steps.prefill), ms.jit(steps.construct))
             else:
+                steps = CachedSteps(self.model, batch, self.max_length)
                 self._steps[batch] = (steps, steps.prefill, steps)
         return self._steps[batch][1:]
 
@@ -224,6 +231,7 @@ class Generator:
         prompt_len = ids.shape[1]
         sample = self._sampler(gen)
         prefill, decode = self._cached_steps(batch)
+        share = self._steps[batch][0].share_token if self.pipeline is not None else None
         rng = np.random.default_rng(gen.seed)
 
         # prefill: causal over the prompt, pad keys masked; its K/V fill cache slots 0..P-1
@@ -246,6 +254,8 @@ class Generator:
             uniform = Tensor(rng.random(batch, dtype=np.float32))
             token, seen = sample(logits, seen, uniform)
             token = token.asnumpy()  # the one device -> host transfer of a step
+            if share is not None:  # pipeline: the last stage's token on every stage
+                token = share(token)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             token = np.where(finished, gen.pad_token_id, token)

@@ -11,13 +11,16 @@ import numpy as np
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Zero
 
 from telechat2_ms import kernels
 from telechat2_ms.config import ModelConfig
 
 
 class ParamInit:
-    """Deterministic initialiser: N(0, std) weights from one numpy generator, or zeros (then load a checkpoint)."""
+    """Deterministic initialiser: N(0, std) weights from one numpy generator; or, with `zeros`, weights that
+    hold no storage yet (a lazy zero initializer: a skeleton to load a checkpoint into, or to cut into one
+    rank's shards, without ever materialising the full model; build.py)."""
 
     def __init__(self, seed: int = 0, std: float = 0.02, zeros: bool = False):
         self.rng = np.random.default_rng(seed)
@@ -26,7 +29,7 @@ class ParamInit:
 
     def normal(self, shape, name):
         if self.zeros:
-            return Parameter(Tensor(np.zeros(shape, np.float32)), name=name)
+            return Parameter(Tensor(shape=tuple(shape), dtype=ms.float32, init=Zero()), name=name)
         data = self.rng.standard_normal(shape, dtype=np.float32) * np.float32(self.std)
         return Parameter(Tensor(data), name=name)
 

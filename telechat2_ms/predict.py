@@ -6,7 +6,7 @@ predict: each text in `predict_data` is wrapped in the TeleChat2 chat template (
 text as it is produced. chat: an interactive loop with multi-turn history (tools off); `/clear` forgets the
 history, `/exit` (or end of input) quits.
 
-Under msrun (telechat2_ms/parallel/session.py) the model is tensor-parallel within a replica and only rank 0
+Under msrun (telechat2_ms/build.py) the model is tensor-parallel within a replica and only rank 0
 prints; with data_parallel > 1 the replicas split the predict prompts (replica r takes prompts r, r+dp, ...)
 and the answers are gathered in order; in chat, rank 0 reads the input and sends each line to every rank.
 """
@@ -17,9 +17,8 @@ import sys
 from typing import Dict, List, Optional, TextIO
 
 from telechat2_ms.chat_template import DEFAULT_SYSTEM_PROMPT
-from telechat2_ms.config import ConfigError
 from telechat2_ms.generate import GenerationConfig, GenerationError, Generator
-from telechat2_ms.parallel.session import broadcast_object, build_run, gather_objects
+from telechat2_ms.parallel.ranks import broadcast_object, gather_objects
 from telechat2_ms.settings import RunSettings
 
 DEMO_PROMPTS = ["What is 3 plus 4?", "你好"]
@@ -28,8 +27,6 @@ DEMO_PROMPTS = ["What is 3 plus 4?", "你好"]
 def encode_prompt(tokenizer, text: str, settings: RunSettings, history: Optional[List[Dict]] = None) -> List[int]:
     if settings.prompt_format == "raw":
         return tokenizer.encode(text)
-    if settings.prompt_format != "chat":
-        raise ConfigError(f"prompt_format must be chat or raw, got {settings.prompt_format!r}")
     system = DEFAULT_SYSTEM_PROMPT if settings.system_prompt is None else settings.system_prompt
     messages = [{"role": "system", "content": system}] + list(history or []) + [{"role": "user", "content": text}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -61,8 +58,20 @@ class _Streamer:
         self.out.flush()
 
 
-def run_predict(settings: RunSettings, out: Optional[TextIO] = None) -> List[str]:
-    run = build_run(settings, "generate")
+def _generator(run, settings: RunSettings) -> Generator:
+    pipeline = run.parallel if run.dims.pp > 1 else None  # pipeline stages run op by op
+    return Generator(run.model, settings.seq_length, use_jit=settings.jit and pipeline is None, pipeline=pipeline)
+
+
+def _build(settings: RunSettings, plan):
+    from telechat2_ms.build import build_run, plan_run
+    from telechat2_ms.parallel import comm
+
+    return build_run(plan or plan_run(settings, comm.get_world_size(), "generate"))
+
+
+def run_predict(settings: RunSettings, out: Optional[TextIO] = None, plan=None) -> List[str]:
+    run = _build(settings, plan)
     out = (out or sys.stdout) if run.is_main else io.StringIO()  # only rank 0 prints
     tokenizer = run.tokenizer
     texts = [t for t in settings.predict_data] or DEMO_PROMPTS
@@ -70,7 +79,7 @@ def run_predict(settings: RunSettings, out: Optional[TextIO] = None) -> List[str
         raise GenerationError("predict_data holds an empty prompt")
     mine = list(range(run.replica, len(texts), run.replicas))  # this data-parallel replica's prompts
     prompts = [encode_prompt(tokenizer, texts[i], settings) for i in mine]
-    generator = Generator(run.model, settings.seq_length, use_jit=settings.jit)
+    generator = _generator(run, settings)
     gen = _generation_config(settings, tokenizer)
     stream = settings.generate.stream and len(texts) == 1
     streamer = _Streamer(tokenizer, out) if stream else None
@@ -91,14 +100,15 @@ def run_predict(settings: RunSettings, out: Optional[TextIO] = None) -> List[str
     return answers
 
 
-def run_chat(settings: RunSettings, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> List[Dict]:
+def run_chat(settings: RunSettings, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None,
+             plan=None) -> List[Dict]:
     """Interactive multi-turn chat; returns the history when the input ends. Under msrun rank 0 reads
     `stdin` and prints; every rank generates each reply (the model's collectives need all of them)."""
-    run = build_run(settings, "generate")
+    run = _build(settings, plan)
     stdin = stdin or sys.stdin
     out = (out or sys.stdout) if run.is_main else io.StringIO()
     tokenizer = run.tokenizer
-    generator = Generator(run.model, settings.seq_length, use_jit=settings.jit)
+    generator = _generator(run, settings)
     gen = _generation_config(settings, tokenizer)
     history: List[Dict] = []
     out.write("TeleChat2 chat. /clear forgets the conversation, /exit quits.\n")

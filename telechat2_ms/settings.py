@@ -1,9 +1,22 @@
-"""Run settings: what a YAML in configs/ holds (never architecture numbers), loaded strictly.
+"""Run settings: what a YAML in configs/ holds (never architecture numbers), loaded strictly, and the one
+validation pass that every run goes through before anything is built.
 
 Precedence: dataclass defaults < YAML < `--section.key=value` command-line overrides. Unknown keys and
 values of the wrong type raise `ConfigError` naming the key. YAML key names follow MindFormers where one
 exists (`parallel_config.data_parallel`, `model_parallel`, `pipeline_stage`, `micro_batch_num`,
-`use_seq_parallel`, `context_parallel`, `load_checkpoint`, `output_dir`, `seq_length`).
+`use_seq_parallel`, `context_parallel`, `load_checkpoint`, `output_dir`, `seq_length`). Every key is
+documented where it is defined (`key(default, doc)`; `describe_keys()` lists them all).
+
+The batch arithmetic (one meaning everywhere: trainer, parallel step, cost model, YAML comments):
+    train.batch_size   sequences in one micro-batch of one data-parallel replica
+    micro_batch_num    micro-batches per replica per accumulation step (the 1F1B pipeline's micro-batches)
+    grad_accum_steps   accumulation steps per optimizer step
+    global batch       = data_parallel x micro_batch_num x grad_accum_steps x batch_size sequences per step
+(`global_batch(settings)`). In one process micro_batch_num and grad_accum_steps both accumulate gradients.
+
+`validate(settings, world, cfg)` checks, in one place: run mode, enumerated keys, device and dtype, the
+degrees against the world size, what each run mode allows, the model against the layout (heads, kv heads,
+vocabulary and ffn divisible by tp, layers vs stages), and the batch and sequence arithmetic.
 """
 from __future__ import annotations
 
@@ -14,110 +27,143 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from telechat2_ms.config import ConfigError, ModelConfig, get_config
+from telechat2_ms.config import ConfigError, ModelConfig
+
+RUN_MODES = ("train", "finetune", "predict", "chat", "eval")
+TRAIN_RUN_MODES = ("train", "finetune")
+# what each run mode can run in parallel: generation and eval need the whole model on every rank of a replica
+PURPOSES = {"train": "train", "finetune": "train", "predict": "generate", "chat": "generate", "eval": "eval"}
+# training runs every layout; generation dp x tp x pp (stages in turn, parallel/generation.py); eval dp x tp
+LORA_TARGET_NAMES = ("wq", "wk_v", "wo", "w1", "w2", "w3")
+
+
+def key(default: Any, doc: str, choices: Optional[tuple] = None):
+    """A settings field with its documentation (and, for enumerations, the allowed values)."""
+    metadata = {"doc": doc}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(cls, doc: str):
+    return field(default_factory=cls, metadata={"doc": doc})
 
 
 @dataclass
 class GenerateSettings:
-    """Sampling; defaults are the real TeleChat2 generation_config.json (spec 8.1)."""
+    """Sampling (predict, chat). Defaults are TeleChat2's generation_config.json (spec 8.1), except
+    max_new_tokens."""
 
-    max_new_tokens: int = 512  # the config.json says 4096; 512 is the README/MindFormers demo value
-    do_sample: bool = False  # greedy unless true
-    temperature: float = 0.3
-    top_k: int = 5  # 0 disables
-    top_p: float = 0.85  # 1.0 disables
-    repetition_penalty: float = 1.03  # 1.0 disables
-    seed: int = 0
-    stream: bool = True  # print text as it is produced (predict/chat)
+    max_new_tokens: int = key(512, "tokens to generate at most (generation_config.json says 4096; 512 is the "
+                                   "README / MindFormers demo value)")
+    do_sample: bool = key(False, "sample with temperature / top_k / top_p; false: greedy")
+    temperature: float = key(0.3, "sampling temperature (do_sample only)")
+    top_k: int = key(5, "keep the k most likely tokens when sampling; 0 disables")
+    top_p: float = key(0.85, "nucleus sampling mass; 1.0 disables")
+    repetition_penalty: float = key(1.03, "penalty on tokens already in the sequence; 1.0 disables")
+    seed: int = key(0, "sampling seed")
+    stream: bool = key(True, "print text as it is produced (predict, chat)")
 
 
 @dataclass
 class ParallelSettings:
     """Degrees of parallelism; their product must equal the number of msrun workers."""
 
-    data_parallel: int = 1
-    model_parallel: int = 1  # tensor parallel
-    pipeline_stage: int = 1
-    micro_batch_num: int = 1
-    use_seq_parallel: bool = False
-    context_parallel: int = 1  # RingAttention
-    pipeline_layer_counts: List[int] = field(default_factory=list)  # layers per stage; empty = even split
-    optimizer_shard: bool = False  # shard AdamW states across data-parallel ranks
+    data_parallel: int = key(1, "data-parallel replicas (training: gradients summed; predict/eval: prompts split)")
+    model_parallel: int = key(1, "tensor parallel degree: heads, kv heads, ffn and vocabulary split over ranks")
+    pipeline_stage: int = key(1, "pipeline stages (training only), 1F1B schedule")
+    micro_batch_num: int = key(1, "micro-batches per replica per accumulation step (training); with "
+                                  "pipeline_stage > 1 at least pipeline_stage. Global batch: see the module doc")
+    use_seq_parallel: bool = key(False, "shard norm / residual regions on the sequence over the tensor-parallel "
+                                        "group (training; no effect with model_parallel 1)")
+    context_parallel: int = key(1, "context parallel degree (training): RingAttention over a zig-zag split")
+    pipeline_layer_counts: List[int] = key([], "decoder layers per pipeline stage; empty: an even split, the first "
+                                               "stages taking one more")
+    optimizer_shard: bool = key(False, "shard the AdamW states over the data-parallel ranks (training)")
 
 
 @dataclass
 class TrainSettings:
     """Training / fine-tuning (train and finetune run modes)."""
 
-    train_dataset: str = ""  # jsonl file(s), a directory of jsonl, a data-mix .json, a preprocessed dataset
-    # directory, or "demo" / "demo:N" (N generated demo dialogs, telechat2_ms/demo_corpus.py)
-    data_format: str = "sft"  # sft | pretrain
-    batch_size: int = 1
-    learning_rate: float = 3e-5
-    min_learning_rate: float = 3e-6
-    warmup_steps: int = 0
-    total_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    grad_accum_steps: int = 1
-    save_steps: int = 0  # 0: only at the end
-    keep_checkpoint_max: int = 2
-    resume: bool = False
-    log_steps: int = 1
-    seed: int = 1234
-    recompute: str = "none"  # none | full | selective
-    lora_rank: int = 0  # 0: full fine-tune
-    lora_alpha: float = 16.0
-    lora_targets: List[str] = field(default_factory=lambda: ["wq", "wk_v", "wo", "w1", "w2", "w3"])
-    truncation: str = "error"  # SFT sample longer than seq_length: error | truncate (keep the start) | drop
-    resume_from: str = ""  # a checkpoints/step_XXXXXXXX directory; empty: the newest one when resume is true
-    loss_scale: float = 65536.0  # initial dynamic loss scale (float16 compute only)
-    loss_scale_window: int = 1000  # finite steps before the loss scale doubles
+    train_dataset: str = key("", "jsonl file(s), a directory of jsonl, a data-mix .json, a preprocessed dataset "
+                                 "directory, or demo / demo:N (N generated demo dialogs, data/demo_corpus.py)")
+    data_format: str = key("sft", "sft: TeleChat2 dialogs with the official loss mask; pretrain: plain text packed",
+                           ("sft", "pretrain"))
+    batch_size: int = key(1, "sequences per micro-batch per data-parallel replica (global batch: module doc)")
+    learning_rate: float = key(3e-5, "peak learning rate (after warmup)")
+    min_learning_rate: float = key(3e-6, "learning rate at the end of the cosine decay")
+    warmup_steps: int = key(0, "linear warmup steps from 0 to learning_rate")
+    total_steps: int = key(100, "optimizer steps of the run (the cosine decay ends here)")
+    weight_decay: float = key(0.1, "AdamW decoupled weight decay")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.95, "AdamW beta2")
+    eps: float = key(1e-8, "AdamW epsilon")
+    grad_clip: float = key(1.0, "clip the global gradient norm to this value; 0 disables")
+    grad_accum_steps: int = key(1, "accumulation steps per optimizer step (global batch: module doc)")
+    save_steps: int = key(0, "save a checkpoint every N steps; 0: only at the end")
+    keep_checkpoint_max: int = key(2, "keep the newest N checkpoints of this output directory; 0 keeps all")
+    resume: bool = key(False, "continue from the newest checkpoint in output_dir")
+    log_steps: int = key(1, "print a progress line every N steps (metrics.jsonl gets every step)")
+    seed: int = key(1234, "seed of the data order and of the random initialisation")
+    recompute: str = key("none", "recompute activations in backward: none, full (every layer) or selective "
+                                 "(attention only)", ("none", "full", "selective"))
+    lora_rank: int = key(0, "LoRA rank; 0: full fine-tune")
+    lora_alpha: float = key(16.0, "LoRA scaling alpha (scale = alpha / rank)")
+    lora_targets: List[str] = key(list(LORA_TARGET_NAMES), "projections that get LoRA adapters")
+    truncation: str = key("error", "an SFT sample longer than seq_length: error, truncate (keep the start) or drop",
+                          ("error", "truncate", "drop"))
+    resume_from: str = key("", "a checkpoints/step_XXXXXXXX directory to resume from; empty: the newest one when "
+                               "resume is true")
+    loss_scale: float = key(65536.0, "initial dynamic loss scale (float16 compute only)")
+    loss_scale_window: int = key(1000, "finite steps before the loss scale doubles (float16 compute only)")
 
 
 @dataclass
 class EvalSettings:
     """C-Eval / MMLU evaluation (eval run mode)."""
 
-    benchmark: str = "ceval"  # ceval | mmlu
-    data_dir: str = ""
-    split: str = "val"
-    protocol: str = "official"  # official | lm_eval
-    num_fewshot: int = 5
-    subjects: List[str] = field(default_factory=list)  # empty = all
-    batch_size: int = 4
-    max_length: int = 4096
-    add_bos: bool = False  # prepend <_start> to every prompt (TeleChat2's tokenizer adds none)
-    limit: int = 0  # score only the first N questions of each subject (0 = all); for smoke tests
+    benchmark: str = key("ceval", "ceval or mmlu", ("ceval", "mmlu"))
+    data_dir: str = key("", "folder with dev/ val/ test/ csv files (or its parent holding ceval/ and mmlu/)")
+    split: str = key("val", "dev, val or test (MMLU reports test; C-Eval test writes submission.json)",
+                     ("dev", "val", "test"))
+    protocol: str = key("official", "official (the benchmarks' own prompts) or lm_eval (lm-evaluation-harness)",
+                        ("official", "lm_eval"))
+    num_fewshot: int = key(5, "exemplars from dev, 0..5")
+    subjects: List[str] = key([], "subjects to score; empty: all")
+    batch_size: int = key(4, "sequences per forward call")
+    max_length: int = key(4096, "tokens per sequence; longer prompts drop exemplars one at a time")
+    add_bos: bool = key(False, "prepend <_start> to every prompt (TeleChat2's tokenizer adds none)")
+    limit: int = key(0, "score only the first N questions of each subject (0: all); for smoke tests")
 
 
 @dataclass
 class RunSettings:
     """One run of run_telechat2.py."""
 
-    model: str = "tiny"  # a size in telechat2_ms.config.CONFIGS (ignored when load_checkpoint has a config.json)
-    run_mode: str = "predict"
-    load_checkpoint: str = ""  # MindSpore checkpoint file or directory; empty: random init (tiny demo)
-    tokenizer: str = ""  # tokenizer.model path or directory; empty: the built-in demo tokenizer
-    output_dir: str = "./output"
-    seq_length: int = 8192  # context length (prompt + generated tokens) / training sequence length
-    compute_dtype: str = "float32"  # float32 | float16 | bfloat16 (bf16 needs Ascend)
-    device_target: str = "CPU"  # CPU | Ascend | GPU
-    use_fused_kernels: bool = False  # Ascend fused attention / norm / rope
-    jit: bool = True  # compile the hot paths (decode step, train step)
-    predict_data: List[str] = field(default_factory=list)  # prompts for predict (empty: two demo prompts)
-    prompt_format: str = "chat"  # chat: TeleChat2 chat template with system prompt; raw: text as-is
-    system_prompt: Optional[str] = None  # chat: None uses the TeleChat2 default system prompt
-    generate: GenerateSettings = field(default_factory=GenerateSettings)
-    parallel_config: ParallelSettings = field(default_factory=ParallelSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def model_config(self) -> ModelConfig:
-        return get_config(self.model)
+    model: str = key("tiny", "a size in telechat2_ms.config.CONFIGS (a checkpoint's stored config decides when "
+                             "it has one)")
+    run_mode: str = key("predict", "what to run", RUN_MODES)
+    load_checkpoint: str = key("", "a checkpoint file, a directory holding one, a training output directory (its "
+                                   "newest checkpoint) or a per-rank layout directory; empty: random init")
+    tokenizer: str = key("", "tokenizer.model path or directory; empty: the checkpoint directory's, else the "
+                             "built-in demo tokenizer")
+    output_dir: str = key("./output", "where runs write checkpoints, metrics, eval results")
+    seq_length: int = key(8192, "context length (prompt + generated tokens) / training sequence length")
+    compute_dtype: str = key("float32", "matmul dtype; bfloat16 needs Ascend", ("float32", "float16", "bfloat16"))
+    device_target: str = key("CPU", "device", ("CPU", "Ascend", "GPU"))
+    use_fused_kernels: bool = key(False, "Ascend fused attention / norm / rope kernels")
+    jit: bool = key(True, "compile the hot paths (decode step, train step)")
+    predict_data: List[str] = key([], "prompts for predict (empty: two demo prompts)")
+    prompt_format: str = key("chat", "chat: TeleChat2 chat template with system prompt; raw: text as-is",
+                             ("chat", "raw"))
+    system_prompt: Optional[str] = key(None, "chat system prompt; null: the TeleChat2 default")
+    generate: GenerateSettings = section(GenerateSettings, "sampling (predict, chat)")
+    parallel_config: ParallelSettings = section(ParallelSettings, "parallel layout (msrun)")
+    train: TrainSettings = section(TrainSettings, "training (train, finetune)")
+    eval: EvalSettings = section(EvalSettings, "evaluation (eval)")
 
 
 # ---- strict loading ---------------------------------------------------------------------------------
@@ -214,3 +260,118 @@ def load_settings(yaml_path: Optional[str] = None, overrides: Optional[List[str]
 
 def settings_to_dict(settings: RunSettings) -> Dict[str, Any]:
     return dataclasses.asdict(settings)
+
+
+def describe_keys(obj: Any = None, prefix: str = "") -> Dict[str, str]:
+    """Every settings key (dotted) -> its documentation (with the allowed values for enumerations)."""
+    obj = RunSettings() if obj is None else obj
+    out: Dict[str, str] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(describe_keys(value, f"{prefix}{f.name}."))
+            continue
+        doc = f.metadata.get("doc", "")
+        if "choices" in f.metadata:
+            doc += f" [{' | '.join(f.metadata['choices'])}]"
+        out[prefix + f.name] = doc
+    return out
+
+
+# ---- the one validation pass ------------------------------------------------------------------------
+
+def global_batch(settings: RunSettings) -> int:
+    """Sequences per optimizer step: data_parallel x micro_batch_num x grad_accum_steps x batch_size."""
+    p, t = settings.parallel_config, settings.train
+    return p.data_parallel * p.micro_batch_num * t.grad_accum_steps * t.batch_size
+
+
+def degrees(settings: RunSettings) -> int:
+    """The number of processes parallel_config asks for."""
+    p = settings.parallel_config
+    return p.data_parallel * p.model_parallel * p.pipeline_stage * p.context_parallel
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+
+
+def _check_device(settings: RunSettings) -> None:
+    if settings.device_target == "CPU":
+        if settings.compute_dtype == "bfloat16":
+            raise ConfigError("compute_dtype bfloat16 has no CPU kernels in MindSpore 2.10; use float32 or float16 "
+                              "on CPU (or device_target: Ascend)")
+        if settings.use_fused_kernels:
+            raise ConfigError("use_fused_kernels needs Ascend (the fused attention/norm/rope kernels have no CPU "
+                              "version); set use_fused_kernels: false on CPU")
+
+
+def check_enumerations(settings: RunSettings) -> None:
+    """Enumerated keys (run mode, device, dtype, ...) and the device / dtype / kernel combination."""
+    _check_choices(settings)
+    _check_device(settings)
+
+
+def _check_train(settings: RunSettings, world: int) -> None:
+    t = settings.train
+    for name in ("batch_size", "total_steps", "grad_accum_steps", "log_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
+    for name in ("save_steps", "warmup_steps", "keep_checkpoint_max", "lora_rank"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if settings.seq_length < 2:
+        raise ConfigError(f"seq_length must be at least 2 for training, got {settings.seq_length}")
+    bad = sorted(set(t.lora_targets) - set(LORA_TARGET_NAMES))
+    if t.lora_rank and bad:
+        raise ConfigError(f"train.lora_targets: unknown {bad}; choose from {list(LORA_TARGET_NAMES)}")
+    if world > 1:
+        unsupported = {"train.resume": t.resume or bool(t.resume_from), "train.lora_rank": t.lora_rank > 0,
+                       "train.recompute selective": t.recompute == "selective",
+                       "compute_dtype float16": settings.compute_dtype == "float16"}
+        on = [name for name, flag in unsupported.items() if flag]
+        if on:
+            raise ConfigError(f"multi-process training does not support {', '.join(on)} yet; run it in one process "
+                              "or leave these at their defaults")
+
+
+def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optional[str] = None):
+    """The one check of a run, before anything is built. -> the run's ParallelDims (for generation and eval
+    only data x tensor parallel: sequence parallel, micro-batches and optimizer sharding are training's).
+    `purpose` (train | generate | eval) defaults to the run mode's. Raises ConfigError naming the setting."""
+    from telechat2_ms.parallel.dims import ParallelDims
+
+    check_enumerations(settings)
+    p = settings.parallel_config
+    asked = degrees(settings)
+    if world == 1 and asked > 1:
+        raise ConfigError(f"parallel_config asks for {asked} processes (data_parallel {p.data_parallel} x "
+                          f"model_parallel {p.model_parallel} x pipeline_stage {p.pipeline_stage} x "
+                          f"context_parallel {p.context_parallel}) but this is a single process; launch with "
+                          f"`msrun --worker_num={asked} --local_worker_num={asked} run_telechat2.py ...` "
+                          f"(or --dry_run --world_size={asked})")
+    purpose = purpose or PURPOSES[settings.run_mode]
+    if purpose not in ("train", "generate", "eval"):
+        raise ValueError(f"unknown purpose {purpose!r}")
+    if purpose == "eval" and (p.pipeline_stage > 1 or p.context_parallel > 1):
+        raise ConfigError(f"eval runs data_parallel x model_parallel; set parallel_config.pipeline_stage and "
+                          f"context_parallel to 1 (got {p.pipeline_stage} and {p.context_parallel})")
+    if purpose == "generate" and p.context_parallel > 1:
+        raise ConfigError(f"predict / chat run data_parallel x model_parallel x pipeline_stage; set "
+                          f"parallel_config.context_parallel to 1 (got {p.context_parallel})")
+    if purpose != "train":  # micro-batches, sequence parallel and optimizer sharding are training's
+        p = dataclasses.replace(p, micro_batch_num=max(p.pipeline_stage, 1), use_seq_parallel=False,
+                                optimizer_shard=False)
+    dims = ParallelDims.from_settings(p, world)  # positive degrees, product = world, sp vs cp, micro vs stages
+    dims.check_model(cfg)  # heads, kv heads, vocabulary, ffn divisible by tp; layers vs stages
+    if settings.seq_length < 1:
+        raise ConfigError(f"seq_length must be positive, got {settings.seq_length}")
+    if purpose == "train":
+        _check_train(settings, world)
+        dims.check_batch(p.data_parallel * p.micro_batch_num * settings.train.batch_size, settings.seq_length)
+    return dims

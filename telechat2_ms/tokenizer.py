@@ -332,7 +332,7 @@ def demo_tokenizer_path() -> str:
     path = os.fspath(ref)
     if not os.path.isfile(path):
         raise TokenizerError(f"demo tokenizer missing at {path}; regenerate it with "
-                             "`python -m telechat2_ms.demo_corpus --write-tokenizer`")
+                             "`python -m telechat2_ms.data.demo_corpus --write-tokenizer`")
     return path
 
 

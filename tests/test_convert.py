@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from convert.__main__ import main as cli_main
-from convert.dtypes import bf16_bits_to_f32, cast, f32_to_bf16_bits
+from telechat2_ms.formats.dtypes import bf16_bits_to_f32, cast, f32_to_bf16_bits
 from convert.hf_to_ms import hf_to_ms
 from convert.ms_to_hf import ms_to_hf
 from convert.random_hf import RandomHFWeights, make_random_hf
@@ -167,7 +167,7 @@ def test_bf16_rounding_matches_torch_on_edge_values():
 
 def test_row_range_reads(tmp_path):
     """SafetensorsFile.read(rows=...) reads just rows [start, stop) (what a tp rank loads of a column slice)."""
-    from convert.safetensors_io import SafetensorsFile
+    from telechat2_ms.formats.safetensors_io import SafetensorsFile
 
     src = make_random_hf(str(tmp_path / "hf"), get_config("tiny"), "BF16")
     out = SafetensorsFile(hf_to_ms(src, str(tmp_path / "ms.safetensors"), progress=False))

@@ -11,7 +11,7 @@ from convert.hf_to_ms import hf_to_ms
 from convert.ms_to_hf import ms_to_hf
 from convert.random_hf import make_random_hf
 from convert.reshard import reshard
-from convert.safetensors_io import SafetensorsFile
+from telechat2_ms.formats.safetensors_io import SafetensorsFile
 from telechat2_ms.config import ConfigError, get_config
 
 CFG = get_config("tiny")

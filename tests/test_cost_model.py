@@ -1,11 +1,11 @@
-"""The Atlas 800T A2 cost model (research/cost_model.py) and the Atlas YAMLs it validates. Pure arithmetic,
+"""The Atlas 800T A2 cost model (telechat2_ms/cost_model.py) and the Atlas YAMLs it validates. Pure arithmetic,
 no MindSpore: hand-checkable memory and FLOP terms, the shipped layouts fit in 64 GB, a layout known not to
 fit is flagged, and the throughput check against MindFormers' published figures stays within 25%."""
 import re
 
 import pytest
 
-from research import cost_model as cm
+from telechat2_ms import cost_model as cm
 from telechat2_ms.config import ConfigError, get_config
 from telechat2_ms.settings import load_settings
 
@@ -117,7 +117,7 @@ def test_shipped_atlas_yaml_fits_and_matches_its_comment(path):
     assert mem.fits()
     assert mem.total + cm.ATLAS_800T_A2.reserved_bytes <= 64 * GIB
     text = path.read_text(encoding="utf-8")
-    stated = float(re.search(r"\(research/cost_model\.py[^)]*\): (\d+\.\d) GiB", text).group(1))
+    stated = float(re.search(r"\(telechat2_ms/cost_model\.py[^)]*\): (\d+\.\d) GiB", text).group(1))
     assert stated == pytest.approx(mem.total / GIB, abs=0.05)
     workers = re.search(r"--worker_num=(\d+)", text)
     assert (int(workers.group(1)) if workers else 1) == lay.devices

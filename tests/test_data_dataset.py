@@ -10,7 +10,7 @@ from telechat2_ms.data.dataset import TokenDataset, build_dataset, mix_order, pr
 from telechat2_ms.data.sampler import ShardedSampler
 from telechat2_ms.data.sft import SftEncoder, read_sft_records
 from telechat2_ms.data.sources import DataError, Source, resolve_sources
-from telechat2_ms.demo_corpus import write_sft_jsonl
+from telechat2_ms.data.demo_corpus import write_sft_jsonl
 from telechat2_ms.tokenizer import Telechat2Tokenizer
 
 

@@ -72,7 +72,7 @@ def _subject_questions(out_dir, task, subject):
 
 @pytest.mark.msrun
 def test_run_eval_data_and_tensor_parallel_match_one_process(shared_dir, tokenizer_115b_path, tmp_path):
-    from telechat2_ms.parallel.launcher import run_msrun
+    from tests.msrun.launcher import run_msrun
 
     result = run_msrun(os.path.abspath(__file__), [str(tmp_path), str(shared_dir / "data"), tokenizer_115b_path],
                        workers=2, timeout=420, workdir=str(tmp_path))

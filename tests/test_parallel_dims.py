@@ -98,8 +98,6 @@ def test_single_process_parallel_step_matches_plain_model():
     """World of 1 with 2 micro-batches: the parallel code path (vocab-parallel embedding/CE, region norms,
     pipeline executor with recompute, global-norm clipping) gives the plain model's loss, gradient norm and
     clipped SGD update."""
-    from telechat2_ms.parallel.data_parallel import sgd_step
-    from telechat2_ms.parallel.optimizer import clipped_grads
     from telechat2_ms.train.optim import clip_coefficient
     from telechat2_ms.parallel.parallelize import parallelize_telechat2
     from tests.msrun import parallel_cases as pc
@@ -112,7 +110,7 @@ def test_single_process_parallel_step_matches_plain_model():
     parallel = parallelize_telechat2(pc.build_model(), ParallelDims(micro_batch_num=2))
     loss, grads = parallel.forward_backward(*pc.make_batch())
     norm = parallel.grad_norm(grads)
-    sgd_step(parallel.params, clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
+    pc.sgd_step(parallel.params, pc.clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
     state = parallel.local_state()
     assert abs(loss - ref_loss) / ref_loss <= 1e-5
     assert abs(norm - ref_norm) / ref_norm <= 1e-5
@@ -122,7 +120,7 @@ def test_single_process_parallel_step_matches_plain_model():
 
 
 def test_single_process_adamw_step_matches_plain_model():
-    """train_step with nn.AdamWeightDecay over the parallel parameters equals AdamW on the plain model."""
+    """nn.AdamWeightDecay over the parallel parameters and gradients equals AdamW on the plain model."""
     from mindspore import nn
 
     from telechat2_ms.parallel.parallelize import parallelize_telechat2
@@ -139,7 +137,8 @@ def test_single_process_adamw_step_matches_plain_model():
 
     parallel = parallelize_telechat2(pc.build_model(), ParallelDims())
     par_optimizer = nn.AdamWeightDecay(parallel.params, learning_rate=1e-3, weight_decay=0.1)
-    parallel.train_step(*pc.make_batch(), par_optimizer)
+    _, par_grads = parallel.forward_backward(*pc.make_batch())
+    par_optimizer(tuple(par_grads))
     state = parallel.local_state()
     for name, want in reference.items():
         assert pc.max_rel_diff(state[name], want) <= 1e-5, name
@@ -155,9 +154,9 @@ def test_parallel_adamw_in_one_process_matches_trainer_adamw():
     ref_losses, ref_norms, reference = pc.reference_adamw()
     parallel = parallelize_telechat2(pc.build_model(), ParallelDims(optimizer_shard=True))
     a = pc.ADAMW
-    optimizer = parallel.make_adamw(a["beta1"], a["beta2"], a["eps"], a["weight_decay"])
+    optimizer = pc.make_adamw(parallel)
     for step in range(1, pc.ADAMW_STEPS + 1):
-        loss, norm = parallel.train_step_adamw(*pc.make_batch(), optimizer, a["lr"], step, pc.CLIP)
+        loss, norm = pc.adamw_step(parallel, pc.make_batch(), optimizer, step)
         assert abs(loss - ref_losses[step - 1]) / ref_losses[step - 1] <= 1e-5
         assert abs(norm - ref_norms[step - 1]) / ref_norms[step - 1] <= 1e-5
     state = parallel.local_state()
@@ -165,13 +164,9 @@ def test_parallel_adamw_in_one_process_matches_trainer_adamw():
         assert pc.max_rel_diff(state[name], want) <= 1e-4, name
 
 
-def test_trainer_batches_become_next_token_batches_by_replica():
-    from telechat2_ms.parallel.training import arrange_by_replica, next_token_batch
+def test_trainer_batches_become_next_token_batches():
+    from telechat2_ms.train.engine import next_token_batch
 
-    a = np.arange(8).reshape(4, 2)  # micro-step 1: replica 0 rows 0-1, replica 1 rows 2-3
-    b = 100 + a
-    arranged = arrange_by_replica([a, b], 2)
-    assert arranged[:, 0].tolist() == [0, 2, 100, 102, 4, 6, 104, 106]
     ids = np.array([[5, 6, 7]])
     mask = np.array([[0, 1, 1]], np.float32)
     inputs, labels, loss_mask = next_token_batch(ids, mask)

@@ -9,7 +9,7 @@ its own layout's files and fails on its own:
 - chat under tp2 (typed lines on rank 0, broadcast to rank 1) equals run_chat in this process.
 - predict under dp2 (the replicas split three prompts, rank 0 prints all answers in order) equals
   run_predict in this process.
-- the train run mode under tp2 (parallel/training.py: demo SFT data, 2 clipped AdamW steps) equals the
+- the train run mode under tp2 (the one Trainer with its parallel engine: demo SFT data, 2 clipped AdamW steps) equals the
   single-process Trainer: losses and gradient norms (rel. 1e-5), the saved layout checkpoint merged by
   convert/reshard.py against the Trainer's model.safetensors (1e-4, updates 1e-3 as for AdamW below).
 - AdamW with optimizer states sharded over dp (ZeRO-1): dp2 (2 workers) and dp2 x tp2+sp (4 workers), two
@@ -20,7 +20,7 @@ its own layout's files and fails on its own:
   1e-3 for AdamW (a wrong slice or moment is an O(1) error); parameters stay at 1e-4.
 Criteria (fp32, tiny model; one SGD step at lr 0.5, or two AdamW steps at lr 1e-2; every step clipped to
 global gradient norm 0.5, which the reference norm exceeds): loss and global gradient norm rel. diff
-<= 1e-5; updated parameters (tp shards merged with shard_layout.merge_shards, dp/cp replicas bitwise
+<= 1e-5; updated parameters (tp shards merged with plan.merge_shards, dp/cp replicas bitwise
 equal) max rel. diff <= 1e-4, and so are the parameter *updates* (relative to each tensor's largest
 update), which is the sharper check of the gradients.
 A third job checks that a crashing worker fails the job (non-zero exit, its error in the log) in time.
@@ -31,16 +31,16 @@ import os
 import numpy as np
 import pytest
 
-from telechat2_ms.parallel.launcher import run_msrun
+from tests.msrun.launcher import run_msrun
 from tests.msrun import parallel_cases as pc
 
 WORKER = os.path.join(os.path.dirname(__file__), "msrun", "worker_parallel.py")
 LOSS_TOL, PARAM_TOL, ADAMW_UPDATE_TOL, SHARDED_VS_REPLICATED_TOL = 1e-5, 1e-4, 1e-3, 1e-7
 JOBS = {
     2: ["reference", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
-        "generate:tp2", "load:tp2", "chat:tp2", "predict:dp2",
+        "generate:tp2", "generate:pp2", "load:tp2", "chat:tp2", "predict:dp2",
         "trainer:tp2"],
-    4: ["comm", "reference", "train:tp2_pp2", "train:dp2_tp2_sp_zero"],
+    4: ["comm", "reference", "train:tp2_pp2", "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
 }
 
 pytestmark = pytest.mark.msrun
@@ -153,25 +153,29 @@ def test_comm_collectives_in_subgroups(job4):
         assert not bad, f"rank {rank}: {bad}"  # integer-valued data: exact
 
 
-def test_greedy_generation_tp2_equals_single_process(job2):
-    out, result = job2
-    for rank in range(2):
-        path = os.path.join(out, "generate", f"rank{rank}.json")
+@pytest.mark.parametrize("layout, job", [("tp2", "job2"), ("pp2", "job2"), ("tp2_pp2", "job4")])
+def test_greedy_generation_equals_single_process(layout, job, request):
+    """Greedy tokens under tensor parallel, pipeline stages (parallel/generation.py) and both."""
+    out, result = request.getfixturevalue(job)
+    for rank in range(2 if job == "job2" else 4):
+        path = os.path.join(out, f"generate_{layout}", f"rank{rank}.json")
         assert os.path.exists(path), _explain(result, out)
         with open(path, encoding="utf-8") as f:
             tokens = json.load(f)
         assert len(tokens["single"][0]) == 8
-        assert tokens["tp2"] == tokens["single"]
+        assert tokens["parallel"] == tokens["single"]
 
 
 def test_loading_sharded_and_full_checkpoints_tp2(job2):
+    """A layout directory, a full file read slice by slice, and the seeded initialisation replayed tensor by
+    tensor give each rank exactly the shards cut from the in-memory model (into a lazy skeleton)."""
     out, result = job2
     for rank in range(2):
         path = os.path.join(out, "load", f"rank{rank}.json")
         assert os.path.exists(path), _explain(result, out)
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
-        assert info == {"names_equal": True, "layout_max_abs": 0.0, "full_max_abs": 0.0}
+        assert info == {"names_equal": True, "layout_max_abs": 0.0, "full_max_abs": 0.0, "seed_max_abs": 0.0}
 
 
 def test_jobs_exit_cleanly(job2, job4):

@@ -13,7 +13,7 @@ import re
 import pytest
 
 import run_telechat2
-from telechat2_ms.parallel.launcher import run_msrun
+from tests.msrun.launcher import run_msrun
 
 SCRIPT = os.path.abspath(run_telechat2.__file__)
 PROMPTS = ["What is 3 plus 4?", "你好"]
@@ -63,13 +63,22 @@ def test_parallel_config_without_msrun_is_refused(capsys):
 
 def test_generation_refuses_pipeline_and_context_parallel():
     from telechat2_ms.config import ConfigError
-    from telechat2_ms.parallel.session import run_dims
-    from telechat2_ms.settings import load_settings
+    from telechat2_ms.config import get_config
+    from telechat2_ms.settings import load_settings, validate
+
+    def run_dims(settings, world, purpose):
+        settings.run_mode = {"generate": "predict", "eval": "eval"}[purpose]
+        return validate(settings, world, get_config("tiny"))
 
     for key in ("pipeline_stage", "context_parallel"):
         settings = load_settings(None, [f"--parallel_config.{key}=2"])
         with pytest.raises(ConfigError, match="pipeline_stage and context_parallel to 1"):
-            run_dims(settings, world=2, purpose="generate")
+            run_dims(settings, world=2, purpose="eval")
+    settings = load_settings(None, ["--parallel_config.context_parallel=2"])
+    with pytest.raises(ConfigError, match="set parallel_config.context_parallel to 1"):
+        run_dims(settings, world=2, purpose="generate")
+    dims = run_dims(load_settings(None, ["--parallel_config.pipeline_stage=2"]), world=2, purpose="generate")
+    assert (dims.pp, dims.micro_batch_num) == (2, 2)  # generation runs the stages in turn
     settings = load_settings(None, ["--parallel_config.model_parallel=2"])
     with pytest.raises(ConfigError, match="the world has 4 processes"):
         run_dims(settings, world=4, purpose="generate")
@@ -79,7 +88,7 @@ def test_generation_refuses_pipeline_and_context_parallel():
 
 
 def test_broadcast_and_gather_objects_in_one_process():
-    from telechat2_ms.parallel.session import broadcast_object, gather_objects
+    from telechat2_ms.parallel.ranks import broadcast_object, gather_objects
 
     assert broadcast_object({"line": "你好"}) == {"line": "你好"}
     assert gather_objects([1, "a"]) == [[1, "a"]]

@@ -5,15 +5,15 @@ import os
 import numpy as np
 
 from convert.__main__ import main as cli_main
-from convert.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+from telechat2_ms.formats.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from convert.hf_to_ms import hf_to_ms
 from convert.ms_to_hf import ms_to_hf
 from convert.random_hf import make_random_hf
 from convert.reshard import reshard
-from convert.safetensors_io import SafetensorsFile
+from telechat2_ms.formats.safetensors_io import SafetensorsFile
 from convert.sources import open_hf_dir
 from telechat2_ms.config import get_config
-from telechat2_ms.shard_layout import shard_tensor
+from telechat2_ms.parallel.plan import shard_tensor
 
 CFG4 = get_config("tiny", num_kv_heads=4, num_layers=3)  # kv heads and V divisible by 4; 3 layers for uneven pp
 

@@ -63,7 +63,11 @@ def test_cli_errors_are_one_clear_line(args, message):
 def test_checkpoint_config_that_contradicts_the_named_size_is_refused(tmp_path):
     import json
     from telechat2_ms.config import ConfigError, get_config
-    from telechat2_ms.runtime import resolve_model_config
+    from telechat2_ms.build import model_config
+    from telechat2_ms.checkpoint import resolve_checkpoint
+
+    def resolve_model_config(settings):
+        return model_config(settings, resolve_checkpoint(settings.load_checkpoint))
     (tmp_path / "config.json").write_text(json.dumps(get_config("telechat2_7b").to_hf_config()))
     settings = load_settings(None, [f"--load_checkpoint={tmp_path}", "--model=telechat2_3b"])
     with pytest.raises(ConfigError, match="does not match model 'telechat2_3b'"):
@@ -77,7 +81,10 @@ def test_training_output_dir_loads_its_latest_checkpoint(tmp_path):
     from telechat2_ms.checkpoint import save_model
     from telechat2_ms.config import ConfigError, get_config
     from telechat2_ms.model import Telechat2ForCausalLM
-    from telechat2_ms.runtime import resolve_checkpoint_path
+    from telechat2_ms.checkpoint import resolve_checkpoint
+
+    def resolve_checkpoint_path(path):
+        return resolve_checkpoint(path).path
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match="no finished checkpoint"):
         resolve_checkpoint_path(str(tmp_path))

@@ -1,4 +1,4 @@
-"""telechat2_ms.shard_layout: the tensor-parallel split table and the pipeline stage assignment.
+"""telechat2_ms.parallel.plan: the tensor-parallel split table and the pipeline stage assignment.
 
 The split rules are checked against what Megatron-style parallel layers compute with them: a
 column-parallel slice gives a slice of the output, row-parallel partial products sum to the full product,
@@ -10,7 +10,7 @@ import pytest
 
 from convert.keymap import deinterleave_kv, expected_ms, fuse_gate_hidden, fuse_qkv
 from telechat2_ms.config import ConfigError, get_config
-from telechat2_ms.shard_layout import (check_tp, layer_index, merge_shards, param_stage, shard_shape, shard_tensor,
+from telechat2_ms.parallel.plan import (check_tp, layer_index, merge_shards, param_stage, shard_shape, shard_tensor,
                                        split_rule, stage_layer_ranges)
 
 CFG4 = get_config("tiny", num_kv_heads=4)  # 4 heads, 4 kv heads, V=1024, F=160: splits 4 ways

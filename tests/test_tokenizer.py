@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from telechat2_ms import demo_corpus
+from telechat2_ms.data import demo_corpus
 from telechat2_ms.chat_template import DEFAULT_SYSTEM_PROMPT, ChatTemplateError, parse_tool_calls
 from telechat2_ms.tokenizer import (TOOL_TOKENS, Telechat2Tokenizer, TokenizerError, demo_tokenizer_path,
                                     load_tokenizer)

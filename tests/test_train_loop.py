@@ -54,7 +54,7 @@ def test_tiny_demo_loss_drops_and_step_compiles_once():
 
 @pytest.mark.parametrize("override, message", [
     ("--compute_dtype=bfloat16", "bfloat16 has no CPU kernels"),
-    ("--parallel_config.data_parallel=2", "multi-rank training runs through telechat2_ms.parallel"),
+    ("--parallel_config.data_parallel=2", r"parallel_config asks for 2 processes \(data_parallel 2"),
     ("--train.recompute=some", "train.recompute must be one of"),
     ("--train.truncation=cut", "train.truncation must be one of"),
     ("--train.total_steps=0", "train.total_steps must be at least 1"),
@@ -89,7 +89,7 @@ def test_readme_tiny_finetune_reaches_its_threshold():
     """The README's main job (configs/tiny/finetune.yaml, ~2 minutes on 2 cores): the mean loss of the last 20
     of 400 steps is below 0.35 (measured 0.225), and greedy answers show learned facts of the demo world."""
     from telechat2_ms import checkpoint as ckpt
-    from telechat2_ms.demo_corpus import COLOURS, ITEMS, DemoWorld
+    from telechat2_ms.data.demo_corpus import COLOURS, ITEMS, DemoWorld
     from telechat2_ms.generate import GenerationConfig, Generator
     from telechat2_ms.model import Telechat2ForCausalLM
     from telechat2_ms.tokenizer import load_tokenizer

@@ -11,7 +11,7 @@ from telechat2_ms.config import get_config
 from telechat2_ms.model import Telechat2ForCausalLM
 from telechat2_ms.settings import load_settings
 from telechat2_ms.train import Trainer
-from telechat2_ms.train.trainer import apply_recompute
+from telechat2_ms.train.engine import apply_recompute
 from telechat2_ms.train.loss import CausalLMLoss, cast_batch
 from telechat2_ms.train.optim import AdamW, DynamicLossScaler, learning_rate_at
 from telechat2_ms.train.step import TrainStep
@@ -123,7 +123,7 @@ def test_fp16_compute_with_loss_scaling_skips_overflow_steps():
     before = {n: p.asnumpy().copy() for n, p in fp16.model.parameters_and_names()}
     first = fp16.train_step()
     assert first["skipped"] and first["grad_norm"] is None and math.isfinite(first["loss"])
-    assert first["loss_scale"] == 262144.0 and fp16.scaler.scale == 131072.0
+    assert first["loss_scale"] == 262144.0 and fp16.engine.scaler.scale == 131072.0
     for n, p in fp16.model.parameters_and_names():
         np.testing.assert_array_equal(p.asnumpy(), before[n])
     records = [fp16.train_step() for _ in range(2)]
@@ -189,7 +189,7 @@ def test_gradient_clipping_on_pretraining_data(shared_dir):
     assert trainer.dataset.kind == "pretrain" and trainer.dataset.num_samples > 100
     record = trainer.train_step()
     assert record["grad_norm"] > 0.5  # far above the clip
-    exp_avg = [p.asnumpy() for name, p in trainer.optimizer.state_tensors().items() if name.startswith("exp_avg.")]
+    exp_avg = [p.asnumpy() for name, p in trainer.engine.optimizer.state_tensors().items() if name.startswith("exp_avg.")]
     norm = math.sqrt(sum(float((m.astype(np.float64) ** 2).sum()) for m in exp_avg))
     assert norm == pytest.approx(0.1 * 0.05, rel=1e-4)
     assert record["tokens"] == 2 * 64

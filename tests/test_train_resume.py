@@ -83,8 +83,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    for name, value in straight.optimizer.state_tensors().items():
-        np.testing.assert_array_equal(value.asnumpy(), resumed.optimizer.state_tensors()[name].asnumpy())
+    for name, value in straight.engine.optimizer.state_tensors().items():
+        np.testing.assert_array_equal(value.asnumpy(), resumed.engine.optimizer.state_tensors()[name].asnumpy())
     # keep_checkpoint_max=2: steps 10 and 20 kept; the final checkpoint holds the final parameters
     assert [s for s, _ in ckpts.list_checkpoints("resumed/checkpoints")] == [10, 20]
     saved = read_checkpoint("resumed/checkpoints/step_00000020/model.safetensors")

@@ -7,14 +7,11 @@ the first rank of a replica (its leader) saves and contributes the results. Subj
 replicas by size, largest first onto the least-loaded replica, so the split is deterministic and balanced.
 
 The gather is a callable `gather_fn(obj) -> list of every rank's obj` (at least on rank 0), so the logic
-is tested without msrun; `mindspore_gather_objects` is that callable over the world group.
+is tested without msrun; under msrun it is telechat2_ms.parallel.ranks.gather_objects.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import numpy as np
 
 GatherFn = Callable[[Any], Optional[List[Any]]]
 
@@ -62,24 +59,3 @@ def gather_records(local: Dict[str, Any], rank: int, world: int, gather_fn: Opti
                 raise ValueError(f"ranks disagree on the results of subject {subject!r} (rank {source})")
             merged[subject] = record
     return merged
-
-
-def mindspore_gather_objects(obj: Any) -> List[Any]:
-    """All-gather of a JSON-serialisable object over the MindSpore world group (needs
-    telechat2_ms.parallel.comm.init_distributed()). The UTF-8 bytes travel as float32 (CPU collectives
-    accept only float types; integers below 2**24 are exact in float32, so nothing is rounded)."""
-    from mindspore import Tensor
-
-    from telechat2_ms.parallel import comm
-
-    group = comm.world_group()
-    data = np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-    if data.size >= 2 ** 24:
-        raise ValueError(f"result payload of {data.size} bytes is too large to gather exactly (limit 2**24)")
-    lengths = comm.all_gather(Tensor(np.array([data.size], np.float32)), group, dim=0).asnumpy()  # [world]
-    lengths = lengths.astype(np.int64)
-    buffer = np.zeros((1, max(int(lengths.max()), 1)), np.float32)  # [1, longest]
-    buffer[0, :data.size] = data
-    gathered = comm.all_gather(Tensor(buffer), group, dim=0).asnumpy()  # [world, longest]
-    return [json.loads(gathered[i, :lengths[i]].astype(np.uint8).tobytes().decode("utf-8"))
-            for i in range(group.size)]

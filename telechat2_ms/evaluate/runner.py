@@ -7,12 +7,13 @@ model is a few lines; `run_eval()` is the entry used by `run_telechat2.py --run_
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from telechat2_ms.evaluate.data import list_subjects, load_subject, resolve_data_dir
-from telechat2_ms.evaluate.distributed import (GatherFn, gather_records, mindspore_gather_objects, replica_of,
+from telechat2_ms.evaluate.distributed import (GatherFn, gather_records, replica_of,
                                                split_subjects)
 from telechat2_ms.evaluate.prompts import get_protocol
 from telechat2_ms.evaluate.results import (load_subject_record, save_subject_record, subject_record, summarize,
@@ -133,12 +134,11 @@ def evaluate(options: EvalOptions, next_token_logits: NextTokenLogits, encode: E
 
 
 def options_from_settings(settings) -> EvalOptions:
-    """EvalOptions from a telechat2_ms.settings.RunSettings (fields EvalSettings lacks keep their defaults)."""
-    ev = settings.eval
-    extra = {name: getattr(ev, name) for name in ("add_bos", "limit") if hasattr(ev, name)}
-    return EvalOptions(benchmark=ev.benchmark, data_dir=ev.data_dir, split=ev.split, protocol=ev.protocol,
-                       num_fewshot=ev.num_fewshot, subjects=list(ev.subjects), batch_size=ev.batch_size,
-                       max_length=ev.max_length, output_dir=settings.output_dir, **extra)
+    """EvalOptions from a telechat2_ms.settings.RunSettings (its `eval` section plus output_dir)."""
+    fields = {f.name for f in dataclasses.fields(EvalOptions)} - {"output_dir"}
+    values = {name: getattr(settings.eval, name) for name in fields}
+    values["subjects"] = list(values["subjects"])
+    return EvalOptions(output_dir=settings.output_dir, **values)
 
 
 def _plain_encoder(tokenizer) -> Encode:
@@ -156,22 +156,14 @@ def run_eval(settings, model, tokenizer) -> Dict[str, Any]:
     settings.eval. Under msrun the communication must already be initialised (parallel.comm)."""
     from telechat2_ms.evaluate.model_adapter import mindspore_next_token_logits
     from telechat2_ms.parallel import comm
+    from telechat2_ms.parallel.ranks import gather_objects
 
     options = options_from_settings(settings)
     rank, world = comm.get_rank(), comm.get_world_size()
-    data_parallel = 1
-    if world > 1:
-        from telechat2_ms.config import ConfigError
-        from telechat2_ms.parallel.dims import ParallelDims
-
-        dims = ParallelDims.from_settings(settings.parallel_config, world)  # checks dp x tp x pp x cp == world
-        if dims.pp > 1 or dims.cp > 1:
-            raise ConfigError("eval runs data_parallel x model_parallel; set parallel_config.pipeline_stage and "
-                              f"context_parallel to 1 (got {dims.pp} and {dims.cp})")
-        # with pp = cp = 1 the replicas are blocks of model_parallel consecutive ranks, as replica_of assumes
-        data_parallel = dims.dp
-    pad_id = getattr(tokenizer, "pad_id", None)
-    pad_id = 3 if pad_id is None else int(pad_id)
+    # settings.validate allows eval only data x tensor parallel (pp = cp = 1), so the replicas are blocks of
+    # model_parallel consecutive ranks, as replica_of assumes
+    data_parallel = settings.parallel_config.data_parallel if world > 1 else 1
+    pad_id = int(tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else model.config.pad_token_id)
     next_token_logits = mindspore_next_token_logits(model, pad_id=pad_id,
                                                     pad_to_multiple=1 if settings.device_target == "CPU" else 128,
                                                     jit=bool(settings.jit) and settings.device_target != "CPU")
@@ -180,7 +172,7 @@ def run_eval(settings, model, tokenizer) -> Dict[str, Any]:
     summary = evaluate(options, next_token_logits, _plain_encoder(tokenizer),
                        bos_id=int(tokenizer.bos_id) if options.add_bos else None, model_tag=model_tag, rank=rank,
                        world=world, data_parallel=data_parallel,
-                       gather_fn=mindspore_gather_objects if world > 1 else None, progress=True)
+                       gather_fn=gather_objects if world > 1 else None, progress=True)
     if "outputs" in summary:  # rank 0: show the table and where the files are
         with open(summary["outputs"]["markdown"], encoding="utf-8") as f:
             print(f.read())

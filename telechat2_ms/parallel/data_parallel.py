@@ -1,18 +1,29 @@
-"""Data parallelism: gradient reduction across replicas, and the optimizer step.
+"""Data parallelism: gradient reduction across replicas, and the global gradient norm over every shard.
 
 Every rank computes the gradient of its share of the global loss (loss terms are divided by the global
 token count, see parallelize.TelechatParallel), so replica gradients are summed, not averaged, over the
 `grad` group (dp x cp). Parameters tagged `sequence_parallel_partial` (norm weights and row-parallel
 biases under sequence parallelism) are also summed over the tp group. Gradients are flattened into one
 buffer per group so each reduction is a single collective.
+
+Global norm. After reduce_gradients every data/context replica holds the same gradients, and within a
+tensor-parallel group a parameter is either split (parallel/plan.py rule other than `replicate`: each rank
+holds a distinct slice) or replicated (RMSNorm weights, row-parallel biases: each rank holds the same full
+gradient). So the squared norm is
+    sum over pipeline stages and tp ranks of (|split grads|^2 + [tp rank 0] |replicated grads|^2),
+an all-reduce over tp and one over pp; dp/cp replicas are counted once by not reducing over them.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
+import mindspore as ms
 from mindspore import ops
 
+from telechat2_ms.kernels import squared_sum
 from telechat2_ms.parallel import comm
+from telechat2_ms.parallel.plan import REPLICATE, split_rule
 
 
 def _bucket_all_reduce(tensors: Sequence, group: comm.Group) -> List:
@@ -39,7 +50,22 @@ def reduce_gradients(params: Sequence, grads: Sequence, grad_group: comm.Group, 
     return grads
 
 
-def sgd_step(params: Sequence, grads: Sequence, learning_rate: float) -> None:
-    """p <- p - lr * g, in place."""
+def is_tp_replicated(name: str) -> bool:
+    """True for parameters every tp rank holds whole (their gradient is counted once in the norm)."""
+    return split_rule(name) is REPLICATE
+
+
+def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
+    """L2 norm of the full model's gradient from this rank's (reduced) gradient shards; every rank gets it.
+    `groups` is the layout's ParallelGroups; `params` carry their MindFormers names (Parameter.name)."""
+    split_sq = ops.zeros((), ms.float32)
+    replicated_sq = ops.zeros((), ms.float32)
     for p, g in zip(params, grads):
-        ops.assign(p, p - learning_rate * g)
+        sq = squared_sum(ops.cast(g, ms.float32))  # []
+        if is_tp_replicated(p.name):
+            replicated_sq = replicated_sq + sq
+        else:
+            split_sq = split_sq + sq
+    local = split_sq + (replicated_sq if groups.coords.tp == 0 else ops.zeros((), ms.float32))
+    total = comm.all_reduce(comm.all_reduce(ops.reshape(local, (1,)), groups.tp), groups.pp)  # [1]
+    return math.sqrt(float(total.asnumpy()[0]))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from telechat2_ms.config import ConfigError, ModelConfig
-from telechat2_ms.shard_layout import check_tp, stage_layer_ranges
+from telechat2_ms.parallel.plan import check_tp, stage_layer_ranges
 
 GROUP_KINDS = ("tp", "cp", "dp", "pp", "grad")
 
@@ -87,7 +87,7 @@ class ParallelDims:
 
     # ---- validation against a model and a batch ----------------------------------------------------------
     def check_model(self, cfg: ModelConfig) -> None:
-        """Raise ConfigError when `cfg` cannot be split this way (tp rules and stage ranges: shard_layout)."""
+        """Raise ConfigError when `cfg` cannot be split this way (tp rules and stage ranges: parallel/plan.py)."""
         check_tp(cfg, self.tp)
         self.stage_layer_ranges(cfg.num_layers)
 
@@ -107,8 +107,9 @@ class ParallelDims:
                               "with use_seq_parallel")
 
     def stage_layer_ranges(self, num_layers: int) -> List[Tuple[int, int]]:
-        """[(first, end)] global layer range per pipeline stage (shard_layout's rule)."""
-        return stage_layer_ranges(num_layers, self.pp, list(self.pipeline_layer_counts) or None)
+        """[(first, end)] global layer range per pipeline stage (parallel/plan.py's rule)."""
+        return stage_layer_ranges(num_layers, self.pp, list(self.pipeline_layer_counts) or None,
+                                  "pipeline_layer_counts")
 
     # ---- ranks and groups ---------------------------------------------------------------------------------
     def coords(self, rank: int) -> RankCoords:

@@ -5,13 +5,15 @@ contain no parallel code; this module rewrites the model in place).
 1. pipeline split: layers outside this stage's range, and the embedding (not first stage) or the final
    norm and lm_head (not last stage), are replaced by empty placeholders; parameter names keep their
    global layer index (`model.layers.{i}...`) on every stage;
-2. tensor (+ sequence) parallel, a table over the decoder-layer submodules (TP_PLAN): column-parallel
-   wq, wk_v, w1, w3; row-parallel wo, w2; region-entry norms; vocab-parallel embedding and lm_head. The
-   shards are cut from the full weights with telechat2_ms.shard_layout.shard_tensor (the same rules as
-   the checkpoint resharder);
+2. tensor (+ sequence) parallel, by parallel/plan.TP_PLAN over the decoder-layer cells: column-parallel
+   wq, wk_v, w1, w3; row-parallel wo, w2; region-entry norms; vocab-parallel embedding and lm_head. Each
+   new cell gets this rank's slice from `weights.shard(name, tp, tp_rank)` (checkpoint.Weights: read slice by
+   slice from a checkpoint, or cut from the model's own values), in definition order;
 3. context parallel: each attention's core becomes RingAttention over the cp group (zig-zag layout).
-It returns a `TelechatParallel` that runs training steps (1F1B over micro-batches, gradient reduction
-over data/context replicas, global-norm clipping and AdamW with optional dp-sharded states: optimizer.py) and whose `.model` is a drop-in for generation when only tp is used.
+So the model may be a lazy skeleton (build.py): the cells of other stages and the full-width cells are
+dropped before their weights are ever materialised. It returns a `TelechatParallel`: forward + backward
+of one step (1F1B over micro-batches, gradient reduction over data/context replicas), the global gradient
+norm, and this rank's state; its `.model` is a drop-in for generation when only tp is used.
 
 Training data: every rank passes the same global batch (numpy); each rank takes its dp rows, its zig-zag
 cp positions and splits them into micro-batches. The loss is MindFormers': sum(ce * mask) / sum(mask)
@@ -19,36 +21,22 @@ over the global batch, so every layout reproduces the single-process loss and gr
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from mindspore import Tensor, nn, ops
 
 from telechat2_ms.parallel import comm
-from telechat2_ms.parallel.data_parallel import reduce_gradients, sgd_step
+from telechat2_ms.parallel.data_parallel import global_grad_norm, reduce_gradients
 from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
                                           VocabParallelEmbedding, VocabParallelHead,
                                           vocab_parallel_cross_entropy)
-from telechat2_ms.parallel.optimizer import ParallelAdamW, global_grad_norm
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
+from telechat2_ms.parallel.plan import TP_PLAN
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
 from telechat2_ms.rope import rope_inputs
-from telechat2_ms.shard_layout import shard_tensor
-from telechat2_ms.train.optim import clip_coefficient
-
-# decoder-layer submodule -> tensor-parallel style (weights from shard_layout.SHARD_TABLE)
-TP_PLAN: Dict[str, str] = {
-    "attention_norm": "region_norm",
-    "attention.wq": "colwise",
-    "attention.wk_v": "colwise",
-    "attention.wo": "rowwise",
-    "ffn_norm": "region_norm",
-    "feed_forward.w1": "colwise",
-    "feed_forward.w3": "colwise",
-    "feed_forward.w2": "rowwise",
-}
 
 
 class Absent(nn.Cell):
@@ -89,18 +77,19 @@ def apply_pipeline_split(model, dims: ParallelDims, stage: int) -> Tuple[int, in
     return first, end
 
 
-def apply_tensor_parallel(model, weights: Mapping[str, np.ndarray], groups: ParallelGroups,
-                          layer_range: Tuple[int, int]) -> None:
-    """Swap in the tensor-parallel cells for this rank, cut from the full `weights`."""
+def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: Tuple[int, int]) -> None:
+    """Swap in this rank's tensor-parallel cells, their slices read from `weights` (checkpoint.Weights) in
+    definition order: embedding, layers, final norm, lm_head."""
     dims, tp_group = groups.dims, groups.tp
     tp, tp_rank, sp = dims.tp, groups.coords.tp, dims.seq_parallel
     dtype = model.compute_dtype
 
     def shard(name):
-        if name not in weights:
-            raise KeyError(f"weight {name} is missing from the full weights given to parallelize_telechat2")
-        return shard_tensor(name, np.asarray(weights[name], np.float32), tp, tp_rank)
+        return weights.shard(name, tp, tp_rank)
 
+    if not isinstance(model.model.tok_embeddings, Absent):
+        model.model.tok_embeddings = VocabParallelEmbedding(shard("model.tok_embeddings.embedding_weight"),
+                                                            tp_group, sp, dtype)
     for i in range(*layer_range):
         layer, prefix = model.model.layers[i], f"model.layers.{i}."
         for path, style in TP_PLAN.items():
@@ -108,16 +97,13 @@ def apply_tensor_parallel(model, weights: Mapping[str, np.ndarray], groups: Para
             if style == "colwise":
                 cell = ColumnParallelLinear(shard(name + ".weight"), dtype)
             elif style == "rowwise":
-                bias = np.asarray(weights[name + ".bias"], np.float32) if _get_submodule(layer, path).has_bias \
-                    else None
-                cell = RowParallelLinear(shard(name + ".weight"), bias, tp_group, sp, dtype)
+                weight = shard(name + ".weight")
+                bias = weights.full(name + ".bias") if _get_submodule(layer, path).has_bias else None
+                cell = RowParallelLinear(weight, bias, tp_group, sp, dtype)
             else:
                 norm = _get_submodule(layer, path)
                 cell = RegionEntryNorm(shard(name + ".weight"), norm.eps, tp_group, sp, norm.use_fused)
             _set_submodule(layer, path, cell)
-    if not isinstance(model.model.tok_embeddings, Absent):
-        model.model.tok_embeddings = VocabParallelEmbedding(shard("model.tok_embeddings.embedding_weight"),
-                                                            tp_group, sp, dtype)
     if not isinstance(model.lm_head, Absent):
         norm = model.model.norm_out
         model.model.norm_out = RegionEntryNorm(shard("model.norm_out.weight"), norm.eps, tp_group, sp,
@@ -147,14 +133,21 @@ def _rename_parameters(model: nn.Cell) -> None:
         param.name = name
 
 
-def parallelize_telechat2(model, dims: ParallelDims, weights: Optional[Mapping[str, np.ndarray]] = None,
+def parallelize_telechat2(model, dims: ParallelDims, weights=None,
                           groups: Optional[ParallelGroups] = None) -> "TelechatParallel":
-    """Rewrite `model` (a plain Telechat2ForCausalLM holding the full weights, or `weights` name -> full
-    array) for this rank of `dims`. Call comm.init_distributed() first (not needed for a world of 1)."""
+    """Rewrite `model` (a plain Telechat2ForCausalLM, possibly a lazy skeleton) for this rank of `dims`, its
+    weights from `weights` (a checkpoint.Weights or a name -> full array mapping; None: the model's own
+    values, which must then be real). Call comm.init_distributed() first (not needed for a world of 1)."""
+    from telechat2_ms.checkpoint import ArrayWeights, Weights, check_state_matches
+
     dims.check_model(model.config)
     groups = groups or build_groups(dims)
     if weights is None:
-        weights = {name: p.asnumpy() for name, p in model.parameters_and_names()}
+        weights = ArrayWeights(dict(model.parameters_and_names()), "the model's own weights")
+    elif not isinstance(weights, Weights):
+        weights = ArrayWeights(weights)
+    check_state_matches({name: tuple(p.shape) for name, p in model.parameters_and_names()}, weights.shapes(),
+                        weights.path)
     stage = groups.coords.pp
     layer_range = apply_pipeline_split(model, dims, stage)
     apply_tensor_parallel(model, weights, groups, layer_range)
@@ -165,7 +158,7 @@ def parallelize_telechat2(model, dims: ParallelDims, weights: Optional[Mapping[s
 
 
 class TelechatParallel:
-    """A parallelized model plus the training step of its layout."""
+    """A parallelized model, its groups and the forward + backward of one step of its layout."""
 
     def __init__(self, model, groups: ParallelGroups, layer_range: Tuple[int, int]):
         self.model = model
@@ -194,16 +187,19 @@ class TelechatParallel:
         return np.split(self.local_batch(array), self.dims.micro_batch_num, axis=0)
 
     # ---- one step -----------------------------------------------------------------------------------------
-    def forward_backward(self, input_ids: np.ndarray, labels: np.ndarray, loss_mask: np.ndarray):
+    def forward_backward(self, input_ids: np.ndarray, labels: np.ndarray, loss_mask: np.ndarray,
+                         tokens: Optional[float] = None):
         """Global [B, S] inputs, next-token labels and loss mask -> (global loss, this rank's gradients,
-        reduced over replicas; same order as `params`)."""
+        reduced over replicas; same order as `params`). The loss is divided by `tokens` (the targets of a
+        whole accumulated step), default the targets of this batch."""
         dims, groups, cfg = self.dims, self.groups, self.model.config
         batch, seq = input_ids.shape
         dims.check_batch(batch, seq)
         ids_mb = [Tensor(a.astype(np.int32)) for a in self._micro_batches(input_ids)]
         labels_mb = [Tensor(a.reshape(-1).astype(np.int32)) for a in self._micro_batches(labels)]
         mask_mb = [Tensor(a.reshape(-1).astype(np.float32)) for a in self._micro_batches(loss_mask)]
-        tokens = comm.all_reduce(Tensor(np.float32(self.local_batch(loss_mask).sum())), groups.grad)
+        tokens = (comm.all_reduce(Tensor(np.float32(self.local_batch(loss_mask).sum())), groups.grad)
+                  if tokens is None else Tensor(np.float32(tokens)))
         micro = batch // dims.dp // dims.micro_batch_num
         local_seq = seq // dims.cp
         positions = (zigzag_positions(seq, groups.coords.cp, dims.cp) if dims.cp > 1
@@ -240,34 +236,9 @@ class TelechatParallel:
         loss = comm.broadcast(loss, self.groups.pp, root=self.dims.pp - 1)
         return float(loss.asnumpy())
 
-    def train_step_sgd(self, input_ids, labels, loss_mask, learning_rate: float) -> float:
-        loss, grads = self.forward_backward(input_ids, labels, loss_mask)
-        sgd_step(self.params, grads, learning_rate)
-        return loss
-
-    def train_step(self, input_ids, labels, loss_mask, optimizer) -> float:
-        """One step with a MindSpore optimizer built over `self.params` (e.g. nn.AdamWeightDecay; it is
-        element-wise, so sharded parameters update exactly like their full tensors)."""
-        loss, grads = self.forward_backward(input_ids, labels, loss_mask)
-        optimizer(tuple(grads))
-        return loss
-
     def grad_norm(self, grads) -> float:
-        """Global gradient norm over every shard and stage (replicas counted once; parallel/optimizer.py)."""
+        """Global gradient norm over every shard and stage (replicas counted once; data_parallel.py)."""
         return global_grad_norm(self.params, grads, self.groups)
-
-    def make_adamw(self, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
-                   weight_decay: float = 0.0) -> ParallelAdamW:
-        """AdamW over `params`, its states sharded over dp when dims.optimizer_shard is set."""
-        return ParallelAdamW(self.params, self.groups.dp, self.dims.optimizer_shard, beta1, beta2, eps, weight_decay)
-
-    def train_step_adamw(self, input_ids, labels, loss_mask, optimizer: ParallelAdamW, learning_rate: float,
-                         step: int, grad_clip: float = 0.0) -> Tuple[float, float]:
-        """One step: gradients, global-norm clipping to `grad_clip` (0: off), AdamW. -> (loss, grad norm)."""
-        loss, grads = self.forward_backward(input_ids, labels, loss_mask)
-        norm = self.grad_norm(grads)
-        optimizer.step(grads, learning_rate, step, clip_coefficient(norm, grad_clip))
-        return loss, norm
 
     def local_state(self) -> Dict[str, np.ndarray]:
         """name -> this rank's (sharded) parameter values."""

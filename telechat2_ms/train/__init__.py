@@ -1,4 +1,5 @@
-"""Training: loss, AdamW + schedule, compiled step, trainer loop, checkpoints, metrics, LoRA.
+"""Training: the one trainer (trainer.py) over two step engines (engine.py: one process, msrun), loss,
+AdamW + schedule, compiled step, checkpoints, metrics, LoRA.
 
 `run_train(settings)` (trainer.py) is the entry point of the `train` and `finetune` run modes.
 """

@@ -1,61 +1,25 @@
-"""Training checkpoints: atomic save every N steps, keep the last K, find and load the newest for resume.
+"""Training checkpoints: atomic save every N steps, keep the last K, find the newest for resume.
 
-A checkpoint is a directory `<output_dir>/checkpoints/step_00000040/` holding
-    model.safetensors       the full model (LoRA adapters merged in), loadable by load_checkpoint_into /
-                            `--load_checkpoint` for predict
-    optimizer.safetensors   AdamW moments (`exp_avg.<param>`, `exp_avg_sq.<param>`) of the trained parameters
-    lora.safetensors        the adapters (LoRA runs only)
+A checkpoint is a directory `<output_dir>/checkpoints/step_00000040/` holding the step engine's files
+(train/engine.py: one process model.safetensors, optimizer.safetensors, lora.safetensors; under msrun a
+per-rank layout, layout.json + tp{t}_pp{p}/model.safetensors) plus
     trainer_state.json      step, data position, loss-scaler state, seed, ... (see Trainer.state_dict)
     config.json, run_settings.yaml
-It is written into a temporary sibling directory (`.tmp-step_...`) and renamed into place in one
-`os.rename`, so a process killed during a save leaves the previous checkpoints intact and at worst a
-`.tmp-*` directory, which is ignored and removed by the next save. Directories without trainer_state.json
-are never considered complete.
+Either kind loads with `--load_checkpoint` (checkpoint.resolve_checkpoint). It is written into a temporary
+sibling directory (`.tmp-step_...`; every rank writes its share into the same one) and renamed into place in
+one `os.rename` by rank 0, so a process killed during a save leaves the previous checkpoints intact and at
+worst a `.tmp-*` directory, which is ignored and removed by the next save. Directories without
+trainer_state.json are never considered complete (checkpoint.list_checkpoints).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from telechat2_ms.checkpoint import CheckpointError, save_tensors, write_config, write_settings
-
-STATE_FILE = "trainer_state.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-LORA_FILE = "lora.safetensors"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def checkpoint_root(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
-
-
-def list_checkpoints(root: str) -> List[Tuple[int, str]]:
-    """Complete checkpoints under `root`, oldest first, as (step, path)."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        match = _STEP_DIR.match(name)
-        path = os.path.join(root, name)
-        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def checkpoint_step(path: str) -> Optional[int]:
-    """The step of a checkpoint directory `.../step_00000040`, None for other paths."""
-    match = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
-    return int(match.group(1)) if match else None
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
+from telechat2_ms.checkpoint import (STATE_FILE, CheckpointError, checkpoint_root, latest_checkpoint,
+                                     list_checkpoints, save_tensors, write_config, write_settings)
 
 
 def remove_stale_temporaries(root: str) -> None:
@@ -66,37 +30,53 @@ def remove_stale_temporaries(root: str) -> None:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def save_training_checkpoint(root: str, step: int, files: Mapping[str, Mapping[str, Any]], state: Dict[str, Any],
+def save_training_checkpoint(root: str, step: int, write_files: Union[Callable[[str], None], Mapping[str, Any]],
+                             state: Dict[str, Any],
                              config=None, settings=None, keep: int = 0,
-                             before_rename: Optional[Callable[[str], None]] = None) -> str:
-    """Write {file name: {tensor name: tensor}} plus trainer_state.json as checkpoint `step` atomically;
-    then delete all but the newest `keep` checkpoints (keep <= 0 keeps all). Returns the directory."""
-    os.makedirs(root, exist_ok=True)
-    remove_stale_temporaries(root)
+                             before_rename: Optional[Callable[[str], None]] = None, is_main: bool = True,
+                             barrier: Optional[Callable[[], None]] = None) -> str:
+    """Write checkpoint `step` atomically: `write_files(tmp_dir)` (on every rank; or a mapping {file name:
+    {tensor name: tensor}} written with checkpoint.save_tensors), then trainer_state.json,
+    config.json and run_settings.yaml; then delete all but the newest `keep` checkpoints (keep <= 0 keeps
+    all). Under msrun every rank calls it with a `barrier`. Returns the directory."""
+    sync = barrier or (lambda: None)
+    if not callable(write_files):
+        files = write_files
+
+        def write_files(directory: str) -> None:
+            for file_name, tensors in files.items():
+                save_tensors(tensors, os.path.join(directory, file_name))
     final = os.path.join(root, f"step_{step:08d}")
-    tmp = tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root)
+    tmp = os.path.join(root, f".tmp-step_{step:08d}")
+    if is_main:
+        os.makedirs(root, exist_ok=True)
+        remove_stale_temporaries(root)
+        os.makedirs(tmp)
+    sync()
     try:
-        for file_name, tensors in files.items():
-            save_tensors(tensors, os.path.join(tmp, file_name))
-        if config is not None:
-            write_config(tmp, config)
-        if settings is not None:
-            write_settings(tmp, settings)
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:  # test hook: simulate a crash between writing and publishing
-            before_rename(tmp)
-        if os.path.isdir(final):  # the same step saved again (e.g. after resuming from an older one)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        write_files(tmp)
+        sync()
+        if is_main:
+            if config is not None:
+                write_config(tmp, config)
+            if settings is not None:
+                write_settings(tmp, settings)
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            if before_rename is not None:  # test hook: simulate a crash between writing and publishing
+                before_rename(tmp)
+            if os.path.isdir(final):  # the same step saved again (e.g. after resuming from an older one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            if keep > 0:
+                for _, old in list_checkpoints(root)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
     finally:
-        if os.path.isdir(tmp):
+        if is_main and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    if keep > 0:
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    sync()
     return final
 
 

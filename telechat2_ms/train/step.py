@@ -21,7 +21,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from telechat2_ms.train.optim import AdamW, squared_sum
+from telechat2_ms.kernels import squared_sum
+from telechat2_ms.train.optim import AdamW
 
 
 class TrainStep:

@@ -18,7 +18,7 @@ from mindspore import Tensor, ops
 from telechat2_ms.config import get_config
 from telechat2_ms.model import Telechat2ForCausalLM
 from telechat2_ms.parallel.dims import ParallelDims
-from telechat2_ms.shard_layout import merge_shards
+from telechat2_ms.parallel.plan import merge_shards
 
 BATCH, SEQ, SEED, LR = 4, 16, 7, 0.5
 CLIP = 0.5  # global-norm clipping in every training case (the tests check the norm exceeds it)
@@ -37,7 +37,10 @@ LAYOUTS: Dict[str, dict] = {
     "dp2_zero": dict(dp=2, micro_batch_num=2, optimizer_shard=True),
     "dp2_tp2_sp_zero": dict(dp=2, tp=2, sp=True, optimizer_shard=True),
 }
-ADAMW_LAYOUTS = ("dp2_zero", "dp2_tp2_sp_zero")  # AdamW (sharded states); the others one SGD step
+ADAMW_LAYOUTS = ("dp2_zero", "dp2_tp2_sp_zero")
+# generation layouts (worker task generate:LAYOUT): tensor parallel, pipeline stages in turn, both
+GENERATE_LAYOUTS: Dict[str, dict] = {"tp2": dict(tp=2), "pp2": dict(pp=2, micro_batch_num=2),
+                                     "tp2_pp2": dict(tp=2, pp=2, micro_batch_num=2)}  # AdamW (sharded states); the others one SGD step
 # chat under tp2 (worker task chat:tp2) and in one process (the test): run_chat arguments and typed lines
 CHAT_ARGS = ["--seq_length=128", "--generate.max_new_tokens=6"]
 CHAT_INPUT = "hello\nhow are you\n/exit\n"
@@ -139,7 +142,7 @@ def rank_info(out_dir: str, layout: str, rank: int) -> dict:
 
 def merge_layout(out_dir: str, layout: str) -> tuple:
     """(losses per rank, {name: full tensor}) from the per-rank dumps of one layout; replicas (dp, cp)
-    are checked to agree bit for bit before merging the tp shards with shard_layout.merge_shards."""
+    are checked to agree bit for bit before merging the tp shards with plan.merge_shards."""
     dims = ParallelDims(**LAYOUTS[layout])
     losses: List[float] = []
     shards: Dict[str, Dict[int, np.ndarray]] = {}
@@ -166,3 +169,31 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def layout_names() -> List[str]:
     return list(LAYOUTS)
+
+
+def clipped_grads(grads, coef: float) -> list:
+    return list(grads) if coef == 1.0 else [g * coef for g in grads]
+
+
+def sgd_step(params, grads, learning_rate: float) -> None:
+    """p <- p - lr * g, in place (the test step: no optimizer state, so every layout is compared exactly)."""
+    for p, g in zip(params, grads):
+        ops.assign(p, p - learning_rate * g)
+
+
+def make_adamw(parallel):
+    """ParallelAdamW over a TelechatParallel's parameters (states sharded over dp with optimizer_shard)."""
+    from telechat2_ms.train.optim import ParallelAdamW
+
+    return ParallelAdamW(parallel.params, parallel.groups.dp, parallel.dims.optimizer_shard, ADAMW["beta1"],
+                         ADAMW["beta2"], ADAMW["eps"], ADAMW["weight_decay"])
+
+
+def adamw_step(parallel, batch, optimizer, step: int):
+    """One clipped AdamW step as train/engine.ParallelEngine takes it -> (loss, grad norm)."""
+    from telechat2_ms.train.optim import clip_coefficient
+
+    loss, grads = parallel.forward_backward(*batch)
+    norm = parallel.grad_norm(grads)
+    optimizer.step(grads, ADAMW["lr"], step, clip_coefficient(norm, CLIP))
+    return loss, norm

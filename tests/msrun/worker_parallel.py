@@ -7,13 +7,14 @@ Usage: python worker_parallel.py OUT_DIR TASK [TASK ...], TASK one of
   train:LAYOUT      one clipped SGD step (or, for parallel_cases.ADAMW_LAYOUTS, the clipped AdamW steps
                     with dp-sharded states) under a layout of parallel_cases.LAYOUTS; each rank dumps its
                     loss, global gradient norm and local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz}
-  trainer:tp2       the train run mode (parallel/training.py) under tp2 for parallel_cases.TRAIN_ARGS;
+  trainer:tp2       the train run mode (the one Trainer, parallel engine) under tp2 for parallel_cases.TRAIN_ARGS;
                     OUT_DIR/trainer_tp2/ (its output dir) and OUT_DIR/trainer/rank{r}.json (its summary)
   predict:dp2       run_predict (predict.py) under dp2: replica r answers prompts r, r+2, ..., rank 0 prints
                     them all in order; OUT_DIR/predict/rank{r}.json
   chat:tp2          run_chat (predict.py) under tp2 with typed lines on rank 0, plus the object
-                    broadcast/gather of parallel/session.py; OUT_DIR/chat/rank{r}.json
-  generate:tp2      greedy generation under tp2 and in one process; OUT_DIR/generate/rank{r}.json
+                    broadcast/gather of parallel/ranks.py; OUT_DIR/chat/rank{r}.json
+  generate:LAYOUT   greedy generation under tp2 / pp2 / tp2_pp2 and in one process;
+                    OUT_DIR/generate_LAYOUT/rank{r}.json
   load:tp2          per-rank shards of a convert/reshard.py layout, and a full checkpoint sliced at load
                     time, equal the shards cut from the in-memory model; OUT_DIR/load/rank{r}.json
   crash:RANK        that rank raises (to test that a failing worker fails the job without a hang)
@@ -51,25 +52,21 @@ def task_reference(out_dir: str, rank: int) -> None:
 
 
 def task_train(out_dir: str, rank: int, layout: str) -> None:
-    from telechat2_ms.parallel.data_parallel import sgd_step
-    from telechat2_ms.parallel.optimizer import ParallelAdamW, clipped_grads
-    from telechat2_ms.train.optim import clip_coefficient
+    from telechat2_ms.train.optim import ParallelAdamW, clip_coefficient
 
     dims = ParallelDims(**pc.LAYOUTS[layout])
     start = time.monotonic()
     parallel = parallelize_telechat2(pc.build_model(), dims)
     batch = pc.make_batch()
     if layout in pc.ADAMW_LAYOUTS:
-        optimizer = parallel.make_adamw(pc.ADAMW["beta1"], pc.ADAMW["beta2"], pc.ADAMW["eps"],
-                                        pc.ADAMW["weight_decay"])
-        steps = [parallel.train_step_adamw(*batch, optimizer, pc.ADAMW["lr"], step, pc.CLIP)
-                 for step in range(1, pc.ADAMW_STEPS + 1)]
+        optimizer = pc.make_adamw(parallel)
+        steps = [pc.adamw_step(parallel, batch, optimizer, step) for step in range(1, pc.ADAMW_STEPS + 1)]
         # the same steps with replicated optimizer states: sharding must not change a single bit of the math
         replicated = parallelize_telechat2(pc.build_model(), dims)
         replicated_opt = ParallelAdamW(replicated.params, replicated.groups.dp, False, pc.ADAMW["beta1"],
                                        pc.ADAMW["beta2"], pc.ADAMW["eps"], pc.ADAMW["weight_decay"])
         for step in range(1, pc.ADAMW_STEPS + 1):
-            replicated.train_step_adamw(*batch, replicated_opt, pc.ADAMW["lr"], step, pc.CLIP)
+            pc.adamw_step(replicated, batch, replicated_opt, step)
         other = replicated.local_state()
         extra = {"losses": [s[0] for s in steps], "norms": [s[1] for s in steps],
                  "state_elements": optimizer.state_elements, "replicated_state_elements": replicated_opt.state_elements,
@@ -79,19 +76,19 @@ def task_train(out_dir: str, rank: int, layout: str) -> None:
     else:
         loss, grads = parallel.forward_backward(*batch)
         norm = parallel.grad_norm(grads)
-        sgd_step(parallel.params, clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
+        pc.sgd_step(parallel.params, pc.clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
         extra = {"norms": [norm]}
     pc.save_rank_result(out_dir, layout, rank, parallel.groups.coords, loss, parallel.local_state(),
                         time.monotonic() - start, **extra)
 
 
 def task_trainer(out_dir: str, rank: int) -> None:
-    from telechat2_ms.parallel.training import run_parallel_train
     from telechat2_ms.settings import load_settings
+    from telechat2_ms.train import run_train
 
     settings = load_settings(None, pc.TRAIN_ARGS + ["--parallel_config.model_parallel=2",
                                                     f"--output_dir={os.path.join(out_dir, 'trainer_tp2')}"])
-    summary = run_parallel_train(settings)
+    summary = run_train(settings)
     os.makedirs(os.path.join(out_dir, "trainer"), exist_ok=True)
     with open(os.path.join(out_dir, "trainer", f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f)
@@ -113,7 +110,7 @@ def task_predict(out_dir: str, rank: int) -> None:
 def task_chat(out_dir: str, rank: int) -> None:
     import io
 
-    from telechat2_ms.parallel.session import gather_objects
+    from telechat2_ms.parallel.ranks import gather_objects
     from telechat2_ms.predict import run_chat
     from telechat2_ms.settings import load_settings
 
@@ -126,24 +123,28 @@ def task_chat(out_dir: str, rank: int) -> None:
         json.dump(result, f, ensure_ascii=False)
 
 
-def task_generate(out_dir: str, rank: int) -> None:
+def task_generate(out_dir: str, rank: int, layout: str) -> None:
+    """Greedy generation in one process and under `layout` (tp2, pp2 or tp2_pp2: parallel/generation.py)."""
     from telechat2_ms.generate import GenerationConfig, Generator
 
     prompts = [[1, 15, 27, 300, 42], [1, 99, 7]]
     gen = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=3)
     single = Generator(pc.build_model(), max_length=16, use_jit=False).generate(prompts, gen)
-    parallel = parallelize_telechat2(pc.build_model(), ParallelDims(tp=2))
-    tp_tokens = Generator(parallel.model, max_length=16, use_jit=False).generate(prompts, gen)
-    os.makedirs(os.path.join(out_dir, "generate"), exist_ok=True)
-    with open(os.path.join(out_dir, "generate", f"rank{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump({"single": single, "tp2": tp_tokens}, f)
+    dims = ParallelDims(**pc.GENERATE_LAYOUTS[layout])
+    parallel = parallelize_telechat2(pc.build_model(), dims)
+    generator = Generator(parallel.model, max_length=16, use_jit=False,
+                          pipeline=parallel if dims.pp > 1 else None)
+    tokens = generator.generate(prompts, gen)
+    os.makedirs(os.path.join(out_dir, f"generate_{layout}"), exist_ok=True)
+    with open(os.path.join(out_dir, f"generate_{layout}", f"rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump({"single": single, "parallel": tokens}, f)
 
 
 def task_load(out_dir: str, rank: int) -> None:
     from safetensors.numpy import save_file
 
     from convert.reshard import reshard
-    from telechat2_ms.parallel.loading import FullCheckpoint, load_rank_checkpoint
+    from telechat2_ms.checkpoint import RandomWeights, SafetensorsWeights, open_weights, resolve_checkpoint
 
     dims = ParallelDims(tp=2)
     full_path, layout_dir = os.path.join(out_dir, "full.safetensors"), os.path.join(out_dir, "layout_tp2")
@@ -152,12 +153,16 @@ def task_load(out_dir: str, rank: int) -> None:
         reshard(full_path, layout_dir, tp=2, pp=1, config=pc.build_model().config, progress=False)
     comm.all_reduce(ms.Tensor(np.zeros(1, np.float32)), comm.world_group())  # barrier: files written
     want = parallelize_telechat2(pc.build_model(), dims).local_state()
-    from_layout = parallelize_telechat2(pc.build_zero_model(), dims)
-    load_rank_checkpoint(from_layout, layout_dir)
-    from_full = parallelize_telechat2(pc.build_zero_model(), dims, weights=FullCheckpoint(full_path)).local_state()
-    result = {"names_equal": sorted(want) == sorted(from_full) == sorted(from_layout.local_state())}
-    result["layout_max_abs"] = max(float(np.max(np.abs(v - want[k]))) for k, v in from_layout.local_state().items())
+    from_layout = parallelize_telechat2(pc.build_zero_model(), dims,
+                                        weights=open_weights(resolve_checkpoint(layout_dir), dims)).local_state()
+    from_full = parallelize_telechat2(pc.build_zero_model(), dims,
+                                      weights=SafetensorsWeights(full_path)).local_state()
+    skeleton = pc.build_zero_model()  # the seeded initialisation replayed tensor by tensor (build.py, no checkpoint)
+    from_seed = parallelize_telechat2(skeleton, dims, weights=RandomWeights(skeleton, pc.SEED)).local_state()
+    result = {"names_equal": sorted(want) == sorted(from_full) == sorted(from_layout) == sorted(from_seed)}
+    result["layout_max_abs"] = max(float(np.max(np.abs(v - want[k]))) for k, v in from_layout.items())
     result["full_max_abs"] = max(float(np.max(np.abs(v - want[k]))) for k, v in from_full.items())
+    result["seed_max_abs"] = max(float(np.max(np.abs(v - want[k]))) for k, v in from_seed.items())
     os.makedirs(os.path.join(out_dir, "load"), exist_ok=True)
     with open(os.path.join(out_dir, "load", f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(result, f)
@@ -179,7 +184,7 @@ def main(out_dir: str, tasks) -> None:
             elif kind == "load":
                 task_load(out_dir, rank)
             elif kind == "generate":
-                task_generate(out_dir, rank)
+                task_generate(out_dir, rank, arg)
             elif kind == "trainer":
                 task_trainer(out_dir, rank)
             elif kind == "predict":

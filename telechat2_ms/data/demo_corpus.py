@@ -13,7 +13,7 @@ model learns them in minutes on a CPU.
   <_unk> <_start> <_end> <_pad> <_user> <_bot> <_system> <_observation> <_sep> <tool_call> </tool_call>
   <tool_response> </tool_response>; byte_fallback, split_digits, add_dummy_prefix, identity normalisation,
   extra whitespace kept (spec 5.1). Single-threaded and fed from memory, so the model file is the same
-  bytes on every run (`python -m telechat2_ms.demo_corpus --write-tokenizer` regenerates the packaged one).
+  bytes on every run (`python -m telechat2_ms.data.demo_corpus --write-tokenizer` regenerates the packaged one).
 """
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ def train_demo_tokenizer(path: str, vocab_size: int = DEMO_VOCAB_SIZE) -> str:
 
 
 def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m telechat2_ms.demo_corpus", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m telechat2_ms.data.demo_corpus", description=__doc__.split("\n")[0])
     parser.add_argument("--write-tokenizer", nargs="?", const="", metavar="PATH",
                         help="train the demo tokenizer; default PATH is the packaged asset")
     parser.add_argument("--write-sft", metavar="PATH", help="write demo SFT jsonl to PATH")

@@ -22,8 +22,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from convert.dtypes import ITEMSIZE, STORAGE, check_code
-from convert.errors import ConversionError
+from telechat2_ms.formats.dtypes import ITEMSIZE, STORAGE, check_code
+from telechat2_ms.formats.errors import CheckpointError
 
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -52,19 +52,19 @@ class SafetensorsFile:
         try:
             size = os.path.getsize(self.path)
         except OSError as e:
-            raise ConversionError(f"cannot read {self.path}: {e.strerror}") from None
+            raise CheckpointError(f"cannot read {self.path}: {e.strerror}") from None
         with open(self.path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise ConversionError(f"{self.path} is truncated: {size} bytes, shorter than the 8-byte header length")
+                raise CheckpointError(f"{self.path} is truncated: {size} bytes, shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", raw)
             if header_len > _MAX_HEADER or 8 + header_len > size:
-                raise ConversionError(f"{self.path} is truncated or not safetensors: header length {header_len} "
+                raise CheckpointError(f"{self.path} is truncated or not safetensors: header length {header_len} "
                                       f"does not fit in a {size}-byte file")
             try:
                 header = json.loads(f.read(header_len).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ConversionError(f"{self.path} has an unreadable safetensors header: {e}") from None
+                raise CheckpointError(f"{self.path} has an unreadable safetensors header: {e}") from None
         self.metadata: Dict[str, str] = dict(header.pop("__metadata__", None) or {})
         self._data_start = 8 + header_len
         self._entries: Dict[str, Tuple[TensorInfo, int, int]] = {}
@@ -73,12 +73,12 @@ class SafetensorsFile:
                               tuple(int(s) for s in entry["shape"]))
             begin, end = (int(x) for x in entry["data_offsets"])
             if end - begin != info.nbytes:
-                raise ConversionError(f"{self.path}: tensor {name} has {end - begin} bytes for shape "
+                raise CheckpointError(f"{self.path}: tensor {name} has {end - begin} bytes for shape "
                                       f"{list(info.shape)} {info.code} ({info.nbytes} expected)")
             self._entries[name] = (info, begin, end)
         data_len = self._check_offsets()
         if self._data_start + data_len != size:
-            raise ConversionError(f"{self.path} is truncated: its header describes {self._data_start + data_len} "
+            raise CheckpointError(f"{self.path} is truncated: its header describes {self._data_start + data_len} "
                                   f"bytes but the file has {size}" if size < self._data_start + data_len else
                                   f"{self.path} has {size - self._data_start - data_len} bytes after the data "
                                   f"its header describes")
@@ -88,7 +88,7 @@ class SafetensorsFile:
         pos = 0
         for begin, end, name in spans:
             if begin != pos:
-                raise ConversionError(f"{self.path}: tensor {name} starts at byte {begin}, expected {pos} "
+                raise CheckpointError(f"{self.path}: tensor {name} starts at byte {begin}, expected {pos} "
                                       f"(overlapping or gapped data offsets)")
             pos = end
         return pos
@@ -116,7 +116,7 @@ class SafetensorsFile:
             f.seek(self._data_start + begin)
             got = f.readinto(memoryview(out.reshape(-1)).cast("B"))
         if got != end - begin:
-            raise ConversionError(f"{self.path} is truncated: tensor {name} needs {end - begin} bytes, got {got}")
+            raise CheckpointError(f"{self.path} is truncated: tensor {name} needs {end - begin} bytes, got {got}")
         return out
 
 
@@ -132,7 +132,7 @@ class SafetensorsWriter:
         pos = 0
         for name, info in entries:
             if name in self._layout:
-                raise ConversionError(f"tensor {name} listed twice for {self.path}")
+                raise CheckpointError(f"tensor {name} listed twice for {self.path}")
             header[name] = {"dtype": info.code, "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
             self._layout[name] = (info, pos)
             pos += info.nbytes
@@ -147,10 +147,10 @@ class SafetensorsWriter:
     def write(self, name: str, array: np.ndarray, row_offset: int = 0) -> int:
         """Write `array` as tensor `name` (or as its rows starting at `row_offset`); returns bytes written."""
         if name not in self._layout:
-            raise ConversionError(f"{self.path}: tensor {name} is not in the planned header")
+            raise CheckpointError(f"{self.path}: tensor {name} is not in the planned header")
         info, begin = self._layout[name]
         if array.dtype != STORAGE[info.code]:
-            raise ConversionError(f"{self.path}: tensor {name} planned as {info.code}, got numpy {array.dtype}")
+            raise CheckpointError(f"{self.path}: tensor {name} planned as {info.code}, got numpy {array.dtype}")
         full = tuple(info.shape)
         if row_offset == 0 and tuple(array.shape) == full:
             start = 0
@@ -158,7 +158,7 @@ class SafetensorsWriter:
               and 0 <= row_offset and row_offset + array.shape[0] <= full[0]):
             start = row_offset * (info.nbytes // full[0])
         else:
-            raise ConversionError(f"{self.path}: tensor {name} has planned shape {list(full)}, got "
+            raise CheckpointError(f"{self.path}: tensor {name} has planned shape {list(full)}, got "
                                   f"{list(array.shape)} at row {row_offset}")
         data = np.ascontiguousarray(array)
         self._file.seek(self._data_start + begin + start)
@@ -179,7 +179,7 @@ class SafetensorsWriter:
                     break
                 pos = end
             if pos != info.nbytes or sum(e - s for s, e in spans) != info.nbytes:
-                raise ConversionError(f"{self.path}: tensor {name} was not written exactly once "
+                raise CheckpointError(f"{self.path}: tensor {name} was not written exactly once "
                                       f"({sum(e - s for s, e in spans)} of {info.nbytes} bytes)")
 
     def abort(self) -> None:

@@ -1,4 +1,4 @@
-"""Atomic outputs: a converter either leaves a complete checkpoint at its output path or nothing.
+"""Atomic outputs: a writer either leaves a complete file or directory at its output path or nothing.
 
 `check_output_path` refuses an occupied path before any work starts (unless `overwrite`). The context
 managers hand out a temporary path in the same directory (so the final rename stays on one filesystem)
@@ -13,7 +13,7 @@ import secrets
 import shutil
 from typing import Iterator
 
-from convert.errors import ConversionError
+from telechat2_ms.formats.errors import CheckpointError
 
 
 def check_output_path(path: str, overwrite: bool, is_dir: bool) -> None:
@@ -21,17 +21,17 @@ def check_output_path(path: str, overwrite: bool, is_dir: bool) -> None:
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            raise ConversionError(f"output {path}: parent directory {parent} does not exist")
+            raise CheckpointError(f"output {path}: parent directory {parent} does not exist")
         return
     if is_dir and os.path.isfile(path):
-        raise ConversionError(f"output {path} is a file; a directory is needed here")
+        raise CheckpointError(f"output {path} is a file; a directory is needed here")
     if not is_dir and os.path.isdir(path):
-        raise ConversionError(f"output {path} is a directory; a file path is needed here")
+        raise CheckpointError(f"output {path} is a directory; a file path is needed here")
     if is_dir and not os.listdir(path):
         return  # an empty directory holds no checkpoint
     if not overwrite:
         what = ", ".join(sorted(os.listdir(path))[:4]) if is_dir else "a file"
-        raise ConversionError(f"output {path} already holds a checkpoint ({what}); pass --overwrite "
+        raise CheckpointError(f"output {path} already holds a checkpoint ({what}); pass --overwrite "
                               f"(overwrite=True) to replace it")
 
 
@@ -48,7 +48,7 @@ def atomic_file(path: str, overwrite: bool = False, suffix: str = "") -> Iterato
     try:
         yield tmp
         if not os.path.exists(tmp):
-            raise ConversionError(f"internal error: nothing was written for {path}")
+            raise CheckpointError(f"internal error: nothing was written for {path}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,7 +14,7 @@ from typing import Dict
 
 import numpy as np
 
-from convert.errors import ConversionError
+from telechat2_ms.formats.errors import CheckpointError
 
 # safetensors dtype code -> numpy storage dtype (little-endian, as the format prescribes)
 STORAGE: Dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -27,14 +27,14 @@ _CHUNK = 1 << 22  # elements per cast chunk (16 MiB of float32 scratch)
 
 def check_code(code: str, what: str) -> str:
     if code not in STORAGE:
-        raise ConversionError(f"{what} has dtype {code}; supported dtypes are {', '.join(STORAGE)}")
+        raise CheckpointError(f"{what} has dtype {code}; supported dtypes are {', '.join(STORAGE)}")
     return code
 
 
 def target_code(src_code: str, choice: str) -> str:
     """The output code for a tensor stored as `src_code` under the --dtype `choice`."""
     if choice not in DTYPE_CHOICES:
-        raise ConversionError(f"unknown dtype {choice!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+        raise CheckpointError(f"unknown dtype {choice!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPE_CHOICES[choice] or src_code
 
 

@@ -17,10 +17,10 @@ solved so that the 7B MindFormers layout reproduces its published 2950 tokens/s/
 figures are then predictions (held out), and their errors are what the check reports.
 
 Run from the repository root:
-    python -m research.cost_model --all
-    python -m research.cost_model --config configs/telechat2_7b/finetune.yaml
-    python -m research.cost_model --model telechat2_115b --dp 8           # an ad-hoc layout
-(`python research/cost_model.py ...` works too once the project is pip-installed.)
+    python -m telechat2_ms.cost_model --all
+    python -m telechat2_ms.cost_model --config configs/telechat2_7b/finetune.yaml
+    python -m telechat2_ms.cost_model --model telechat2_115b --dp 8           # an ad-hoc layout
+(`python telechat2_ms/cost_model.py ...` works too once the project is pip-installed.)
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from telechat2_ms.config import ConfigError, ModelConfig, get_config
-from telechat2_ms.settings import RunSettings, load_settings
+from telechat2_ms.parallel.plan import stage_layer_ranges
+from telechat2_ms.settings import TRAIN_RUN_MODES, RunSettings, load_settings
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 RECOMPUTE_MODES = ("none", "selective", "full")
-TRAIN_RUN_MODES = ("train", "finetune")
 
 
 # ---- hardware ---------------------------------------------------------------------------------------
@@ -163,8 +163,8 @@ def validate(cfg: ModelConfig, lay: Layout) -> None:
         raise ConfigError(f"layout.compute_dtype must be one of {sorted(DTYPE_BYTES)}, got {lay.compute_dtype!r}")
     if cfg.num_heads % lay.tp:
         raise ConfigError(f"tp={lay.tp} does not divide num_heads={cfg.num_heads}")
-    if cfg.num_kv_heads % lay.tp and lay.tp % cfg.num_kv_heads:
-        raise ConfigError(f"tp={lay.tp} and num_kv_heads={cfg.num_kv_heads}: one must divide the other")
+    if cfg.num_kv_heads % lay.tp:  # the parallel layers split whole kv heads (parallel/plan.check_tp)
+        raise ConfigError(f"tp={lay.tp} does not divide num_kv_heads={cfg.num_kv_heads}")
     if cfg.ffn_hidden_size % lay.tp or cfg.vocab_size % lay.tp:
         raise ConfigError(f"tp={lay.tp} must divide ffn_hidden_size and vocab_size")
     if lay.seq_length % (2 * lay.cp if lay.cp > 1 else 1):
@@ -177,17 +177,15 @@ def validate(cfg: ModelConfig, lay: Layout) -> None:
 
 
 def stage_layers(cfg: ModelConfig, lay: Layout) -> List[int]:
-    """Decoder layers held by each pipeline stage (summed over its virtual stages)."""
-    if lay.layer_counts:
-        counts = [int(c) for c in lay.layer_counts]
-        if len(counts) != lay.pp or sum(counts) != cfg.num_layers or min(counts) < lay.pp_interleave:
-            raise ConfigError(f"pipeline_layer_counts {counts} must have pp={lay.pp} entries, each >= "
-                              f"{lay.pp_interleave}, summing to num_layers={cfg.num_layers}")
-        return counts
-    if cfg.num_layers % (lay.pp * lay.pp_interleave):
-        raise ConfigError(f"num_layers={cfg.num_layers} does not split evenly over pp={lay.pp} x "
-                          f"interleave={lay.pp_interleave}; set pipeline_layer_counts")
-    return [cfg.num_layers // lay.pp] * lay.pp
+    """Decoder layers held by each pipeline stage (summed over its virtual stages): the parallel plan's
+    split (parallel/plan.stage_layer_ranges: pipeline_layer_counts, else even with the first stages taking
+    one more)."""
+    counts = [end - first for first, end in stage_layer_ranges(cfg.num_layers, lay.pp, list(lay.layer_counts) or None,
+                                                                "pipeline_layer_counts")]
+    if min(counts) < lay.pp_interleave:
+        raise ConfigError(f"pipeline_layer_counts {counts}: every stage needs at least pp_interleave="
+                          f"{lay.pp_interleave} layers")
+    return counts
 
 
 def layout_from_settings(settings: RunSettings) -> Layout:
@@ -537,7 +535,7 @@ def shipped_atlas_configs() -> List[pathlib.Path]:
 def evaluate_config(path) -> Dict[str, object]:
     """Load a YAML strictly and return its layout, memory report and (training) time report."""
     settings = load_settings(str(path))
-    cfg = settings.model_config()
+    cfg = get_config(settings.model)
     lay = layout_from_settings(settings)
     mem = memory_per_device(cfg, lay)
     time = step_time(cfg, lay) if lay.mode == "train" else None

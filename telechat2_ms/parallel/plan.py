@@ -1,7 +1,10 @@
-"""How every TeleChat2 parameter is split for tensor parallel (tp) and placed on pipeline stages (pp).
+"""The parallel plan: how every TeleChat2 parameter is split for tensor parallel (tp) and placed on pipeline
+stages (pp).
 
-The single source of these rules: the checkpoint resharder (convert/reshard.py) and the parallel layers
-at load time both read this table. Pure python + numpy, no MindSpore.
+The single source of these rules: `SHARD_TABLE` says how each parameter is split, and `TP_PLAN` (which
+cell of a decoder layer becomes column-parallel, row-parallel or a region-entry norm) is derived from it.
+The checkpoint resharder (convert/reshard.py), the checkpoint readers (checkpoint.py) and
+parallel/parallelize.py read them. Pure python + numpy, no MindSpore.
 
 Tensor parallel follows Megatron (all weights are [out, in]):
 - column-parallel (output rows split): wq, wk_v, w1, w3. wk_v rows are per-kv-head [K_h; V_h], so a
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,26 +56,35 @@ ROW = SplitRule("cols", "[out, in] -> [out, in/tp]")
 FUSED_QKV = SplitRule("fused_rows", "[H+2kd, H] = [q; K; V] -> [q_r; K_r; V_r] of [(H+2kd)/tp, H]")
 FUSED_GATE_HIDDEN = SplitRule("fused_rows", "[2F, H] = [w1; w3] -> [w1_r; w3_r] of [2F/tp, H]")
 
-_L = r"model\.layers\.\d+\."
-# (parameter-name pattern, rule): the whole tensor-parallel plan for the parameters
+# (parameter name, rule): the whole tensor-parallel plan; `{i}` stands for a decoder layer index
 SHARD_TABLE: Tuple[Tuple[str, SplitRule], ...] = (
-    (r"model\.tok_embeddings\.embedding_weight", VOCAB),
-    (_L + r"attention_norm\.weight", REPLICATE),
-    (_L + r"attention\.wq\.weight", COLUMN),
-    (_L + r"attention\.wk_v\.weight", KV_COLUMN),
-    (_L + r"attention\.w_qkv\.weight", FUSED_QKV),
-    (_L + r"attention\.wo\.weight", ROW),
-    (_L + r"attention\.wo\.bias", REPLICATE),
-    (_L + r"ffn_norm\.weight", REPLICATE),
-    (_L + r"feed_forward\.w1\.weight", COLUMN),
-    (_L + r"feed_forward\.w3\.weight", COLUMN),
-    (_L + r"feed_forward\.w_gate_hidden\.weight", FUSED_GATE_HIDDEN),
-    (_L + r"feed_forward\.w2\.weight", ROW),
-    (_L + r"feed_forward\.w2\.bias", REPLICATE),
-    (r"model\.norm_out\.weight", REPLICATE),
-    (r"lm_head\.weight", VOCAB),
+    ("model.tok_embeddings.embedding_weight", VOCAB),
+    ("model.layers.{i}.attention_norm.weight", REPLICATE),
+    ("model.layers.{i}.attention.wq.weight", COLUMN),
+    ("model.layers.{i}.attention.wk_v.weight", KV_COLUMN),
+    ("model.layers.{i}.attention.w_qkv.weight", FUSED_QKV),
+    ("model.layers.{i}.attention.wo.weight", ROW),
+    ("model.layers.{i}.attention.wo.bias", REPLICATE),
+    ("model.layers.{i}.ffn_norm.weight", REPLICATE),
+    ("model.layers.{i}.feed_forward.w1.weight", COLUMN),
+    ("model.layers.{i}.feed_forward.w3.weight", COLUMN),
+    ("model.layers.{i}.feed_forward.w_gate_hidden.weight", FUSED_GATE_HIDDEN),
+    ("model.layers.{i}.feed_forward.w2.weight", ROW),
+    ("model.layers.{i}.feed_forward.w2.bias", REPLICATE),
+    ("model.norm_out.weight", REPLICATE),
+    ("lm_head.weight", VOCAB),
 )
-_COMPILED = tuple((re.compile(p + r"\Z"), rule) for p, rule in SHARD_TABLE)
+_COMPILED = tuple((re.compile(re.escape(p).replace(r"\{i\}", r"\d+") + r"\Z"), rule) for p, rule in SHARD_TABLE)
+_LAYER_PREFIX = "model.layers.{i}."
+_STYLE = {"rows": "colwise", "cols": "rowwise", "replicate": "region_norm"}
+# decoder-layer cell -> tensor-parallel style, derived from the weights' rules (fused weights are for
+# inference layouts and have no parallel cell): column-parallel for split output rows, row-parallel for split
+# input columns, a region-entry norm for a replicated norm weight
+TP_PLAN: Dict[str, str] = {
+    p[len(_LAYER_PREFIX):-len(".weight")]: _STYLE[rule.kind]
+    for p, rule in SHARD_TABLE
+    if p.startswith(_LAYER_PREFIX) and p.endswith(".weight") and rule.kind in _STYLE
+}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -81,10 +93,10 @@ def split_rule(name: str) -> SplitRule:
     for pattern, rule in _COMPILED:
         if pattern.match(name):
             return rule
-    raise ValueError(f"parameter {name!r} has no tensor-parallel rule in telechat2_ms.shard_layout.SHARD_TABLE")
+    raise ValueError(f"parameter {name!r} has no tensor-parallel rule in telechat2_ms.parallel.plan.SHARD_TABLE")
 
 
-def _fused_sections(name: str, shape: Sequence[int]) -> List[int]:
+def fused_sections(name: str, shape: Sequence[int]) -> List[int]:
     """Row counts of the parts of a fused weight, read from its full shape [rows, H]."""
     rows, hidden = shape[0], shape[1]
     if "w_qkv" in name:
@@ -106,7 +118,7 @@ def shard_shape(name: str, shape: Sequence[int], tp: int) -> Tuple[int, ...]:
     if dim is None:
         return shape
     if rule.kind == "fused_rows":
-        for part in _fused_sections(name, shape):
+        for part in fused_sections(name, shape):
             _check_divisible(name, part, tp, "fused part rows")
     _check_divisible(name, shape[dim], tp, f"dim {dim} size")
     return shape[:dim] + (shape[dim] // tp,) + shape[dim + 1:]
@@ -121,7 +133,7 @@ def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int) -> np.ndar
     if rule.kind == "replicate":
         return np.ascontiguousarray(array)
     if rule.kind == "fused_rows":
-        offsets = np.cumsum([0] + _fused_sections(name, array.shape))
+        offsets = np.cumsum([0] + fused_sections(name, array.shape))
         pieces = []
         for start, stop in zip(offsets[:-1], offsets[1:]):
             part = (stop - start) // tp
@@ -150,7 +162,7 @@ def merge_shards(name: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
     if rule.kind == "fused_rows":
         local = arrays[0].shape
         full = (local[0] * tp,) + tuple(local[1:])
-        sections = [s // tp for s in _fused_sections(name, full)]
+        sections = [s // tp for s in fused_sections(name, full)]
         offsets = np.cumsum([0] + sections)
         parts = [np.concatenate([a[start:stop] for a in arrays], axis=0)  # [part, H]
                  for start, stop in zip(offsets[:-1], offsets[1:])]
@@ -168,12 +180,13 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
             raise ConfigError(f"{what} {value} of model {cfg.name} is not divisible by tp={tp}")
 
 
-def stage_layer_ranges(num_layers: int, pp: int, layer_counts: Optional[Sequence[int]] = None
-                       ) -> List[Tuple[int, int]]:
+def stage_layer_ranges(num_layers: int, pp: int, layer_counts: Optional[Sequence[int]] = None,
+                       key: str = "layer_counts") -> List[Tuple[int, int]]:
     """[(first, end)] global layer range of each pipeline stage.
 
     Default: an even split, the first `num_layers % pp` stages taking one extra layer (the last stage
-    also runs norm_out, lm_head and the loss). `layer_counts` gives the count per stage explicitly."""
+    also runs norm_out, lm_head and the loss). `layer_counts` gives the count per stage explicitly; `key` is its
+    name in messages (the settings call it pipeline_layer_counts, layout.json layer_counts)."""
     if pp < 1:
         raise ConfigError(f"pp must be >= 1, got {pp}")
     if layer_counts is None:
@@ -183,11 +196,11 @@ def stage_layer_ranges(num_layers: int, pp: int, layer_counts: Optional[Sequence
         layer_counts = [base + (1 if s < extra else 0) for s in range(pp)]
     counts = [int(c) for c in layer_counts]
     if len(counts) != pp:
-        raise ConfigError(f"layer_counts {counts} has {len(counts)} entries, expected one per stage (pp={pp})")
+        raise ConfigError(f"{key} {counts} has {len(counts)} entries, expected one per stage (pp={pp})")
     if any(c < 1 for c in counts):
-        raise ConfigError(f"layer_counts {counts}: every pipeline stage needs at least one layer")
+        raise ConfigError(f"{key} {counts}: every pipeline stage needs at least one layer")
     if sum(counts) != num_layers:
-        raise ConfigError(f"layer_counts {counts} sum to {sum(counts)}, but the model has {num_layers} layers")
+        raise ConfigError(f"{key} {counts} sum to {sum(counts)}, but the model has {num_layers} layers")
     starts = np.cumsum([0] + counts).tolist()
     return [(starts[s], starts[s + 1]) for s in range(pp)]
 

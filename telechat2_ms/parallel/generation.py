@@ -1,0 +1,76 @@
+"""Pipeline-parallel generation: the prefill and decode steps of generate.Generator over pipeline stages.
+
+Each stage holds the KV caches of its own layers only (layout of generate.CachedSteps). One step runs the
+stages in turn: stage 0 embeds the tokens and runs its layers; after stage k the hidden states [B,S,H] go
+to stage k + 1 (comm.ring_shift over the pipeline group, which every stage joins; a stage ignores what it
+receives once it has run); the last stage applies the final norm and lm_head. It samples the next token,
+and `share_token` hands it from the last stage to every stage (a broadcast over the pipeline group), so all
+stages feed the same token to the next step. Within a stage the tensor-parallel ranks run together as in
+single-stage generation. The stages run one after another (no micro-batching of prompts): the pipeline
+splits the weights, not the time. Runs op by op (PyNative), the collectives being Python-level calls.
+Shapes: B batch, P prompt length, T cache slots, H hidden, V vocab, k local kv heads, d head dim.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+from telechat2_ms.layers import scatter_rows
+from telechat2_ms.parallel import comm
+
+
+class PipelineCachedSteps:
+    """generate.CachedSteps' interface (prefill, __call__ for one decode step) for one pipeline stage of a
+    parallel/parallelize.TelechatParallel."""
+
+    def __init__(self, parallel, batch: int, slots: int):
+        model = parallel.model
+        self.backbone, self.lm_head = model.model, model.lm_head
+        self.group, self.stage, self.pp = parallel.groups.pp, parallel.stage, parallel.dims.pp
+        self.first, self.last = parallel.first_stage, parallel.last_stage
+        first, end = parallel.layer_range
+        self.layers = [self.backbone.layers[i] for i in range(first, end)]
+        cfg = model.config
+        self.hidden_size, self.vocab_size, self.dtype = cfg.hidden_size, cfg.vocab_size, model.compute_dtype
+        head_dim = cfg.head_dim
+        self.caches = []
+        for i, layer in zip(range(first, end), self.layers):
+            kv_heads = layer.attention.wk_v.out_features // (2 * head_dim)  # local count under tensor parallel
+            zeros = np.zeros((batch * kv_heads * slots, head_dim), ms.dtype_to_nptype(self.dtype))
+            self.caches.append(tuple(Parameter(Tensor(zeros), name=f"kv_cache.{i}.{part}", requires_grad=False)
+                                     for part in ("key", "value")))
+
+    def _forward(self, ids, position_ids, allowed, inv_freq, mscale, slot=None):
+        """-> last-position logits [B,V] fp32 on the last stage (zeros elsewhere). Without `slot` (prefill) the
+        layers' K/V land in cache slots 0..P-1; with it (decode) attention runs over the caches."""
+        batch, seq = ids.shape
+        cos, sin = self.backbone.rotary(position_ids, inv_freq, mscale)  # [B,1,S,d]
+        h = self.backbone.tok_embeddings(ids) if self.first else ops.zeros((batch, seq, self.hidden_size), self.dtype)
+        for k in range(self.pp):
+            if k == self.stage:
+                for layer, (key, value) in zip(self.layers, self.caches):
+                    if slot is None:
+                        h, kv = layer(h, cos, sin, allowed)
+                        slots = ops.arange(0, seq, dtype=ms.int32)  # [P]
+                        scatter_rows(key, kv[0], slots)
+                        scatter_rows(value, kv[1], slots)
+                    else:
+                        h, _ = layer(h, cos, sin, allowed, (key, value), slot)
+            if k < self.pp - 1:
+                h = comm.ring_shift(h, self.group)  # stage k's hidden states to stage k + 1
+        if not self.last:
+            return ops.zeros((batch, self.vocab_size), ms.float32)
+        return ops.cast(self.lm_head(self.backbone.norm_out(h[:, -1:])), ms.float32)[:, 0]  # [B,V]
+
+    def prefill(self, input_ids, position_ids, allowed, inv_freq, mscale):
+        return self._forward(input_ids, position_ids, allowed, inv_freq, mscale)
+
+    def __call__(self, token, position, allowed, inv_freq, mscale, slot):
+        return self._forward(token, position, allowed, inv_freq, mscale, slot)
+
+    def share_token(self, token: np.ndarray) -> np.ndarray:
+        """The last stage's sampled token ids [B] on every stage (ids below 2**24 are exact in float32)."""
+        shared = comm.broadcast(Tensor(token.astype(np.float32)), self.group, root=self.pp - 1)
+        return shared.asnumpy().astype(token.dtype)

@@ -1,0 +1,221 @@
+"""The two step engines behind the one trainer (train/trainer.py): what a training step computes, and which
+files a checkpoint of it holds. Both take the step's batches as the trainer reads them and return the same
+record.
+
+    engine.step(batches, step, lr) -> {"loss", "grad_norm", "skipped", "loss_scale"}
+    engine.write_files(directory)       this rank's share of a checkpoint (every rank calls it)
+    engine.restore(path)                the weights and optimizer state of a checkpoint
+
+`batches` holds grad_accum_steps arrays (ids [R, S], target mask [R, S]) with R = data_parallel x
+micro_batch_num x batch_size rows, replica r's rows in block r (the sampler's order); the loss of a step is
+sum(ce * mask) / (targets of the whole step), so every layout computes the single-process loss.
+
+LocalEngine (one process): micro-batches of batch_size rows through the compiled micro-step (train/step.py:
+gradients summed into fp32 accumulators), global-norm clipping, AdamW (train/optim.py), dynamic loss scaling
+for float16, LoRA, recompute. Checkpoint: model.safetensors (LoRA merged in), optimizer.safetensors,
+lora.safetensors.
+ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.TelechatParallel's
+forward_backward per accumulation step (1F1B over micro_batch_num micro-batches, gradients reduced over
+replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard).
+Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files), so
+it loads under msrun with the same tp x pp and merges with `python -m convert merge`. Activations are always
+recomputed there (each stage's backward reruns its forward).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+import mindspore as ms
+
+from telechat2_ms import checkpoint as ckpt
+from telechat2_ms.train.optim import AdamW, DynamicLossScaler, ParallelAdamW, clip_coefficient
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+LORA_FILE = "lora.safetensors"
+Batch = Tuple[np.ndarray, np.ndarray]
+
+
+def apply_recompute(model, mode: str) -> None:
+    for layer in model.model.layers:
+        if mode == "full":
+            layer.recompute()
+        elif mode == "selective":
+            layer.attention.recompute()
+
+
+def _load_named(params: Dict[str, Any], file: str) -> None:
+    """Load exactly these named Parameters from a checkpoint file (strict names and shapes)."""
+    ckpt.load_weights(_Named(params), ckpt.SafetensorsWeights(file))
+
+
+class _Named:
+    """A name -> Parameter dict seen as a model by checkpoint.load_weights."""
+
+    def __init__(self, params: Dict[str, Any]):
+        self.params = params
+
+    def parameters_and_names(self):
+        return [(name, p) for name, p in self.params.items()]
+
+
+class LocalEngine:
+    """One process; see the module docstring."""
+
+    def __init__(self, plan, from_resume: bool):
+        from telechat2_ms.build import build_model, build_skeleton
+        from telechat2_ms.train.loss import CausalLMLoss
+        from telechat2_ms.train.lora import apply_lora
+        from telechat2_ms.train.step import TrainStep
+
+        settings = plan.settings
+        t = settings.train
+        self.settings = settings
+        # weights: a resumed full fine-tune reads them from its checkpoint (restore), else the build layer
+        self.model = build_skeleton(plan, lazy=True) if from_resume and not t.lora_rank else build_model(plan)[0]
+        self.lora_names: List[str] = []
+        if t.lora_rank:
+            self.lora_names = apply_lora(self.model, t.lora_rank, t.lora_alpha, t.lora_targets, seed=t.seed)
+        apply_recompute(self.model, t.recompute)
+        named = [(name, p) for name, p in self.model.parameters_and_names() if p.requires_grad]
+        self.param_names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer = AdamW(self.params, t.beta1, t.beta2, t.eps, t.weight_decay, names=self.param_names)
+        self.micro_batch = t.batch_size
+        self.step_fns = TrainStep(CausalLMLoss(self.model, t.batch_size, settings.seq_length), self.params,
+                                  self.optimizer, settings.jit)
+        self.scaler = DynamicLossScaler(settings.compute_dtype == "float16", t.loss_scale, t.loss_scale_window)
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in self.params)
+
+    def step(self, batches: Sequence[Batch], step: int, lr: float) -> Dict[str, Any]:
+        from telechat2_ms.train.loss import cast_batch, count_targets
+
+        t = self.settings.train
+        targets = sum(count_targets(mask) for _, mask in batches)
+        denominator = ms.Tensor(np.float32(max(targets, 1)))
+        scale = ms.Tensor(np.float32(self.scaler.scale))
+        loss = 0.0
+        for ids, mask in batches:
+            for start in range(0, ids.shape[0], self.micro_batch):
+                rows = slice(start, start + self.micro_batch)
+                loss += float(self.step_fns.micro_step(*cast_batch(ids[rows], mask[rows]), denominator,
+                                                       scale).asnumpy())
+        norm = float(self.step_fns.grad_norm().asnumpy()) / self.scaler.scale
+        finite = math.isfinite(norm) and math.isfinite(loss)
+        if finite:
+            clip = clip_coefficient(norm, t.grad_clip)
+            self.step_fns.apply_update(*self.optimizer.step_scalars(lr, step, clip / self.scaler.scale))
+        else:
+            self.step_fns.zero_grads()
+        record = {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": self.scaler.scale}
+        self.scaler.update(finite)
+        return record
+
+    def state(self) -> Dict[str, Any]:
+        return {"loss_scaler": self.scaler.state_dict()}
+
+    def write_files(self, directory: str) -> None:
+        from telechat2_ms.train.lora import lora_state, merged_state
+
+        ckpt.save_tensors(merged_state(self.model), os.path.join(directory, ckpt.MODEL_FILE))
+        ckpt.save_tensors(self.optimizer.state_tensors(), os.path.join(directory, OPTIMIZER_FILE))
+        if self.lora_names:
+            ckpt.save_tensors(lora_state(self.model), os.path.join(directory, LORA_FILE))
+
+    def restore(self, path: str, state: Dict[str, Any]) -> None:
+        from telechat2_ms.train.lora import lora_state
+
+        if self.lora_names:  # base weights come from load_checkpoint (or the seed) as in the original run
+            _load_named(lora_state(self.model), os.path.join(path, LORA_FILE))
+        else:
+            ckpt.load_checkpoint_into(self.model, os.path.join(path, ckpt.MODEL_FILE))
+        _load_named(self.optimizer.state_tensors(), os.path.join(path, OPTIMIZER_FILE))
+        self.scaler.load_state_dict(state["loss_scaler"])
+
+
+def next_token_batch(ids: np.ndarray, mask: np.ndarray):
+    """Trainer batch (ids [B,S], target mask [B,S]: mask[p] = 1 when token p is a target) -> (input_ids,
+    labels, loss_mask), all [B,S]: labels[p] = ids[p + 1], loss_mask[p] = mask[p + 1], 0 at the last position."""
+    pad = np.zeros((ids.shape[0], 1), ids.dtype)
+    labels = np.concatenate([ids[:, 1:], pad], 1)  # [B,S]
+    loss_mask = np.concatenate([mask[:, 1:], np.zeros((mask.shape[0], 1), mask.dtype)], 1)  # [B,S]
+    return ids.astype(np.int32), labels.astype(np.int32), loss_mask.astype(np.float32)
+
+
+class ParallelEngine:
+    """This rank's shard of a dp x tp(+sp) x pp x cp layout; see the module docstring."""
+
+    def __init__(self, plan):
+        from telechat2_ms.build import build_model
+
+        self.settings, self.plan = plan.settings, plan
+        t = self.settings.train
+        self.model, self.parallel = build_model(plan)  # only this rank's stage and shards
+        self.params = self.parallel.params
+        self.optimizer = ParallelAdamW(self.params, self.parallel.groups.dp, plan.dims.optimizer_shard, t.beta1,
+                                       t.beta2, t.eps, t.weight_decay)
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Parameters this rank holds."""
+        return sum(int(np.prod(p.shape)) for p in self.params)
+
+    def step(self, batches: Sequence[Batch], step: int, lr: float) -> Dict[str, Any]:
+        from mindspore import ops
+
+        shifted = [next_token_batch(ids, mask) for ids, mask in batches]
+        targets = float(sum(loss_mask.sum() for _, _, loss_mask in shifted))  # the whole step, every replica
+        loss, grads = 0.0, None
+        for batch in shifted:
+            part, part_grads = self.parallel.forward_backward(*batch, tokens=targets)
+            loss += part
+            grads = part_grads if grads is None else [ops.add(a, b) for a, b in zip(grads, part_grads)]
+        norm = self.parallel.grad_norm(grads)
+        finite = math.isfinite(norm) and math.isfinite(loss)
+        if finite:
+            self.optimizer.step(grads, lr, step, clip_coefficient(norm, self.settings.train.grad_clip))
+        return {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": 1.0}
+
+    def state(self) -> Dict[str, Any]:
+        return {"layout": self.plan.dims.describe()}
+
+    def write_files(self, directory: str) -> None:
+        """The dp = cp = 0 ranks write their rank file; rank 0 the layout.json."""
+        from telechat2_ms.formats.layout import layout_dict, rank_file, shard_metadata, write_layout
+
+        dims, coords = self.plan.dims, self.parallel.groups.coords
+        ranges = dims.stage_layer_ranges(self.plan.config.num_layers)
+        if coords.dp == 0 and coords.cp == 0:
+            path = os.path.join(directory, rank_file(coords.tp, coords.pp))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            meta = dict(shard_metadata(dims.tp, coords.tp, dims.pp, coords.pp, ranges[coords.pp]),
+                        **{ckpt.CONFIG_METADATA_KEY: _config_json(self.plan.config)})
+            _save_numpy(self.parallel.local_state(), path, meta)
+        if self.parallel.groups.coords == (0, 0, 0, 0):
+            write_layout(directory, layout_dict(dims.tp, ranges, self.plan.config.to_hf_config(), False,
+                                                {"layout": dims.describe()}))
+
+    def restore(self, path: str, state: Dict[str, Any]) -> None:
+        raise ckpt.CheckpointError("multi-process training cannot resume yet (its checkpoints hold the weights, "
+                                   "not the optimizer states)")
+
+
+def _config_json(cfg) -> str:
+    import json
+
+    return json.dumps(cfg.to_hf_config(), sort_keys=True)
+
+
+def _save_numpy(arrays: Dict[str, np.ndarray], path: str, metadata: Dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    from telechat2_ms.formats.atomic import atomic_file
+
+    with atomic_file(path, overwrite=True) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=metadata)
