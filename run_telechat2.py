@@ -9,7 +9,6 @@ jsonl), eval (C-Eval / MMLU). Without --config the built-in tiny model runs on C
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from telechat2_ms.config import ConfigError
@@ -33,71 +32,89 @@ def _train(settings, plan):
 def _eval(settings, plan):
     from telechat2_ms.build import build_run
     from telechat2_ms.evaluate import run_eval
+    from telechat2_ms.checkpoint import fingerprint
     run = build_run(plan)
-    return run_eval(settings, run.model, run.tokenizer)
+    return run_eval(settings, run.model, run.tokenizer, weights=fingerprint(plan.ref, settings.train.seed))
 
 
 RUN_MODES = {"predict": _predict, "chat": _chat, "finetune": _train, "train": _train, "eval": _eval}
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
+def build_parser():
+    """--config, --dry_run, --world_size, --debug, and every settings key as --key value / --key=value."""
+    from telechat2_ms.cli import ArgumentParser, add_debug_flag
+    from telechat2_ms.settings import settings_keys
+
+    parser = ArgumentParser(
+        usage="%(prog)s [--config YAML] [--dry_run [--world_size N]] [--debug] [--KEY VALUE | --KEY=VALUE ...]",
         description="TeleChat2 on MindSpore: predict, chat, finetune, train (pretraining) or eval (C-Eval/MMLU).",
-        epilog="Any setting of the YAML can be overridden as --key=value or --section.key=value, e.g. "
-               "--generate.max_new_tokens=64 --parallel_config.model_parallel=2 --predict_data='[\"hi\"]'.")
+        epilog="Every setting of the YAML can be given as --key value or --key=value (--section.key for a "
+               "section's), e.g. --generate.max_new_tokens 64 --parallel_config.model_parallel=2; a bare "
+               "boolean key means true.", allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML run settings (configs/<size>/<task>.yaml); "
                         "default: built-in tiny model, CPU, random weights")
-    parser.add_argument("--run_mode", default=None, choices=sorted(RUN_MODES),
-                        help="what to run (overrides the YAML's run_mode; default predict)")
-    parser.add_argument("--load_checkpoint", default=None, help="MindSpore checkpoint file or directory to load")
-    parser.add_argument("--predict_data", nargs="+", default=None, help="prompt text(s) for predict")
     parser.add_argument("--dry_run", action="store_true",
                         help="validate the settings, print the layout, per-rank shapes and the cost model's memory "
                              "and step-time prediction, build nothing, exit")
     parser.add_argument("--world_size", type=int, default=None,
                         help="with --dry_run outside msrun: the number of processes to check the layout for "
                              "(default 1; under msrun the real world size)")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
-    if bad:
-        parser.error(f"unrecognised argument(s) {bad}; overrides must look like --section.key=value")
-    return args, overrides
+    add_debug_flag(parser)
+    group = parser.add_argument_group("settings (override the YAML)")
+    for dotted, f in settings_keys().items():
+        doc = f.metadata.get("doc", "")
+        options = {"dest": dotted, "default": None, "help": doc.replace("%", "%%")}
+        if "choices" in f.metadata:
+            options["choices"] = list(f.metadata["choices"])
+        elif f.type is bool:
+            options.update(nargs="?", const="true", metavar="true|false")
+        elif dotted == "predict_data":
+            options.update(nargs="+", metavar="PROMPT")
+        else:
+            options["metavar"] = dotted.rsplit(".", 1)[-1].upper()
+        group.add_argument(f"--{dotted}", **options)
+    return parser
+
+
+def parse_args(argv):
+    """-> (the tool's own options, {dotted settings key: value as given})."""
+    from telechat2_ms.settings import settings_keys
+
+    args = build_parser().parse_args(argv)
+    given = {dotted: getattr(args, dotted) for dotted in settings_keys() if getattr(args, dotted) is not None}
+    return args, given
 
 
 def main(argv=None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from telechat2_ms.cli import report_errors
+
+    args, given = parse_args(sys.argv[1:] if argv is None else argv)
+    return report_errors(lambda: _main(args, given), debug=args.debug)
+
+
+def _main(args, given) -> int:
     from telechat2_ms.build import plan_run, setup_device
     from telechat2_ms.parallel import comm
     from telechat2_ms.settings import check_enumerations, load_settings
 
-    try:
-        settings = load_settings(args.config, overrides)
-        if args.run_mode:
-            settings.run_mode = args.run_mode
-        if args.load_checkpoint is not None:
-            settings.load_checkpoint = args.load_checkpoint
-        if args.predict_data is not None:
-            settings.predict_data = list(args.predict_data)
-        if args.world_size is not None and (not args.dry_run or comm.launched_by_msrun()):
-            raise ConfigError("--world_size is for --dry_run without msrun (under msrun the world is msrun's)")
-        check_enumerations(settings)  # run mode, device, dtype: what the device set-up needs
-        if args.dry_run and not comm.launched_by_msrun():
-            world = 1 if args.world_size is None else args.world_size
-            if world < 1:
-                raise ConfigError(f"--world_size must be at least 1, got {world}")
-        else:
-            setup_device(settings)
-            _, world = comm.init_distributed()  # under msrun: communication.init()
-        plan = plan_run(settings, world)  # the one validation, before any model or data work
-        if args.dry_run:
-            from telechat2_ms.dry_run import report
-            if comm.get_rank() == 0:
-                print(report(plan))
-            return 0
-        RUN_MODES[settings.run_mode](settings, plan)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config, [given])
+    if args.world_size is not None and (not args.dry_run or comm.launched_by_msrun()):
+        raise ConfigError("--world_size is for --dry_run without msrun (under msrun the world is msrun's)")
+    check_enumerations(settings)  # run mode, device, dtype: what the device set-up needs
+    if args.dry_run and not comm.launched_by_msrun():
+        world = 1 if args.world_size is None else args.world_size
+        if world < 1:
+            raise ConfigError(f"--world_size must be at least 1, got {world}")
+    else:
+        setup_device(settings)
+        _, world = comm.init_distributed()  # under msrun: communication.init()
+    plan = plan_run(settings, world)  # the one validation, before any model or data work
+    if args.dry_run:
+        from telechat2_ms.dry_run import report
+        if comm.get_rank() == 0:
+            print(report(plan))
+        return 0
+    RUN_MODES[settings.run_mode](settings, plan)
     return 0
 
 

@@ -6,11 +6,10 @@ import sys
 from typing import List, Optional
 
 from telechat2_ms.formats.dtypes import DTYPE_CHOICES
-from convert.errors import ConversionError
 from convert.hf_to_ms import hf_to_ms
 from convert.ms_to_hf import ms_to_hf
 from convert.reshard import merge, reshard
-from telechat2_ms.config import ConfigError
+from telechat2_ms.cli import ArgumentParser, add_debug_flag, report_errors
 
 
 def _layer_counts(text: str) -> List[int]:
@@ -21,11 +20,12 @@ def _layer_counts(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="python -m convert", description=__doc__, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_flag(common)
 
     p = sub.add_parser("hf2ms", parents=[common], help="HF directory -> MindSpore checkpoint")
     p.add_argument("hf_dir", help="HF TeleChat2 directory (config.json + safetensors shards or pytorch_model*.bin)")
@@ -59,21 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return report_errors(lambda: _run(args), debug=args.debug)
+
+
+def _run(args) -> int:
     progress = not args.no_progress
-    try:
-        if args.command == "hf2ms":
-            out = hf_to_ms(args.hf_dir, args.output, args.dtype, args.fused_qkv, args.overwrite, progress)
-        elif args.command == "ms2hf":
-            out = ms_to_hf(args.ms_checkpoint, args.output, args.config, args.dtype, args.shard_size,
-                           args.overwrite, progress)
-        elif args.command == "reshard":
-            out = reshard(args.src, args.output, args.tp, args.pp, args.layer_counts, args.config, args.dtype,
-                          args.overwrite, progress)
-        else:
-            out = merge(args.src, args.output, args.overwrite, progress)
-    except (ConversionError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "hf2ms":
+        out = hf_to_ms(args.hf_dir, args.output, args.dtype, args.fused_qkv, args.overwrite, progress)
+    elif args.command == "ms2hf":
+        out = ms_to_hf(args.ms_checkpoint, args.output, args.config, args.dtype, args.shard_size,
+                       args.overwrite, progress)
+    elif args.command == "reshard":
+        out = reshard(args.src, args.output, args.tp, args.pp, args.layer_counts, args.config, args.dtype,
+                      args.overwrite, progress)
+    else:
+        out = merge(args.src, args.output, args.overwrite, progress)
     print(f"wrote {out}")
     return 0
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from telechat2_ms.formats.dtypes import STORAGE, check_code
 from convert.errors import ConversionError
-from telechat2_ms.formats.layout import LAYOUT_NAME, rank_file, read_layout
+from telechat2_ms.formats.layout import LAYOUT_NAME, open_rank_file, read_layout
 from telechat2_ms.formats.safetensors_io import SafetensorsFile, TensorInfo
 from telechat2_ms.parallel.plan import merge_shards, param_stage, split_rule, stage_layer_ranges
 from telechat2_ms.checkpoint import CONFIG_METADATA_KEY
@@ -98,14 +99,23 @@ class TorchBinSource(TensorSource):
                 raise ConversionError(f"{f}: reading pytorch_model*.bin needs torch (pip install torch); "
                                       f"safetensors checkpoints do not") from None
             self._state = {}
-            try:
-                self._state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):  # an old non-zip .bin cannot be mapped: load it whole
-                    raise ConversionError(f"cannot load {f}: {e}") from None
-                self._state = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:  # truncated zip, pickle errors, ...
-                raise ConversionError(f"cannot load {f}: {e}") from None
+            with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
+                warnings.simplefilter("ignore")
+                try:
+                    try:
+                        self._state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError as e:
+                        if "mmap" not in str(e):
+                            raise
+                        # an old non-zip .bin cannot be mapped: load it whole
+                        self._state = torch.load(f, map_location="cpu", weights_only=True)
+                except Exception as e:  # truncated zip, a raw pickle, code in the pickle, ...
+                    first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+                    raise ConversionError(f"cannot load {f} as a PyTorch weights file ({type(e).__name__}: "
+                                          f"{first}); only torch.save state dicts of tensors are read (no "
+                                          "pickled code)") from None
+            if not isinstance(self._state, dict):
+                raise ConversionError(f"{f} holds a {type(self._state).__name__}, not a state dict of tensors")
             self._current = f
         return self._state
 
@@ -151,9 +161,14 @@ def _listed(directory: str, suffix: str, prefix: str) -> List[str]:
 
 
 def _from_index(directory: str, index_name: str) -> tuple:
-    with open(os.path.join(directory, index_name), encoding="utf-8") as fh:
-        weight_map = json.load(fh).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
+    path = os.path.join(directory, index_name)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ConversionError(f"{directory}/{index_name} has no weight_map")
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
@@ -249,13 +264,9 @@ class ShardedSource(TensorSource):
         except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
             raise ConversionError(f"{layout_path} is not a valid layout: {type(e).__name__}: {e}") from None
         self.metadata = {CONFIG_METADATA_KEY: json.dumps(layout["model_config"])}
-        self._files: Dict[Tuple[int, int], SafetensorsFile] = {}
-        for stage in range(self.pp):
-            for t in range(self.tp):
-                path = os.path.join(directory, rank_file(t, stage))
-                if not os.path.isfile(path):
-                    raise ConversionError(f"{directory}: rank file {rank_file(t, stage)} is missing")
-                self._files[(t, stage)] = SafetensorsFile(path)
+        layout["layer_ranges"] = [list(r) for r in self.ranges]
+        self._files: Dict[Tuple[int, int], SafetensorsFile] = {
+            (t, stage): open_rank_file(directory, layout, t, stage) for stage in range(self.pp) for t in range(self.tp)}
         self._stage: Dict[str, int] = {}
         self._infos: Dict[str, TensorInfo] = {}
         for stage in range(self.pp):

@@ -36,10 +36,10 @@ import numpy as np
 import yaml
 
 from telechat2_ms.config import ConfigError, ModelConfig
-from telechat2_ms.formats.atomic import atomic_file
+from telechat2_ms.formats.atomic import atomic_file, write_text_atomic
 from telechat2_ms.formats.dtypes import cast
 from telechat2_ms.formats.errors import CheckpointError
-from telechat2_ms.formats.layout import is_layout_dir, layout_ranges, rank_file, read_layout
+from telechat2_ms.formats.layout import is_layout_dir, layout_ranges, open_rank_file, read_layout
 from telechat2_ms.formats.safetensors_io import SafetensorsFile
 from telechat2_ms.parallel import plan
 
@@ -100,6 +100,23 @@ class CheckpointRef:
     tokenizer_dir: str = ""
     layout: Dict[str, Any] = field(default_factory=dict)
     missing: str = ""  # why the weights file could not be found (a directory holding only config.json)
+
+
+def fingerprint(ref: CheckpointRef, seed: int) -> Dict[str, Any]:
+    """What identifies the weights a run loads, for records that must not be reused with other weights
+    (eval results): the resolved path and every weights file's size and modification time (reading
+    hundreds of GB to hash them is not an option), or the random-init seed."""
+    if ref.kind == "none":
+        return {"kind": "none", "seed": seed}
+    root = os.path.realpath(ref.weights or ref.path)
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else [""]
+    files = []
+    for name in names:
+        path = os.path.join(root, name) if name else root
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            files.append([name, stat.st_size, stat.st_mtime_ns])
+    return {"kind": ref.kind, "path": root, "files": files}
 
 
 def resolve_checkpoint_file(path: str) -> str:
@@ -301,10 +318,7 @@ class LayoutWeights(Weights):
 
     def _file(self, tp_rank: int, stage: int) -> SafetensorsFile:
         if (tp_rank, stage) not in self._files:
-            path = os.path.join(self.path, rank_file(tp_rank, stage))
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{self.path}: rank file {rank_file(tp_rank, stage)} is missing")
-            self._files[(tp_rank, stage)] = SafetensorsFile(path)
+            self._files[(tp_rank, stage)] = open_rank_file(self.path, self.layout, tp_rank, stage)
         return self._files[(tp_rank, stage)]
 
     def shapes(self):
@@ -463,13 +477,6 @@ def save_tensors(tensors: Mapping[str, Any], path: str) -> str:
     with atomic_file(path, overwrite=True, suffix=ext) as tmp:  # mindspore keeps a name that has the extension
         ms.save_checkpoint(items, tmp, format=ext[1:])
     return path
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_file(path, overwrite=True) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
 
 
 def save_model(model, out_dir: str, config: Optional[ModelConfig] = None, settings: Any = None,

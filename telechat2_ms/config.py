@@ -86,20 +86,34 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, source: Any, name: str = "hf") -> "ModelConfig":
         """Build from a HF TeleChat2 `config.json` (a path, a directory holding it, or a dict)."""
+        where = "config.json"
         if isinstance(source, (str, os.PathLike)):
             path = os.path.join(source, "config.json") if os.path.isdir(source) else source
             if not os.path.exists(path):
                 raise ConfigError(f"no config.json at {path}")
-            with open(path, encoding="utf-8") as f:
-                source = json.load(f)
+            where = str(path)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    source = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(source, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(source).__name__}")
         hf = dict(source)
 
-        def pick(*names, default=None, required=True):
+        def pick(*names, default=None, required=True, kind=int):
             for n in names:
                 if n in hf and hf[n] is not None:
-                    return hf[n]
+                    value = hf[n]
+                    try:
+                        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+                            raise ValueError
+                        return kind(value)
+                    except (TypeError, ValueError):
+                        raise ConfigError(f"{where}: {n} must be {'an integer' if kind is int else 'a number'}, "
+                                          f"got {value!r}") from None
             if required and default is None:
-                raise ConfigError(f"config.json lacks {' / '.join(names)}")
+                raise ConfigError(f"{where} lacks {' / '.join(names)}")
             return default
 
         if hf.get("tie_word_embeddings"):
@@ -108,21 +122,21 @@ class ModelConfig:
             raise ConfigError("apply_residual_connection_post_layernorm=true is not supported")
         if hf.get("embed_layernorm"):
             raise ConfigError("embed_layernorm=true is not supported (false in every released TeleChat2)")
-        n_head = int(pick("n_head", "num_attention_heads"))
+        n_head = pick("n_head", "num_attention_heads")
         return cls(
-            hidden_size=int(pick("hidden_size")),
-            num_layers=int(pick("n_layer", "num_hidden_layers")),
+            hidden_size=pick("hidden_size"),
+            num_layers=pick("n_layer", "num_hidden_layers"),
             num_heads=n_head,
-            num_kv_heads=int(pick("num_key_value_heads", default=n_head)),
-            ffn_hidden_size=int(pick("ffn_hidden_size", "intermediate_size")),
-            vocab_size=int(pick("vocab_size")),
-            rms_norm_eps=float(pick("layer_norm_epsilon", "rms_norm_eps")),
-            training_seqlen=int(pick("training_seqlen", default=8192)),
-            base_seqlen=int(pick("base_seqlen", default=8192)),
-            initializer_range=float(pick("initializer_range", default=0.02)),
-            bos_token_id=int(pick("bos_token_id", default=1)),
-            eos_token_id=int(pick("eos_token_id", default=2)),
-            pad_token_id=int(pick("pad_token_id", default=3)),
+            num_kv_heads=pick("num_key_value_heads", default=n_head),
+            ffn_hidden_size=pick("ffn_hidden_size", "intermediate_size"),
+            vocab_size=pick("vocab_size"),
+            rms_norm_eps=pick("layer_norm_epsilon", "rms_norm_eps", kind=float),
+            training_seqlen=pick("training_seqlen", default=8192),
+            base_seqlen=pick("base_seqlen", default=8192),
+            initializer_range=pick("initializer_range", default=0.02, kind=float),
+            bos_token_id=pick("bos_token_id", default=1),
+            eos_token_id=pick("eos_token_id", default=2),
+            pad_token_id=pick("pad_token_id", default=3),
             name=name,
         )
 

@@ -24,8 +24,6 @@ Run from the repository root:
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import pathlib
 import sys
@@ -602,7 +600,10 @@ def _adhoc_layout(args) -> Tuple[str, Layout]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from telechat2_ms.cli import ArgumentParser, add_debug_flag, report_errors
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add_debug_flag(p)
     p.add_argument("--config", action="append", default=[], help="YAML run config (repeatable)")
     p.add_argument("--all", action="store_true", help="every shipped Atlas YAML + the MindFormers check")
     p.add_argument("--model", help="ad-hoc layout: model size (e.g. telechat2_115b)")
@@ -622,16 +623,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = shipped_atlas_configs() if args.all else [pathlib.Path(c) for c in args.config]
     if not paths and not args.model:
         p.error("give --config, --all or --model")
-    try:
-        entries = [evaluate_config(path) for path in paths]
-        if args.model:
-            name, lay = _adhoc_layout(args)
-            cfg = get_config(name)
-            entries.append({"name": f"{name} (ad hoc)", "layout": lay, "memory": memory_per_device(cfg, lay),
-                            "time": step_time(cfg, lay) if lay.mode == "train" else None})
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: _report(args, paths), debug=args.debug)
+
+
+def _report(args, paths) -> int:
+    entries = [evaluate_config(path) for path in paths]
+    if args.model:
+        name, lay = _adhoc_layout(args)
+        cfg = get_config(name)
+        entries.append({"name": f"{name} (ad hoc)", "layout": lay, "memory": memory_per_device(cfg, lay),
+                        "time": step_time(cfg, lay) if lay.mode == "train" else None})
     hw = ATLAS_800T_A2
     print(f"Hardware: {hw.name}: {hw.peak_flops / 1e12:.1f} TFLOPS bf16 peak, {hw.hbm_bytes / GIB:.0f} GiB HBM, "
           f"HCCS {hw.hccs_link_bandwidth / 1e9:.0f} GB/s/link/direction, RoCE {hw.roce_port_bandwidth / 1e9:.0f} "

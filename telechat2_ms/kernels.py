@@ -48,7 +48,7 @@ def attention(q, k, v, allowed, use_fused: bool = False):
     ~1e-7 relative otherwise); scores are masked and soft-maxed in fp32.
     """
     batch, n_heads, seq, dim = q.shape
-    kv_heads, keys = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     group = n_heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
     if use_fused:

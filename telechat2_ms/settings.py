@@ -21,6 +21,7 @@ vocabulary and ffn divisible by tp, layers vs stages), and the batch and sequenc
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -150,7 +151,10 @@ class RunSettings:
                                    "newest checkpoint) or a per-rank layout directory; empty: random init")
     tokenizer: str = key("", "tokenizer.model path or directory; empty: the checkpoint directory's, else the "
                              "built-in demo tokenizer")
-    output_dir: str = key("./output", "where runs write checkpoints, metrics, eval results")
+    output_dir: str = key("./output", "where runs write checkpoints, metrics, eval results; one run owns it "
+                                      "(run.json, a lock while it runs)")
+    overwrite: bool = key(False, "let a new run remove what an earlier run left in output_dir (its checkpoints, "
+                                 "metrics, eval results) instead of refusing")
     seq_length: int = key(8192, "context length (prompt + generated tokens) / training sequence length")
     compute_dtype: str = key("float32", "matmul dtype; bfloat16 needs Ascend", ("float32", "float16", "bfloat16"))
     device_target: str = key("CPU", "device", ("CPU", "Ascend", "GPU"))
@@ -222,13 +226,50 @@ def _apply(obj: Any, updates: Dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], path))
 
 
+def settings_keys(obj: Any = None, prefix: str = "") -> Dict[str, dataclasses.Field]:
+    """Every leaf settings key (dotted) -> its dataclass field (with .type resolved to the annotation)."""
+    obj = RunSettings() if obj is None else obj
+    hints = typing.get_type_hints(type(obj))
+    out: Dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(settings_keys(value, f"{prefix}{f.name}."))
+        else:
+            f.type = hints[f.name]
+            out[prefix + f.name] = f
+    return out
+
+
+def _is_text(annotation: Any) -> bool:
+    return annotation is str or (typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation))
+
+
 def parse_override(text: str) -> Dict[str, Any]:
-    """`--a.b=v` or `a.b=v` -> {'a': {'b': v}} with v parsed as YAML (so 2 is int, true is bool)."""
+    """`--a.b=v` or `a.b=v` -> {'a': {'b': v}}: v taken as-is for a text key (a path may hold spaces or
+    colons; `null` clears an optional one), else parsed as YAML (so 2 is int, true is bool, [a, b] a list)."""
     text = text[2:] if text.startswith("--") else text
     if "=" not in text:
+        known = settings_keys().get(text)
+        if known is not None and known.type is bool:
+            return override(text, True)  # a bare boolean key means true, as on the command line
         raise ConfigError(f"override {text!r} must look like --section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    return override(dotted, raw)
+
+
+def override(dotted: str, raw: Any) -> Dict[str, Any]:
+    """{'a': {'b': value}} for key `a.b` given on the command line as `raw` (parse_override)."""
+    known = settings_keys().get(dotted)
+    if not isinstance(raw, str):
+        value = raw
+    elif known is not None and _is_text(known.type):
+        value = None if raw == "null" and known.type is not str else raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML: the key's own check says what it expected
     out: Dict[str, Any] = {}
     node = out
     parts = dotted.split(".")
@@ -238,23 +279,38 @@ def parse_override(text: str) -> Dict[str, Any]:
     return out
 
 
-def load_settings(yaml_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunSettings:
-    """Defaults < YAML file < overrides (`--key=value`, dotted keys for sections)."""
+def load_settings(yaml_path: Optional[str] = None, overrides: Optional[List[Any]] = None) -> RunSettings:
+    """Defaults < YAML file < overrides (`--key=value` texts, dotted keys for sections, or {dotted: value}
+    mappings). ConfigError naming the file or key for anything wrong."""
     settings = RunSettings()
     if yaml_path:
+        if os.path.isdir(yaml_path):
+            raise ConfigError(f"--config {yaml_path} is a directory; give a YAML file (e.g. "
+                              "configs/telechat2_7b/finetune.yaml)")
         try:
             with open(yaml_path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {yaml_path}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{yaml_path} is not UTF-8 text (byte {err.start}); give a YAML file") from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{yaml_path}: YAML syntax error{at}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{yaml_path}: top level must be a mapping")
         try:
             _apply(settings, data)
         except ConfigError as e:
             raise ConfigError(f"{yaml_path}: {e}") from None
-    for text in overrides or []:
-        _apply(settings, parse_override(text))
+    for item in overrides or []:
+        if isinstance(item, str):
+            _apply(settings, parse_override(item))
+        else:
+            for dotted, raw in item.items():
+                _apply(settings, override(dotted, raw))
     return settings
 
 

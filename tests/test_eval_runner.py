@@ -47,7 +47,7 @@ def test_resume_skips_finished_subjects(shared_dir, tmp_path):
     os.remove(os.path.join(run_dir_of(options(shared_dir, tmp_path)), "subjects", "logic.json"))
     again = evaluate(options(shared_dir, tmp_path), hashed_model(calls), byte_encode, progress=False)
     assert sum(calls) == first["subjects"]["logic"]["n"] and again["overall"] == first["overall"]
-    with pytest.raises(ValueError, match="different evaluation run"):
+    with pytest.raises(ValueError, match="advanced_mathematics.json holds a result made with other model than this run.s"):
         evaluate(options(shared_dir, tmp_path), hashed_model(calls), byte_encode, model_tag={"model": "other"},
                  progress=False)
 

@@ -49,7 +49,7 @@ def test_empty_prompt_and_too_long_prompt_are_refused():
 
 @pytest.mark.parametrize("args,message", [
     (["--model=telechat2_8b"], "unknown model size 'telechat2_8b'"),
-    (["--generate.topk=3"], "unknown config key 'generate.topk'"),
+    (["--generate.topk=3"], "unrecognized arguments: --generate.topk=3 (did you mean --generate.top_k?)"),
     (["--load_checkpoint=/nonexistent/ckpt"], "does not exist"),
     (["--compute_dtype=bfloat16"], "bfloat16 has no CPU kernels"),
 ])
@@ -58,6 +58,8 @@ def test_cli_errors_are_one_clear_line(args, message):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith("error: ")
 
 
 def test_checkpoint_config_that_contradicts_the_named_size_is_refused(tmp_path):

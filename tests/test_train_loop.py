@@ -10,7 +10,7 @@ from telechat2_ms.config import ConfigError
 from telechat2_ms.data.sources import DataError
 from telechat2_ms.settings import load_settings
 from telechat2_ms.train import Trainer, run_train
-from telechat2_ms.train.png import read_png_size
+from PIL import Image
 
 DEMO = ["--seq_length=128", "--train.train_dataset=demo:400", "--train.truncation=drop", "--train.batch_size=8",
         "--train.learning_rate=5e-3", "--train.min_learning_rate=5e-4", "--train.warmup_steps=5",
@@ -47,7 +47,8 @@ def test_tiny_demo_loss_drops_and_step_compiles_once():
     assert [r["loss"] for r in records] == losses
     assert all(r["tokens"] > 0 and r["grad_norm"] > 0 and not r["skipped"] for r in records)
     assert records[4]["lr"] == pytest.approx(5e-3) and records[-1]["lr"] == pytest.approx(5e-4)
-    assert read_png_size("out/loss_curve.png") == (640, 400)
+    with Image.open("out/loss_curve.png") as image:
+        assert (image.format, image.size) == ("PNG", (640, 400))
     assert os.path.isfile(os.path.join(summary["checkpoint"], "model.safetensors"))
     assert summary["checkpoint"].endswith("step_00000030")
 

@@ -8,16 +8,17 @@ the output directory can then be given as `train.train_dataset`. Prints the data
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from telechat2_ms.data.dataset import build_dataset
 from telechat2_ms.data.sft import TRUNCATION_POLICIES
-from telechat2_ms.data.sources import DataError, resolve_sources
+from telechat2_ms.cli import ArgumentParser, add_debug_flag, report_errors
+from telechat2_ms.data.sources import resolve_sources
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m telechat2_ms.data", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m telechat2_ms.data", description=__doc__.split("\n")[0],
+                            allow_abbrev=False)
     parser.add_argument("--input", required=True, help="jsonl file(s), a directory of jsonl, or a data-mix .json")
     parser.add_argument("--output", required=True, help="new dataset directory (must not exist)")
     parser.add_argument("--seq_length", type=int, required=True, help="training sequence length")
@@ -26,16 +27,17 @@ def main(argv=None) -> int:
     parser.add_argument("--truncation", default="error", choices=TRUNCATION_POLICIES,
                         help="SFT samples longer than seq_length: error (default), truncate or drop")
     parser.add_argument("--seed", type=int, default=1234, help="data-mix resampling seed (train.seed)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return report_errors(lambda: _run(args), debug=args.debug)
+
+
+def _run(args) -> int:
     from telechat2_ms.tokenizer import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or None)
-        dataset = build_dataset(resolve_sources(args.input), args.output, tokenizer, args.seq_length, args.format,
-                                args.truncation, args.seed)
-    except (DataError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tokenizer = load_tokenizer(args.tokenizer or None)
+    dataset = build_dataset(resolve_sources(args.input), args.output, tokenizer, args.seq_length, args.format,
+                            args.truncation, args.seed)
     index = dataset.index
     print(f"{dataset}: {index['num_tokens']} tokens, {index['num_target_tokens']} targets")
     if "sft" in index:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,6 +32,7 @@ import numpy as np
 from telechat2_ms.data.pretrain import encode_pretrain_file
 from telechat2_ms.data.sft import SftEncoder, encode_sft_file
 from telechat2_ms.data.sources import DataError, Source, resolve_sources
+from telechat2_ms.formats.atomic import make_temp_dir
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -155,7 +155,7 @@ def build_dataset(sources: Sequence[Source], out_dir: str, tokenizer, seq_length
         raise DataError(f"dataset directory {out_dir} already exists")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)
+    tmp = make_temp_dir(out_dir)
     try:
         writer = _Writer(tmp, seq_length, tokenizer.pad_id)
         counts, per_source = [], []

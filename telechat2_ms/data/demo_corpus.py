@@ -17,11 +17,11 @@ model learns them in minutes on a CPU.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import random
+import sys
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from telechat2_ms.chat_template import DEFAULT_SYSTEM_PROMPT, hf_tojson, tools_system_prompt
@@ -248,16 +248,21 @@ def train_demo_tokenizer(path: str, vocab_size: int = DEMO_VOCAB_SIZE) -> str:
     pieces = [sp.id_to_piece(i) for i in range(len(SPECIAL_PIECES))]
     if pieces != SPECIAL_PIECES or sp.get_piece_size() != vocab_size:
         raise RuntimeError(f"demo tokenizer came out wrong: ids 0-12 = {pieces}, vocab {sp.get_piece_size()}")
+    from telechat2_ms.formats.atomic import atomic_file
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(blob)
     return path
 
 
-def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m telechat2_ms.data.demo_corpus", description=__doc__.split("\n")[0])
+def _main(argv=None) -> int:
+    from telechat2_ms.cli import ArgumentParser, add_debug_flag, report_errors
+
+    parser = ArgumentParser(prog="python -m telechat2_ms.data.demo_corpus", description=__doc__.split("\n")[0],
+                            allow_abbrev=False)
+    add_debug_flag(parser)
     parser.add_argument("--write-tokenizer", nargs="?", const="", metavar="PATH",
                         help="train the demo tokenizer; default PATH is the packaged asset")
     parser.add_argument("--write-sft", metavar="PATH", help="write demo SFT jsonl to PATH")
@@ -266,6 +271,10 @@ def _main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.write_tokenizer is None and not args.write_sft:
         parser.error("nothing to do: give --write-tokenizer and/or --write-sft PATH")
+    return report_errors(lambda: _write(args), debug=args.debug)
+
+
+def _write(args) -> None:
     if args.write_tokenizer is not None:
         path = args.write_tokenizer or os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                                                     "demo_tokenizer.model")
@@ -275,4 +284,4 @@ def _main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(_main())

@@ -34,19 +34,16 @@ class Source:
 def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """Yield (line number, object) for every non-blank line; DataError on invalid JSON or a non-object."""
     try:
-        f = open(path, encoding="utf-8-sig")
+        f = open(path, "rb")
     except OSError as err:
         raise DataError(f"cannot open training data {path}: {err.strerror}") from None
     with f:
-        line_no = 0
-        while True:
+        for line_no, raw in enumerate(f, start=1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{line_no + 1}: not valid UTF-8 ({err.reason})") from None
-            if not line:
-                break
-            line_no += 1
+                raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1}: {err.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -10,6 +10,7 @@ would turn it into NaN).
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -81,8 +82,25 @@ def _read_rows(path: str) -> List[List[str]]:
     if not os.path.isfile(path):
         raise ValueError(f"data file not found: {path}")
     # newline="" lets csv see CR/LF itself: row ends may be CRLF or LF, quoted fields keep theirs verbatim.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return [row for row in csv.reader(f) if row]  # blank lines are skipped, as pandas does
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return [row for row in csv.reader(f) if row]  # blank lines are skipped, as pandas does
+    except UnicodeDecodeError as err:
+        with open(path, "rb") as f:
+            line = f.read()[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); the benchmark "
+                         "files are UTF-8 csv") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: not a csv file ({err})") from None
+
+
+def subject_digest(root: str, subject: str, split: str) -> str:
+    """sha256 of the files a subject's score depends on (its dev exemplars and its `split` questions)."""
+    digest = hashlib.sha256()
+    for part in dict.fromkeys(("dev", split)):
+        with open(subject_file(root, subject, part), "rb") as f:
+            digest.update(part.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
 
 
 def _check_answer(answer: str, path: str, line: int) -> str:

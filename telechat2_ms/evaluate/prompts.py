@@ -104,6 +104,9 @@ PROTOCOLS: Dict[Tuple[str, str], Protocol] = {
 
 def get_protocol(benchmark: str, name: str) -> Protocol:
     key = (benchmark, name)
+    benchmarks = sorted({b for b, _ in PROTOCOLS})
+    if benchmark not in benchmarks:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(benchmarks)}")
     if key not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r} for benchmark {benchmark!r}; expected one of "
                          f"{', '.join(PROTOCOL_NAMES)} with benchmark mmlu or ceval")

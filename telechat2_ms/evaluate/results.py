@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from telechat2_ms.evaluate.data import LETTERS, Question
+from telechat2_ms.formats.atomic import write_text_atomic
 from telechat2_ms.evaluate.scoring import ChoiceRequest
 from telechat2_ms.evaluate.subjects import benchmark_categories, extra_groups, subject_category
 
@@ -44,11 +45,7 @@ def subject_record(subject: str, category: str, questions: Sequence[Question],
 # ---- resumable per-subject files -----------------------------------------------------------------------
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
 def subject_path(run_dir: str, subject: str) -> str:
@@ -59,17 +56,28 @@ def save_subject_record(run_dir: str, record: Dict[str, Any]) -> None:
     _write_json_atomic(subject_path(run_dir, record["subject"]), record)
 
 
-def load_subject_record(run_dir: str, subject: str, signature: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The saved record of a finished subject, or None. A record from a different run (other model,
-    protocol, shots, ...) is an error rather than silently mixed in."""
+def load_subject_record(run_dir: str, subject: str, signature: Dict[str, Any],
+                        overwrite: bool = False) -> Optional[Dict[str, Any]]:
+    """The saved record of a finished subject, or None. A record made with anything else that changes
+    the result (other data, model, protocol, shots, ...) is refused, naming what differs, rather than
+    reused; with `overwrite` it is ignored (the subject is scored again and the record replaced). An
+    unreadable record (torn by a kill) is scored again."""
     path = subject_path(run_dir, subject)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    if record.get("signature") != signature:
-        raise ValueError(f"{path} was written by a different evaluation run "
-                         f"({record.get('signature')} != {signature}); use another output_dir or delete it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    stored = record.get("signature") if isinstance(record, dict) else None
+    if stored != signature:
+        if overwrite:
+            return None
+        stored = stored if isinstance(stored, dict) else {}
+        differ = sorted(k for k in set(stored) | set(signature) if stored.get(k) != signature.get(k))
+        raise ValueError(f"{path} holds a result made with other {', '.join(differ)} than this run's; "
+                         "choose another output_dir, or pass --overwrite to score the subject again")
     return record
 
 
@@ -138,8 +146,7 @@ def write_outputs(run_dir: str, summary: Dict[str, Any], records: Dict[str, Dict
     """results.json, results.md and (C-Eval test) submission.json under run_dir; returns their paths."""
     paths = {"json": os.path.join(run_dir, "results.json"), "markdown": os.path.join(run_dir, "results.md")}
     _write_json_atomic(paths["json"], summary)
-    with open(paths["markdown"], "w", encoding="utf-8") as f:
-        f.write(to_markdown(summary))
+    write_text_atomic(paths["markdown"], to_markdown(summary))
     if summary["benchmark"] == "ceval" and summary["split"] == "test":
         paths["submission"] = os.path.join(run_dir, "submission.json")
         _write_json_atomic(paths["submission"], ceval_submission(records))

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from telechat2_ms.evaluate.data import list_subjects, load_subject, resolve_data_dir
+from telechat2_ms.evaluate.data import list_subjects, load_subject, resolve_data_dir, subject_digest
 from telechat2_ms.evaluate.distributed import (GatherFn, gather_records, replica_of,
                                                split_subjects)
 from telechat2_ms.evaluate.prompts import get_protocol
@@ -39,6 +39,7 @@ class EvalOptions:
     output_dir: str = "./output"
     add_bos: bool = False  # prepend <_start> (TeleChat2's tokenizer_config adds none)
     limit: int = 0  # score only the first `limit` questions per subject (0: all); for smoke tests
+    overwrite: bool = False  # rescore subjects whose stored record was made with other data / model / settings
 
     def validate(self) -> None:
         get_protocol(self.benchmark, self.protocol)  # raises on an unknown benchmark/protocol pair
@@ -103,8 +104,11 @@ def evaluate(options: EvalOptions, next_token_logits: NextTokenLogits, encode: E
     if unknown:
         raise ValueError(f"eval.subjects not found in {root}/{options.split}: {', '.join(unknown)}")
     subjects = sorted(set(subjects))
-    settings = {k: v for k, v in asdict(options).items() if k not in ("data_dir", "output_dir", "batch_size", "subjects")}
-    signature = {**settings, "model": model_tag or {}}
+    # what changes a subject's result: the settings below, the model (weights, tokenizer, dtype) and the
+    # subject's data files, by content (a copy of the same files elsewhere gives the same result)
+    settings = {k: v for k, v in asdict(options).items()
+                if k not in ("data_dir", "output_dir", "batch_size", "subjects", "overwrite")}
+    base_signature = {**settings, "model": model_tag or {}}
     run_dir = run_dir_of(options)
 
     replica, leader = replica_of(rank, world, data_parallel or world)
@@ -112,14 +116,16 @@ def evaluate(options: EvalOptions, next_token_logits: NextTokenLogits, encode: E
     if options.limit:
         sizes = {s: min(n, options.limit) for s, n in sizes.items()}
     mine = split_subjects(subjects, sizes, replica, data_parallel or world)
-    records = {s: r for s in mine if (r := load_subject_record(run_dir, s, signature)) is not None}
+    signatures = {s: {**base_signature, "data": subject_digest(root, s, options.split)} for s in mine}
+    records = {s: r for s in mine
+               if (r := load_subject_record(run_dir, s, signatures[s], options.overwrite)) is not None}
     pending = [s for s in mine if s not in records]
 
     desc = f"{options.benchmark}/{options.split}" + (f" dp{replica}" if world > 1 else "")
     with _progress(sum(sizes[s] for s in pending), progress and leader, desc) as bar:
         for subject in pending:
             records[subject] = _score_subject(options, root, subject, next_token_logits, encode, bos_id,
-                                              signature, bar)
+                                              signatures[subject], bar)
             if leader:
                 save_subject_record(run_dir, records[subject])
 
@@ -128,17 +134,18 @@ def evaluate(options: EvalOptions, next_token_logits: NextTokenLogits, encode: E
         return {"rank": rank, "subjects": mine}
     protocol = get_protocol(options.benchmark, options.protocol)
     summary = summarize(merged, options.benchmark, protocol.category_convention, subjects,
-                        {**settings, "model": model_tag or {}, "source": protocol.source})
+                        {**settings, "model": model_tag or {}, "data_dir": os.path.realpath(root),
+                         "source": protocol.source})
     summary["outputs"] = write_outputs(run_dir, summary, merged)
     return summary
 
 
 def options_from_settings(settings) -> EvalOptions:
     """EvalOptions from a telechat2_ms.settings.RunSettings (its `eval` section plus output_dir)."""
-    fields = {f.name for f in dataclasses.fields(EvalOptions)} - {"output_dir"}
+    fields = {f.name for f in dataclasses.fields(EvalOptions)} - {"output_dir", "overwrite"}
     values = {name: getattr(settings.eval, name) for name in fields}
     values["subjects"] = list(values["subjects"])
-    return EvalOptions(output_dir=settings.output_dir, **values)
+    return EvalOptions(output_dir=settings.output_dir, overwrite=settings.overwrite, **values)
 
 
 def _plain_encoder(tokenizer) -> Encode:
@@ -151,9 +158,39 @@ def _plain_encoder(tokenizer) -> Encode:
     return lambda text: tokenizer.encode(text, parse_special=False, add_bos=False, add_eos=False)
 
 
-def run_eval(settings, model, tokenizer) -> Dict[str, Any]:
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    if not path or not os.path.isfile(path):
+        return str(path)
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _lock_results(run_dir: str, rank: int, world: int):
+    """Rank 0 takes the result directory's lock (outputs.OutputLock); every rank gets the same refusal."""
+    from telechat2_ms.config import ConfigError
+    from telechat2_ms.outputs import OutputLock
+
+    lock, error = None, ""
+    if rank == 0:
+        try:
+            lock = OutputLock(run_dir, "eval result directory").acquire()
+        except ConfigError as err:
+            error = str(err)
+    if world > 1:
+        from telechat2_ms.parallel.ranks import broadcast_object
+
+        error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
+def run_eval(settings, model, tokenizer, weights: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """`--run_mode eval`: evaluate a MindSpore Telechat2ForCausalLM with a Telechat2Tokenizer on
-    settings.eval. Under msrun the communication must already be initialised (parallel.comm)."""
+    settings.eval; `weights` identifies what the model loaded (checkpoint.fingerprint). Rank 0 holds the
+    result directory's lock meanwhile. Under msrun the communication must already be initialised."""
     from telechat2_ms.evaluate.model_adapter import mindspore_next_token_logits
     from telechat2_ms.parallel import comm
     from telechat2_ms.parallel.ranks import gather_objects
@@ -167,12 +204,17 @@ def run_eval(settings, model, tokenizer) -> Dict[str, Any]:
     next_token_logits = mindspore_next_token_logits(model, pad_id=pad_id,
                                                     pad_to_multiple=1 if settings.device_target == "CPU" else 128,
                                                     jit=bool(settings.jit) and settings.device_target != "CPU")
-    model_tag = {"model": settings.model, "load_checkpoint": settings.load_checkpoint,
-                 "tokenizer": settings.tokenizer, "compute_dtype": settings.compute_dtype}
-    summary = evaluate(options, next_token_logits, _plain_encoder(tokenizer),
-                       bos_id=int(tokenizer.bos_id) if options.add_bos else None, model_tag=model_tag, rank=rank,
-                       world=world, data_parallel=data_parallel,
-                       gather_fn=gather_objects if world > 1 else None, progress=True)
+    model_tag = {"model": settings.model, "weights": weights or {"load_checkpoint": settings.load_checkpoint},
+                 "tokenizer": _file_digest(getattr(tokenizer, "path", "")), "compute_dtype": settings.compute_dtype}
+    lock = _lock_results(run_dir_of(options), rank, world)
+    try:
+        summary = evaluate(options, next_token_logits, _plain_encoder(tokenizer),
+                           bos_id=int(tokenizer.bos_id) if options.add_bos else None, model_tag=model_tag, rank=rank,
+                           world=world, data_parallel=data_parallel,
+                           gather_fn=gather_objects if world > 1 else None, progress=True)
+    finally:
+        if lock is not None:
+            lock.release()
     if "outputs" in summary:  # rank 0: show the table and where the files are
         with open(summary["outputs"]["markdown"], encoding="utf-8") as f:
             print(f.read())

@@ -79,5 +79,36 @@ def read_layout(directory: str) -> Dict[str, Any]:
     return layout
 
 
+def open_rank_file(directory: str, layout: Dict[str, Any], tp_rank: int, stage: int):
+    """The SafetensorsFile of rank (tp_rank, stage) of a layout directory, after checking that the
+    position it records in its metadata (`telechat2_shard`: tp, tp_rank, pp, pp_stage, layer_range) is that
+    one: a file copied or renamed into another rank's place is refused, naming both, instead of being read
+    as the wrong slice. CheckpointError for a missing, unreadable or misplaced file."""
+    from telechat2_ms.formats.safetensors_io import SafetensorsFile
+
+    name = rank_file(tp_rank, stage)
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: rank file {name} is missing")
+    file = SafetensorsFile(path)
+    expected = {"tp": layout["tp"], "tp_rank": tp_rank, "pp": layout["pp"], "pp_stage": stage,
+                "layer_range": list(layout["layer_ranges"][stage])}
+    raw = file.metadata.get(SHARD_METADATA_KEY)
+    try:
+        recorded = json.loads(raw) if raw is not None else None
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{path} does not record its rank ({SHARD_METADATA_KEY} metadata missing or "
+                              f"unreadable); write the layout again with `python -m convert reshard`")
+    if {k: recorded.get(k) for k in expected} != expected:
+        def where(d):
+            return (f"tp_rank {d.get('tp_rank')} of tp {d.get('tp')}, pipeline stage {d.get('pp_stage')} of "
+                    f"{d.get('pp')}, layers {d.get('layer_range')}")
+        raise CheckpointError(f"{path} holds {where(recorded)}, but sits where {LAYOUT_NAME} puts {where(expected)}; "
+                              "put the rank directories back in their places (or reshard again)")
+    return file
+
+
 def layout_ranges(layout: Dict[str, Any]) -> List[List[int]]:
     return [list(r) for r in layout["layer_ranges"]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from telechat2_ms.checkpoint import (STATE_FILE, CheckpointError, checkpoint_root, latest_checkpoint,
@@ -23,22 +24,30 @@ from telechat2_ms.checkpoint import (STATE_FILE, CheckpointError, checkpoint_roo
 
 
 def remove_stale_temporaries(root: str) -> None:
-    """Delete `.tmp-*` directories left by a save that was interrupted."""
+    """Delete the `.tmp-*` directories of saves that were interrupted (the caller holds the run's lock, so
+    no live save owns them), saying so with their size."""
+    from telechat2_ms.formats.atomic import tree_size
+
     if os.path.isdir(root):
-        for name in os.listdir(root):
+        for name in sorted(os.listdir(root)):
             if name.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                path = os.path.join(root, name)
+                size = tree_size(path)
+                shutil.rmtree(path, ignore_errors=True)
+                print(f"warning: removed {path} ({size / 2 ** 20:.1f} MiB), left by an interrupted checkpoint save",
+                      file=sys.stderr)
 
 
 def save_training_checkpoint(root: str, step: int, write_files: Union[Callable[[str], None], Mapping[str, Any]],
                              state: Dict[str, Any],
                              config=None, settings=None, keep: int = 0,
                              before_rename: Optional[Callable[[str], None]] = None, is_main: bool = True,
-                             barrier: Optional[Callable[[], None]] = None) -> str:
+                             barrier: Optional[Callable[[], None]] = None, run_id: Optional[str] = None) -> str:
     """Write checkpoint `step` atomically: `write_files(tmp_dir)` (on every rank; or a mapping {file name:
     {tensor name: tensor}} written with checkpoint.save_tensors), then trainer_state.json,
-    config.json and run_settings.yaml; then delete all but the newest `keep` checkpoints (keep <= 0 keeps
-    all). Under msrun every rank calls it with a `barrier`. Returns the directory."""
+    config.json and run_settings.yaml; then delete all but the newest `keep` checkpoints of this run (those
+    whose trainer state carries `run_id`; keep <= 0 keeps all; a checkpoint of another run is never
+    removed). Under msrun every rank calls it with a `barrier`. Returns the directory."""
     sync = barrier or (lambda: None)
     if not callable(write_files):
         files = write_files
@@ -71,13 +80,29 @@ def save_training_checkpoint(root: str, step: int, write_files: Union[Callable[[
                 shutil.rmtree(final)
             os.rename(tmp, final)
             if keep > 0:
-                for _, old in list_checkpoints(root)[:-keep]:
+                for old in run_checkpoints(root, run_id)[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
     finally:
         if is_main and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     sync()
     return final
+
+
+def run_checkpoints(root: str, run_id: Optional[str]) -> list:
+    """The complete checkpoints under `root` that belong to run `run_id` (all when run_id is None), oldest
+    first."""
+    mine = []
+    for _, path in list_checkpoints(root):
+        if run_id is not None:
+            try:
+                with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+                    if json.load(f).get("run_id") != run_id:
+                        continue
+            except (OSError, ValueError):
+                continue
+        mine.append(path)
+    return mine
 
 
 def read_trainer_state(path: str) -> Dict[str, Any]:

@@ -8,7 +8,9 @@ of the steps run so far in this process, leaving out the first (it includes comp
 
 metrics.jsonl: one JSON object per step {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
 "step_time_s", "loss_scale", "skipped", "consumed_samples"}. On resume, lines after the resumed step (written
-by the interrupted run after its last checkpoint) are dropped, so the file describes one clean run.
+by the interrupted run after its last checkpoint) are dropped, so the file describes one clean run. A torn
+last line (what a kill or a full disk mid-append leaves) is dropped with a warning; a bad line anywhere else
+is an error naming the file and line. The loss curve is drawn with matplotlib.
 """
 from __future__ import annotations
 
@@ -16,19 +18,42 @@ import datetime
 import json
 import math
 import os
+import sys
 from typing import Any, Callable, Dict, List, Optional
 
-from telechat2_ms.train.png import moving_average, plot_lines
+from telechat2_ms.formats.atomic import atomic_file, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
-def read_metrics(path: str) -> List[Dict[str, Any]]:
+class MetricsError(ValueError):
+    """metrics.jsonl is damaged before its last line."""
+
+
+def read_metrics(path: str, warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
+                 ) -> List[Dict[str, Any]]:
+    """The records of a metrics jsonl ([] if there is none); a torn last line is dropped with a warning."""
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    records = []
+    for n, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if n == len(numbered) - 1:
+                warn(f"warning: {path}:{number}: dropped a torn last line ({len(line)} bytes), left by an "
+                     "interrupted write")
+                break
+            raise MetricsError(f"{path}:{number}: not a metrics record ({err}); the file is damaged: remove it "
+                               "or that line to resume (it only holds the log of earlier steps)") from None
+        records.append(record)
+    return records
 
 
 class MetricsLogger:
@@ -44,9 +69,7 @@ class MetricsLogger:
     def start(self, resumed_step: int) -> None:
         """Keep only records up to `resumed_step` (0: start a fresh file)."""
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step] if resumed_step else []
-        with open(self.path, "w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def eta(self, step: int) -> Optional[float]:
         timed = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
@@ -80,7 +103,31 @@ class MetricsLogger:
         losses = [r["loss"] if r["loss"] is not None and math.isfinite(r["loss"]) else float("nan")
                   for r in records]
         window = max(len(losses) // 20, 1)
-        smooth = moving_average([v if math.isfinite(v) else 0.0 for v in losses], window)
+        smooth = moving_average(losses, window)
         path = os.path.join(output_dir, LOSS_CURVE_FILE)
-        plot_lines(path, [(steps, losses), (steps, smooth)], title="training loss vs step")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(6.4, 4.0), dpi=100)
+        axes = figure.subplots()
+        axes.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
+        axes.plot(steps, smooth, linewidth=1.6, label=f"moving average ({window} steps)")
+        axes.set(xlabel="step", ylabel="loss", title="training loss vs step")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        with atomic_file(path, overwrite=True, suffix=".png") as tmp:
+            figure.savefig(tmp)
         return path
+
+
+def moving_average(values: List[float], window: int) -> List[float]:
+    """Trailing mean over the last `window` finite values (nan where there is none)."""
+    out, recent = [], []
+    for value in values:
+        if math.isfinite(value):
+            recent.append(value)
+        recent = recent[-window:]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out

@@ -30,7 +30,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from telechat2_ms.kernels import squared_sum
 from telechat2_ms.parallel import comm
 
 

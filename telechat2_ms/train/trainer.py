@@ -48,6 +48,7 @@ def resolve_train_dataset(spec: str, output_dir: str, data_format: str) -> str:
     if data_format != "sft":
         raise ConfigError("train.train_dataset=demo holds SFT dialogs; set train.data_format=sft")
     from telechat2_ms.data.demo_corpus import write_sft_jsonl
+    from telechat2_ms.formats.atomic import atomic_file
 
     try:
         num = int(spec.split(":", 1)[1]) if ":" in spec else 2000
@@ -55,9 +56,9 @@ def resolve_train_dataset(spec: str, output_dir: str, data_format: str) -> str:
         raise ConfigError(f"train.train_dataset: expected demo or demo:N, got {spec!r}") from None
     path = os.path.join(output_dir, "demo_data", f"demo_sft_{num}.jsonl")
     if not os.path.isfile(path):
-        tmp = f"{path}.{os.getpid()}.partial"
-        write_sft_jsonl(tmp, num)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_file(path, overwrite=True) as tmp:
+            write_sft_jsonl(tmp, num)
     return path
 
 
@@ -77,9 +78,11 @@ class Trainer:
         self.printer = printer if self.rank == 0 else (lambda text: None)
         t = settings.train
         self.output_dir = settings.output_dir
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.resume_path = ckpts.resolve_resume(self.output_dir, t.resume, t.resume_from)
         self.config = self.plan.config
+        # before anything is built: the output directory's owner, the resumed run's identity (outputs.py)
+        self.resume_path = ckpts.resolve_resume(self.output_dir, t.resume, t.resume_from)
+        self.identity = run_identity(settings, self.plan)
+        self.lock, self.run_id = self._claim_output_dir()
         self.tokenizer = build_tokenizer(self.plan)
         self.dataset = self._prepare_data()
         self.sampler = ShardedSampler(len(self.dataset), global_batch(settings) // t.grad_accum_steps, rank=0,
@@ -93,12 +96,34 @@ class Trainer:
         if self.resume_path:
             self.load_state(self.resume_path)
             self.last_checkpoint = self.resume_path
-        else:
-            existing = ckpt.list_checkpoints(ckpt.checkpoint_root(self.output_dir))
-            if existing:
-                self.printer(f"warning: {self.output_dir} already holds checkpoints up to step {existing[-1][0]}; "
-                             "this fresh run replaces them as it saves (use --train.resume=true to continue that "
-                             "run)")
+
+    def _claim_output_dir(self):
+        """Rank 0 takes the output directory's lock and records (or checks) the run there; every rank gets
+        the run id, or the same refusal."""
+        from telechat2_ms.outputs import OutputLock, claim_run
+
+        lock, outcome = None, {}
+        if self.rank == 0:
+            try:
+                lock = OutputLock(self.output_dir).acquire()
+                recorded = ckpts.read_trainer_state(self.resume_path) if self.resume_path else None
+                claim = claim_run(self.output_dir, self.identity, recorded, self.settings.overwrite,
+                                  resumed_from=self.resume_path or "")
+                outcome = {"run_id": claim.run_id}
+                if claim.replaced:
+                    self.printer(f"--overwrite: removed the earlier run's {', '.join(claim.replaced)} from "
+                                 f"{self.output_dir}")
+            except ConfigError as err:
+                if lock is not None:
+                    lock.release()
+                outcome = {"error": str(err)}
+        if self.world > 1:
+            from telechat2_ms.parallel.ranks import broadcast_object
+
+            outcome = broadcast_object(outcome)
+        if "error" in outcome:
+            raise ConfigError(outcome["error"])
+        return lock, outcome["run_id"]
 
     @property
     def model(self):
@@ -133,7 +158,7 @@ class Trainer:
                 "lora": {"rank": t.lora_rank, "alpha": t.lora_alpha, "targets": list(t.lora_targets)}
                 if t.lora_rank else None,
                 "base_checkpoint": _abspath(self.settings.load_checkpoint), "dataset": self.dataset.directory,
-                "model": self.config.name}
+                "model": self.config.name, "run_id": self.run_id, "identity": self.identity}
 
     def save_checkpoint(self, before_rename=None) -> str:
         """Every rank calls it (module docstring)."""
@@ -143,21 +168,16 @@ class Trainer:
         path = ckpts.save_training_checkpoint(ckpt.checkpoint_root(self.output_dir), self.step,
                                               self.engine.write_files, self.state_dict(), self.config,
                                               self.settings, self.settings.train.keep_checkpoint_max,
-                                              before_rename, is_main=self.rank == 0, barrier=barrier)
+                                              before_rename, is_main=self.rank == 0, barrier=barrier,
+                                              run_id=self.run_id)
         self.last_checkpoint = path
         self._emit("checkpoint", {"step": self.step, "path": path})
         return path
 
     def load_state(self, path: str) -> None:
+        """The engine's weights and optimizer state and the data position of checkpoint `path` (whose run
+        identity _claim_output_dir has compared)."""
         state = ckpts.read_trainer_state(path)
-        mine = self.state_dict()
-        for key in ("seed", "batch_size", "grad_accum_steps", "seq_length", "lora"):
-            if state.get(key) != mine[key]:
-                raise ckpt.CheckpointError(f"cannot resume from {path}: it was trained with {key}={state.get(key)!r}, "
-                                           f"this run has {mine[key]!r}")
-        if self.settings.train.lora_rank and state.get("base_checkpoint") != mine["base_checkpoint"]:
-            raise ckpt.CheckpointError(f"cannot resume LoRA from {path}: its base was "
-                                       f"{state.get('base_checkpoint')!r}, this run loads {mine['base_checkpoint']!r}")
         self.engine.restore(path, state)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
@@ -194,6 +214,17 @@ class Trainer:
         return record
 
     def train(self) -> Dict[str, Any]:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the output directory (train() does at its end)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _train(self) -> Dict[str, Any]:
         t = self.settings.train
         if self.metrics:
             self.metrics.start(self.step)
@@ -226,6 +257,20 @@ class Trainer:
         self.printer(f"done: {self.step} steps, final loss {summary['final_loss']}, checkpoint {self.last_checkpoint}, "
                      f"loss curve {curve}")
         return summary
+
+
+def run_identity(settings: RunSettings, plan) -> Dict[str, Any]:
+    """What makes two training runs the same run (outputs.py): a resumed run must match it."""
+    t = settings.train
+    return {"model": plan.config.name, "architecture": plan.config.architecture(),
+            "base_checkpoint": _abspath(settings.load_checkpoint), "run_mode": settings.run_mode,
+            "train_dataset": t.train_dataset if t.train_dataset.startswith("demo") else _abspath(t.train_dataset),
+            "data_format": t.data_format, "truncation": t.truncation, "seq_length": settings.seq_length,
+            "seed": t.seed, "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps,
+            "global_batch": global_batch(settings), "layout": plan.dims.describe(),
+            "compute_dtype": settings.compute_dtype,
+            "lora": {"rank": t.lora_rank, "alpha": t.lora_alpha, "targets": list(t.lora_targets)}
+            if t.lora_rank else None}
 
 
 def _finite_or_none(value: float) -> Optional[float]:

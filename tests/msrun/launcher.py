@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 
 @dataclass
@@ -28,6 +28,7 @@ class MsrunResult:
     seconds: float
     output: str
     logs: Dict[str, str] = field(default_factory=dict)
+    killed: bool = False
 
     def worker_log(self, rank: int) -> str:
         return self.logs.get(f"worker_{rank}.log", "")
@@ -43,11 +44,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _descendants(pid: int) -> list:
+    """Every live process below `pid` (from /proc), children first."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def run_msrun(script: str, args: Sequence[str] = (), workers: int = 2, timeout: float = 300.0,
               workdir: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-              cluster_time_out: int = 60) -> MsrunResult:
+              cluster_time_out: int = 60, kill_when: Optional[Callable[[], bool]] = None) -> MsrunResult:
     """Launch `msrun --worker_num=workers --local_worker_num=workers ... python script args` and wait at
-    most `timeout` seconds. Logs go to `workdir/msrun_logs`."""
+    most `timeout` seconds. Logs go to `workdir/msrun_logs`. `kill_when` (polled about every millisecond
+    while the job runs): once it returns True the whole job is killed with SIGKILL (result.killed)."""
     workdir = Path(workdir or os.getcwd())
     log_dir = workdir / "msrun_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -66,22 +86,32 @@ def run_msrun(script: str, args: Sequence[str] = (), workers: int = 2, timeout: 
            f"--log_dir={log_dir}", "--join=True", f"--cluster_time_out={cluster_time_out}",
            str(script), *map(str, args)]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=workdir, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    timed_out = False
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        rc = 124
-    else:
-        try:  # msrun has returned; make sure no worker of its group outlives it
-            os.killpg(proc.pid, signal.SIGKILL)
+    output_path = log_dir / "msrun_output.txt"
+    with open(output_path, "w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=run_env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    timed_out = killed = False
+    while proc.poll() is None:
+        if time.monotonic() - start > timeout:
+            timed_out = True
+            break
+        if kill_when is not None and kill_when():
+            killed = True
+            break
+        time.sleep(0.001 if kill_when is not None else 0.05)
+    # kill -9 on timeout or kill_when (msrun's workers first: they are not all in its process group); after
+    # a normal end, make sure no worker outlives msrun
+    for pid in _descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    rc = 124 if timed_out else proc.returncode
     logs = {p.name: p.read_text(errors="replace") for p in sorted(log_dir.glob("*.log"))}
-    return MsrunResult(rc=rc, timed_out=timed_out, seconds=time.monotonic() - start, output=output or "",
-                       logs=logs)
+    return MsrunResult(rc=rc, timed_out=timed_out, seconds=time.monotonic() - start,
+                       output=output_path.read_text(errors="replace"), logs=logs, killed=killed)
