@@ -44,6 +44,10 @@ class TensorInfo:
         return self.numel * ITEMSIZE[self.code]
 
 
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 class SafetensorsFile:
     """Header of one .safetensors file plus on-demand reads of its tensors."""
 
@@ -65,13 +69,22 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{self.path} has an unreadable safetensors header: {e}") from None
-        self.metadata: Dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} has an unreadable safetensors header: not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: safetensors __metadata__ must map names to strings")
+        self.metadata: Dict[str, str] = dict(metadata)
         self._data_start = 8 + header_len
         self._entries: Dict[str, Tuple[TensorInfo, int, int]] = {}
         for name, entry in header.items():
-            info = TensorInfo(check_code(entry.get("dtype"), f"tensor {name} in {self.path}"),
-                              tuple(int(s) for s in entry["shape"]))
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+            if not (_int_list(shape) and all(d >= 0 for d in shape) and _int_list(offsets) and len(offsets) == 2
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise CheckpointError(f"{self.path}: safetensors header entry of tensor {name!r} is malformed "
+                                      "(it needs dtype, shape: non-negative integers, data_offsets: [begin, end])")
+            info = TensorInfo(check_code(entry.get("dtype"), f"tensor {name} in {self.path}"), tuple(shape))
+            begin, end = offsets
             if end - begin != info.nbytes:
                 raise CheckpointError(f"{self.path}: tensor {name} has {end - begin} bytes for shape "
                                       f"{list(info.shape)} {info.code} ({info.nbytes} expected)")
