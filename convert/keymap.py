@@ -1,7 +1,10 @@
-"""The one HF <-> MindSpore key map for TeleChat2, its derived inverse, expected shapes and fused layouts.
+"""The HF <-> MindSpore key map of each family, its derived inverse, expected shapes and fused layouts.
 
-`KEY_MAP` lists every parameter once as (HF template, MindFormers template, shape from ModelConfig);
-`{layer}` stands for the decoder layer index. Both directions read this table: `hf_to_ms_name` matches
+`KEY_MAPS[family]` lists every parameter once as (HF template, MindFormers template, shape from ModelConfig,
+optional condition on the config); `{layer}` stands for the decoder layer index. `KEY_MAP` is TeleChat2's;
+Qwen2's maps transformers' names (`model.layers.N.self_attn.q_proj`, ...) to the names MindFormers'
+research/qwen2 uses (`wq`/`wk`/`wv` with biases, `wo`, `feed_forward.w1/w2/w3`); with tied embeddings its
+`lm_head.weight` is absent on both sides (HF's save_pretrained writes the shared matrix once). Both directions read this table: `hf_to_ms_name` matches
 the HF side and formats the MindSpore side, `ms_to_hf_name` does the opposite; there is no second,
 hand-written table. Both frameworks store Linear weights as [out, in], so every mapping is a pure rename
 (spec 3.2); `wk_v` keeps HF's per-kv-head interleaved [K_h; V_h] row order (spec 3.1, pitfall 10.1).
@@ -49,11 +52,24 @@ def _ffn_out(c: ModelConfig) -> Shape:
     return (c.hidden_size, c.ffn_hidden_size)  # [H, F]
 
 
+def _kv(c: ModelConfig) -> Shape:
+    return (c.kv_dim, c.hidden_size)  # [kd, H]
+
+
+def _kv_bias(c: ModelConfig) -> Shape:
+    return (c.kv_dim,)  # [kd]
+
+
+def _untied(c: ModelConfig) -> bool:
+    return not c.tie_word_embeddings
+
+
 @dataclass(frozen=True)
 class KeyRule:
     hf: str
     ms: Optional[str]  # None: a deliberate drop (HF only, recomputed from the config)
     shape: Optional[Callable[[ModelConfig], Shape]]
+    when: Optional[Callable[[ModelConfig], bool]] = None  # the parameter exists only for such configs
 
 
 _HF_L = "transformer.h.{layer}."
@@ -75,6 +91,26 @@ KEY_MAP: Tuple[KeyRule, ...] = (
     # rotary inverse frequencies that older transformers versions saved as persistent buffers
     KeyRule(_HF_L + "self_attention.rotary_emb.inv_freq", None, None),
 )
+_Q_L = "model.layers.{layer}."
+QWEN2_KEY_MAP: Tuple[KeyRule, ...] = (
+    KeyRule("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight", _vocab),
+    KeyRule(_Q_L + "input_layernorm.weight", _MS_L + "attention_norm.weight", _hidden),
+    KeyRule(_Q_L + "self_attn.q_proj.weight", _MS_L + "attention.wq.weight", _square),
+    KeyRule(_Q_L + "self_attn.q_proj.bias", _MS_L + "attention.wq.bias", _hidden),
+    KeyRule(_Q_L + "self_attn.k_proj.weight", _MS_L + "attention.wk.weight", _kv),
+    KeyRule(_Q_L + "self_attn.k_proj.bias", _MS_L + "attention.wk.bias", _kv_bias),
+    KeyRule(_Q_L + "self_attn.v_proj.weight", _MS_L + "attention.wv.weight", _kv),
+    KeyRule(_Q_L + "self_attn.v_proj.bias", _MS_L + "attention.wv.bias", _kv_bias),
+    KeyRule(_Q_L + "self_attn.o_proj.weight", _MS_L + "attention.wo.weight", _square),
+    KeyRule(_Q_L + "post_attention_layernorm.weight", _MS_L + "ffn_norm.weight", _hidden),
+    KeyRule(_Q_L + "mlp.gate_proj.weight", _MS_L + "feed_forward.w1.weight", _ffn_in),
+    KeyRule(_Q_L + "mlp.up_proj.weight", _MS_L + "feed_forward.w3.weight", _ffn_in),
+    KeyRule(_Q_L + "mlp.down_proj.weight", _MS_L + "feed_forward.w2.weight", _ffn_out),
+    KeyRule("model.norm.weight", "model.norm_out.weight", _hidden),
+    KeyRule("lm_head.weight", "lm_head.weight", _vocab, _untied),
+    KeyRule(_Q_L + "self_attn.rotary_emb.inv_freq", None, None),
+)
+KEY_MAPS: Dict[str, Tuple[KeyRule, ...]] = {"telechat2": KEY_MAP, "qwen2": QWEN2_KEY_MAP}
 
 
 # ---- named reshapes for the fused layouts ---------------------------------------------------------------
@@ -139,16 +175,16 @@ def _pattern(template: str) -> "re.Pattern[str]":
 
 
 class _Translator:
-    """Maps names matching one side's templates to the other side; built from (src, dst) template pairs."""
+    """Maps names matching one side's templates to the other side; built from (src, dst, when) rules."""
 
-    def __init__(self, pairs: Iterable[Tuple[str, Optional[str]]]):
-        self._rules = [(_pattern(src), dst) for src, dst in pairs]
+    def __init__(self, pairs: Iterable[Tuple[str, Optional[str], Optional[Callable[[ModelConfig], bool]]]]):
+        self._rules = [(_pattern(src), dst, when) for src, dst, when in pairs]
 
     def __call__(self, name: str, cfg: ModelConfig) -> Tuple[bool, Optional[str]]:
         """(known, target name or None for a deliberate drop); layer indices must be < num_layers."""
-        for pattern, dst in self._rules:
+        for pattern, dst, when in self._rules:
             m = pattern.match(name)
-            if m is None:
+            if m is None or (when is not None and not when(cfg)):
                 continue
             layer = m.groupdict().get("layer")
             if layer is not None and int(layer) >= cfg.num_layers:
@@ -158,23 +194,29 @@ class _Translator:
 
 
 def _check_bijective() -> None:
-    for side in ("hf", "ms"):
-        names = [getattr(r, side) for r in KEY_MAP if getattr(r, side) is not None]
-        if len(names) != len(set(names)):
-            raise AssertionError(f"KEY_MAP repeats a {side} template")
+    for family, rules in KEY_MAPS.items():
+        for side in ("hf", "ms"):
+            names = [getattr(r, side) for r in rules if getattr(r, side) is not None]
+            if len(names) != len(set(names)):
+                raise AssertionError(f"the {family} key map repeats a {side} template")
 
 
 _check_bijective()
-_HF_TO_MS = _Translator((r.hf, r.ms) for r in KEY_MAP)
-_MS_TO_HF = _Translator((r.ms, r.hf) for r in KEY_MAP if r.ms is not None)  # the derived inverse
+_HF_TO_MS = {f: _Translator((r.hf, r.ms, r.when) for r in rules) for f, rules in KEY_MAPS.items()}
+# the derived inverses
+_MS_TO_HF = {f: _Translator((r.ms, r.hf, r.when) for r in rules if r.ms is not None) for f, rules in KEY_MAPS.items()}
 
 
 def hf_to_ms_name(name: str, cfg: ModelConfig) -> Tuple[bool, Optional[str]]:
-    return _HF_TO_MS(name, cfg)
+    return _HF_TO_MS[cfg.family](name, cfg)
 
 
 def ms_to_hf_name(name: str, cfg: ModelConfig) -> Tuple[bool, Optional[str]]:
-    return _MS_TO_HF(name, cfg)
+    return _MS_TO_HF[cfg.family](name, cfg)
+
+
+def _rules(cfg: ModelConfig) -> List[KeyRule]:
+    return [r for r in KEY_MAPS[cfg.family] if r.ms is not None and (r.when is None or r.when(cfg))]
 
 
 # ---- expected names and shapes ----------------------------------------------------------------------------
@@ -196,13 +238,15 @@ def _expand(templates: Sequence[Tuple[str, Shape]], num_layers: int) -> Dict[str
 
 def expected_hf(cfg: ModelConfig) -> Dict[str, Shape]:
     """Every HF name with its shape, in canonical order."""
-    return _expand([(r.hf, r.shape(cfg)) for r in KEY_MAP if r.ms is not None], cfg.num_layers)
+    return _expand([(r.hf, r.shape(cfg)) for r in _rules(cfg)], cfg.num_layers)
 
 
 def expected_ms(cfg: ModelConfig, fused: bool = False) -> Dict[str, Shape]:
     """Every MindSpore name with its shape, in canonical order (fused layouts take the first part's place)."""
-    templates: List[Tuple[str, Shape]] = [(r.ms, r.shape(cfg)) for r in KEY_MAP if r.ms is not None]
+    templates: List[Tuple[str, Shape]] = [(r.ms, r.shape(cfg)) for r in _rules(cfg)]
     if fused:
+        if cfg.family != "telechat2":
+            raise ConversionError(f"the fused inference layouts are TeleChat2's; a {cfg.family} checkpoint has none")
         for fusion in FUSIONS:
             names = [t for t, _ in templates]
             first = names.index(fusion.parts[0])
@@ -241,7 +285,7 @@ def check_names_and_shapes(found: Mapping[str, Shape], expected: Mapping[str, Sh
 
     `unknown` lists source names that no rule matched (reported first: they usually mean a wrong file)."""
     if unknown:
-        raise ConversionError(f"{what}: unknown tensor name(s) {_few(list(unknown))}; not TeleChat2 weights "
+        raise ConversionError(f"{what}: unknown tensor name(s) {_few(list(unknown))}; not {cfg.family} weights "
                               f"for a config with {_config_summary(cfg)}")
     missing = [n for n in expected if n not in found]
     extra = [n for n in found if n not in expected]

@@ -25,7 +25,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1 << 30
-PREDICT = ["--run_mode=predict", "--predict_data=[\"What colour is the zorb?\"]", "--generate.max_new_tokens=4",
+# the real TeleChat2 vocabulary (131072 pieces): random weights may generate any id of the model's vocabulary
+TOKENIZER = os.path.join(os.path.dirname(REPO), "shared", "reference", "telechat2-115b", "tokenizer.model")
+PREDICT = ["--run_mode=predict", "--predict_data=What colour is the zorb?", f"--tokenizer={TOKENIZER}",
+           "--generate.max_new_tokens=4",
            "--seq_length=64", "--jit=false"]
 TRAIN = ["--run_mode=finetune", "--train.train_dataset=demo:64", "--train.truncation=truncate", "--seq_length=128",
          "--train.batch_size=1", "--train.total_steps=1", "--train.keep_checkpoint_max=1", "--jit=false"]

@@ -108,10 +108,21 @@ def build_skeleton(plan: RunPlan, lazy: bool):
                                 use_fused=s.use_fused_kernels, init_zeros=lazy)
 
 
+def comm_rank() -> int:
+    from telechat2_ms.parallel import comm
+
+    return comm.get_rank()
+
+
 def build_model(plan: RunPlan, groups=None):
     """-> (model, TelechatParallel or None) for this rank; see the module docstring."""
     from telechat2_ms.checkpoint import load_weights
+    from telechat2_ms.config import TELECHAT_DEFAULT_THETA
+    from telechat2_ms.rope import describe_rope
 
+    if plan.config.family == "telechat2" and plan.config.rope_theta != TELECHAT_DEFAULT_THETA and \
+            (groups is None or groups.coords == (0, 0, 0, 0)) and comm_rank() == 0:
+        print(describe_rope(plan.config))  # not the official code's hard-coded 10000: say so
     if plan.world == 1:
         if plan.ref.kind == "none":
             return build_skeleton(plan, lazy=False), None

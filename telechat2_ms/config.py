@@ -1,9 +1,15 @@
-"""TeleChat2 architecture config and the one size registry.
+"""Architecture config of the decoder family (TeleChat2, TeleChat2.5, the 32K variants, Qwen2) and the one
+size registry.
 
-`ModelConfig` holds architecture numbers only (no run settings, no sampling). `CONFIGS` is the single place
-where sizes live; the converter, the entry point and the tests all read it. A real HF `config.json`
-(`n_layer`, `n_head`, `num_key_value_heads`, `ffn_hidden_size`, `layer_norm_epsilon`, ...) loads with
-`ModelConfig.from_hf_config` and gives the same numbers as the registry (spec sections 2.1-2.2).
+`ModelConfig` holds architecture numbers and switches only (no run settings, no sampling). One model code
+serves every family; the switches are data: q/k/v biases and separate k/v projections (Qwen2) or the fused
+per-head interleaved key_value (TeleChat2), output / down-projection biases (TeleChat2), tied embeddings
+(Qwen2-0.5B/1.5B), the rotary base and rule (TeleChat2's dynamic NTK + mscale with fp16 tables, or plain
+RoPE in fp32), per-layer sliding-window attention with HF's semantics. `CONFIGS` is the single place where
+sizes live; the converter, the entry point and the tests all read it. A real HF `config.json` loads with
+`ModelConfig.from_hf_config` (TeleChat2 fields `n_layer`, `n_head`, ... or Qwen2's `num_hidden_layers`, ...)
+and gives the same numbers as the registry; a field this port cannot honour is refused by name
+(`HF_FIELDS_IGNORED` lists the ones it ignores on purpose).
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 
 class ConfigError(ValueError):
@@ -19,8 +25,18 @@ class ConfigError(ValueError):
 
 
 # the fields two configs must agree on to describe the same weights and numerics
-ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
-               "rms_norm_eps", "training_seqlen", "base_seqlen")
+ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+               "rms_norm_eps", "training_seqlen", "base_seqlen", "rope_theta", "rope_scaling", "rope_fp16_tables",
+               "qkv_bias", "separate_kv", "out_bias", "down_bias", "tie_word_embeddings", "sliding_window",
+               "sliding_layers")
+FAMILIES = ("telechat2", "qwen2")
+ROPE_RULES = ("dynamic_ntk", "none")
+TELECHAT_DEFAULT_THETA = 10000.0  # the official modeling code's hard-coded base
+# config.json fields read by no one on purpose (they change nothing this port computes)
+HF_FIELDS_IGNORED = ("architectures", "model_type", "auto_map", "transformers_version", "torch_dtype", "dtype",
+                     "use_cache", "attention_dropout", "hidden_dropout", "flash_attn", "unk_token_id", "seq_length",
+                     "max_position_embeddings (Qwen2: no absolute-position limit in the model)", "_name_or_path",
+                     "use_mrope", "initializer_range (only the random initialisation)")
 
 
 @dataclass(frozen=True)
@@ -37,13 +53,23 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5  # read from config.json: 115B uses 1e-8 (spec 10.3)
     training_seqlen: int = 8192  # mscale reference length (spec 4.2)
     base_seqlen: int = 8192  # NTK alpha reference length (spec 4.2)
-    rope_theta: float = 10000.0  # hard-coded 10000 in the official code
-    rope_fp16_tables: bool = True  # round cos/sin to fp16 as the official code does (spec 10.5)
+    rope_theta: float = TELECHAT_DEFAULT_THETA  # TeleChat2: config.json's rope_theta when given (32K: 1e6)
+    rope_fp16_tables: bool = True  # round cos/sin to fp16 as the official TeleChat2 code does (spec 10.5)
+    rope_scaling: str = "dynamic_ntk"  # TeleChat2's NTK alpha + mscale beyond the window; none: plain RoPE
     initializer_range: float = 0.02
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 3
+    family: str = "telechat2"  # telechat2 | qwen2: the converter's key map, tokenizer and chat template
+    qkv_bias: bool = False  # Qwen2: q, k, v projections with bias
+    separate_kv: bool = False  # Qwen2: wk and wv; TeleChat2: one wk_v, rows per kv head [K_h; V_h]
+    out_bias: bool = True  # TeleChat2: the attention output projection (dense / wo) has a bias
+    down_bias: bool = True  # TeleChat2: the MLP down projection (w2) has a bias
+    tie_word_embeddings: bool = False  # Qwen2-0.5B / 1.5B: lm_head is the embedding matrix
+    sliding_window: int = 0  # keys within this many positions (HF: kv > q - window) on sliding layers; 0: none
+    sliding_layers: Tuple[int, ...] = ()  # the layers that attend within the window
     name: str = field(default="custom", compare=False)
+    rope_theta_source: str = field(default="the TeleChat2 default (config.json gives no rope_theta)", compare=False)
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -57,6 +83,15 @@ class ModelConfig:
             raise ConfigError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.rope_scaling not in ROPE_RULES:
+            raise ConfigError(f"rope_scaling must be one of {', '.join(ROPE_RULES)}, got {self.rope_scaling!r}")
+        object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))
+        if self.sliding_layers and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_layers {list(self.sliding_layers)} need a positive sliding_window")
+        if any(not 0 <= i < self.num_layers for i in self.sliding_layers):
+            raise ConfigError(f"sliding_layers {list(self.sliding_layers)} are not all layers of {self.num_layers}")
 
     @property
     def head_dim(self) -> int:
@@ -79,8 +114,10 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         H, F, V, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
-        per_layer = H * H + 2 * self.kv_dim * H + H * H + H + 3 * H * F + H + 2 * H
-        return 2 * V * H + L * per_layer + H
+        biases = (H + 2 * self.kv_dim if self.qkv_bias else 0) + (H if self.out_bias else 0) + \
+            (H if self.down_bias else 0)
+        per_layer = H * H + 2 * self.kv_dim * H + H * H + 3 * H * F + 2 * H + biases
+        return (1 if self.tie_word_embeddings else 2) * V * H + L * per_layer + H
 
     # ---- HF config.json <-> ModelConfig -------------------------------------------------------------
     @classmethod
@@ -101,27 +138,24 @@ class ModelConfig:
             raise ConfigError(f"{where}: expected a JSON object, got {type(source).__name__}")
         hf = dict(source)
 
-        def pick(*names, default=None, required=True, kind=int):
-            for n in names:
-                if n in hf and hf[n] is not None:
-                    value = hf[n]
-                    try:
-                        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
-                            raise ValueError
-                        return kind(value)
-                    except (TypeError, ValueError):
-                        raise ConfigError(f"{where}: {n} must be {'an integer' if kind is int else 'a number'}, "
-                                          f"got {value!r}") from None
-            if required and default is None:
-                raise ConfigError(f"{where} lacks {' / '.join(names)}")
-            return default
-
+        pick = _picker(hf, where)
+        model_type = hf.get("model_type")
+        if model_type == "qwen2" or "Qwen2ForCausalLM" in (hf.get("architectures") or []):
+            return cls._from_qwen2(hf, pick, where, name)
+        if model_type not in (None, "telechat", "telechat2"):
+            raise ConfigError(f"{where}: model_type {model_type!r} is not a family this port runs (telechat, qwen2)")
         if hf.get("tie_word_embeddings"):
-            raise ConfigError("tie_word_embeddings=true is not a TeleChat2 checkpoint (lm_head is untied)")
+            raise ConfigError(f"{where}: tie_word_embeddings=true is not a TeleChat2 checkpoint (lm_head is untied)")
         if hf.get("apply_residual_connection_post_layernorm"):
-            raise ConfigError("apply_residual_connection_post_layernorm=true is not supported")
+            raise ConfigError(f"{where}: apply_residual_connection_post_layernorm=true is not supported")
         if hf.get("embed_layernorm"):
-            raise ConfigError("embed_layernorm=true is not supported (false in every released TeleChat2)")
+            raise ConfigError(f"{where}: embed_layernorm=true is not supported (false in every released TeleChat2)")
+        scaling = hf.get("rope_scaling")
+        if scaling is not None and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type"))
+                                        == "dynamic" and float(scaling.get("factor", 1.0)) == 1.0):
+            raise ConfigError(f"{where}: rope_scaling {scaling!r} is not TeleChat2's dynamic NTK; this port honours "
+                              "only absent or {\"rope_type\": \"dynamic\", \"factor\": 1.0} (the rule of spec 4.2)")
+        theta = pick("rope_theta", default=None, required=False, kind=float)
         n_head = pick("n_head", "num_attention_heads")
         return cls(
             hidden_size=pick("hidden_size"),
@@ -133,6 +167,9 @@ class ModelConfig:
             rms_norm_eps=pick("layer_norm_epsilon", "rms_norm_eps", kind=float),
             training_seqlen=pick("training_seqlen", default=8192),
             base_seqlen=pick("base_seqlen", default=8192),
+            rope_theta=TELECHAT_DEFAULT_THETA if theta is None else theta,
+            rope_theta_source=(f"config.json rope_theta {theta:g}" if theta is not None else
+                               f"the TeleChat2 default {TELECHAT_DEFAULT_THETA:g} (config.json gives no rope_theta)"),
             initializer_range=pick("initializer_range", default=0.02, kind=float),
             bos_token_id=pick("bos_token_id", default=1),
             eos_token_id=pick("eos_token_id", default=2),
@@ -140,9 +177,57 @@ class ModelConfig:
             name=name,
         )
 
+    @classmethod
+    def _from_qwen2(cls, hf: Dict[str, Any], pick, where: str, name: str) -> "ModelConfig":
+        """Qwen2 (transformers configuration_qwen2.py semantics, v4 and v5 field names)."""
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
+        rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        rope_type = rope.get("rope_type", "default")
+        scaling = hf.get("rope_scaling")
+        if rope_type != "default" or scaling not in (None, {}):
+            raise ConfigError(f"{where}: rope scaling {scaling or rope!r} is not supported for Qwen2 (plain RoPE "
+                              "only); remove rope_scaling or use a config without it")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        layers = pick("num_hidden_layers")
+        window = pick("sliding_window", default=None, required=False) if hf.get("use_sliding_window") else None
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            first_sliding = pick("max_window_layers", default=28)
+            layer_types = ["sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+                           for i in range(layers)]
+        if not isinstance(layer_types, list) or len(layer_types) != layers or \
+                set(layer_types) - {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"{where}: layer_types must list full_attention / sliding_attention for each of the "
+                              f"{layers} layers, got {layer_types!r}")
+        sliding = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+        if sliding and not window:
+            raise ConfigError(f"{where}: layer_types has sliding_attention layers but no sliding_window is in use "
+                              "(use_sliding_window false or sliding_window null)")
+        eos = hf.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        bos = pick("bos_token_id", default=151643, required=False)
+        heads = pick("num_attention_heads")
+        length = pick("max_position_embeddings", default=32768)
+        return cls(
+            family="qwen2", hidden_size=pick("hidden_size"), num_layers=layers, num_heads=heads,
+            num_kv_heads=pick("num_key_value_heads", default=heads), ffn_hidden_size=pick("intermediate_size"),
+            vocab_size=pick("vocab_size"), rms_norm_eps=pick("rms_norm_eps", kind=float),
+            training_seqlen=length, base_seqlen=length, rope_theta=float(theta),
+            rope_theta_source=f"config.json rope_theta {float(theta):g}", rope_scaling="none",
+            rope_fp16_tables=False, qkv_bias=True, separate_kv=True, out_bias=False, down_bias=False,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=int(window or 0),
+            sliding_layers=sliding if window else (),
+            initializer_range=pick("initializer_range", default=0.02, kind=float), bos_token_id=bos,
+            eos_token_id=int(eos) if eos is not None else bos,
+            pad_token_id=pick("pad_token_id", default=bos, required=False), name=name)
+
     def to_hf_config(self) -> Dict[str, Any]:
-        """The HF `config.json` dict for this architecture (Telechat2 remote-code field names)."""
-        return {
+        """The HF `config.json` dict for this architecture (Telechat2 remote-code field names, or Qwen2's)."""
+        if self.family == "qwen2":
+            return self._to_qwen2_config()
+        extra = {"rope_theta": self.rope_theta} if self.rope_theta != TELECHAT_DEFAULT_THETA else {}
+        return {**extra, 
             "architectures": ["Telechat2ForCausalLM"],
             "model_type": "telechat",
             "vocab_size": self.vocab_size,
@@ -167,6 +252,23 @@ class ModelConfig:
             "unk_token_id": 0,
             "flash_attn": False,
             "use_cache": True,
+        }
+
+    def _to_qwen2_config(self) -> Dict[str, Any]:
+        first_sliding = min(self.sliding_layers) if self.sliding_layers else self.num_layers
+        layer_types = ["sliding_attention" if i in self.sliding_layers else "full_attention"
+                       for i in range(self.num_layers)]
+        return {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "hidden_act": "silu",
+            "max_position_embeddings": self.training_seqlen, "initializer_range": self.initializer_range,
+            "rms_norm_eps": self.rms_norm_eps, "use_cache": True, "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta, "rope_scaling": None,
+            "use_sliding_window": bool(self.sliding_layers), "sliding_window": self.sliding_window or None,
+            "max_window_layers": first_sliding, "layer_types": layer_types, "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
         }
 
 
@@ -194,6 +296,58 @@ CONFIGS: Dict[str, ModelConfig] = {
     "telechat2_115b": ModelConfig(hidden_size=8192, num_layers=96, num_heads=64, num_kv_heads=8,
                                   ffn_hidden_size=40960, rms_norm_eps=1e-8, name="telechat2_115b"),
 }
+# Qwen2 (../shared/docs/families.md 2; the official config.json of each size decides when given)
+_QWEN2 = dict(family="qwen2", qkv_bias=True, separate_kv=True, out_bias=False, down_bias=False, rope_theta=1e6,
+              rope_scaling="none", rope_fp16_tables=False, rms_norm_eps=1e-6, training_seqlen=32768,
+              base_seqlen=32768, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+CONFIGS.update({
+    # CPU-sized Qwen2 with every switch on: GQA, tied embeddings, the last layer within a 6-token window; the
+    # ids of the demo tokenizer (tests use their own); not a released model
+    "qwen2_tiny": ModelConfig(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=160,
+                              vocab_size=1024, tie_word_embeddings=True, sliding_window=6, sliding_layers=(2,),
+                              name="qwen2_tiny", **dict(_QWEN2, bos_token_id=1, eos_token_id=2, pad_token_id=3)),
+    "qwen2_0_5b": ModelConfig(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, ffn_hidden_size=4864,
+                              vocab_size=151936, tie_word_embeddings=True, name="qwen2_0_5b", **_QWEN2),
+    "qwen2_1_5b": ModelConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, ffn_hidden_size=8960,
+                              vocab_size=151936, tie_word_embeddings=True, name="qwen2_1_5b", **_QWEN2),
+    "qwen2_7b": ModelConfig(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, ffn_hidden_size=18944,
+                            vocab_size=152064, name="qwen2_7b", **_QWEN2),
+    "qwen2_72b": ModelConfig(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, ffn_hidden_size=29568,
+                             vocab_size=152064, name="qwen2_72b", **dict(_QWEN2, rms_norm_eps=1e-5)),
+    # TeleChat2 32K (families.md 1): rope_theta 1e6 from config.json, trained and based at 32768
+    "telechat2_7b_32k": ModelConfig(hidden_size=4096, num_layers=30, num_heads=32, ffn_hidden_size=12288,
+                                    training_seqlen=32768, base_seqlen=32768, rope_theta=1e6,
+                                    rope_theta_source="config.json rope_theta 1e+06", name="telechat2_7b_32k"),
+    "telechat2_35b_32k": ModelConfig(hidden_size=6144, num_layers=64, num_heads=48, ffn_hidden_size=20480,
+                                     training_seqlen=32768, base_seqlen=32768, rope_theta=1e6,
+                                     rope_theta_source="config.json rope_theta 1e+06", name="telechat2_35b_32k"),
+    # TeleChat2.5 (families.md 1): the TeleChat2 architecture and weight names, 35B MHA; its config.json was not
+    # seen in a primary source, so the checkpoint's own config.json decides (these are the TeleChat2 shapes)
+    "telechat2_5_35b": ModelConfig(hidden_size=6144, num_layers=64, num_heads=48, ffn_hidden_size=20480,
+                                   name="telechat2_5_35b"),
+    "telechat2_5_115b": ModelConfig(hidden_size=8192, num_layers=96, num_heads=64, num_kv_heads=8,
+                                    ffn_hidden_size=40960, name="telechat2_5_115b"),
+})
+
+
+def _picker(hf: Dict[str, Any], where: str):
+    """pick(*names, default, required, kind): the first of `names` present in config.json `hf`, converted to
+    `kind` (int or float); ConfigError naming the file and field for a missing or mistyped one."""
+    def pick(*names, default=None, required=True, kind=int):
+        for n in names:
+            if n in hf and hf[n] is not None:
+                value = hf[n]
+                try:
+                    if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+                        raise ValueError
+                    return kind(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: {n} must be {'an integer' if kind is int else 'a number'}, "
+                                      f"got {value!r}") from None
+        if required and default is None:
+            raise ConfigError(f"{where} lacks {' / '.join(names)}")
+        return default
+    return pick
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

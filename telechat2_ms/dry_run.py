@@ -12,6 +12,7 @@ from typing import List
 from telechat2_ms.build import RunPlan
 from telechat2_ms.config import ConfigError
 from telechat2_ms.parallel import plan as tp_plan
+from telechat2_ms.rope import describe_rope
 from telechat2_ms.settings import TRAIN_RUN_MODES, global_batch
 
 GIB = 1024 ** 3
@@ -88,7 +89,8 @@ def report(run: RunPlan) -> str:
     lines = [f"dry run: {s.run_mode} of {run.config.name} on {s.device_target} ({s.compute_dtype}), "
              f"world {run.world}: {dims.describe()}",
              f"weights: {source}; architecture from "
-             f"{'the checkpoint' if run.ref.config is not None else 'the registry size ' + repr(s.model)}"]
+             f"{'the checkpoint' if run.ref.config is not None else 'the registry size ' + repr(s.model)}",
+             describe_rope(run.config)]
     if s.run_mode in TRAIN_RUN_MODES:
         p, t = s.parallel_config, s.train
         lines.append(f"global batch: data_parallel {p.data_parallel} x micro_batch_num {p.micro_batch_num} x "

@@ -24,8 +24,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from telechat2_ms.layers import scatter_rows
-from telechat2_ms.model import Telechat2ForCausalLM
-from telechat2_ms.rope import ntk_parameters
+from telechat2_ms.model import Telechat2ForCausalLM, layer_masks
+from telechat2_ms.rope import rope_parameters
 from telechat2_ms.sampling import TokenSampler
 
 
@@ -93,7 +93,7 @@ class CachedSteps(nn.Cell):
         head_dim = model.config.head_dim
         caches = []
         for i, layer in enumerate(self.model.layers):
-            kv_heads = layer.attention.wk_v.out_features // (2 * head_dim)  # local count under tensor parallel
+            kv_heads = layer.attention.local_kv_heads  # local count under tensor parallel
             zeros = np.zeros((batch * kv_heads * slots, head_dim), ms.dtype_to_nptype(model.compute_dtype))
             caches += [Parameter(Tensor(zeros), name=f"kv_cache.{i}.{part}", requires_grad=False)
                        for part in ("key", "value")]
@@ -130,6 +130,11 @@ class SampleStep(nn.Cell):
         token = self.sampler(logits, seen, uniform)  # [B]
         seen = ops.logical_or(seen, ops.one_hot(token, self.vocab_size, ms.Tensor(1.0), ms.Tensor(0.0)) > 0)
         return token, seen
+
+
+def _tensors(masks):
+    """numpy mask or pair of masks (model.layer_masks) -> Tensor(s)."""
+    return tuple(Tensor(m) for m in masks) if isinstance(masks, tuple) else Tensor(masks)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
@@ -195,8 +200,7 @@ class Generator:
     def _rope(self, key_length: int):
         """(inv_freq [d/2], mscale []) Tensors for `key_length` keys; they only change when the NTK alpha or
         mscale does, so the Tensors are made once per distinct value."""
-        params = ntk_parameters(key_length, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.base_seqlen,
-                                self.cfg.training_seqlen)
+        params = rope_parameters(key_length, self.cfg)
         key = (params.alpha, params.mscale)
         if key not in self._rope_tensors:
             self._rope_tensors[key] = (Tensor(params.inv_freq), Tensor(np.float32(params.mscale)))
@@ -237,7 +241,9 @@ class Generator:
         # prefill: causal over the prompt, pad keys masked; its K/V fill cache slots 0..P-1
         causal = np.tril(np.ones((prompt_len, prompt_len), bool))
         allowed = causal[None, None] & (mask[:, None, None, :] > 0)  # [B,1,P,P]
-        logits = prefill(Tensor(ids), Tensor(positions), Tensor(allowed), *self._rope(prompt_len))
+        logits = prefill(Tensor(ids), Tensor(positions), _tensors(layer_masks(self.cfg, allowed, np.arange(prompt_len),
+                                                                             prompt_len)),
+                         *self._rope(prompt_len))
 
         seen = np.zeros((batch, self.cfg.vocab_size), bool)
         for row, prompt in enumerate(prompts):
@@ -270,8 +276,9 @@ class Generator:
                 break
             slot = prompt_len + step  # the new token's cache slot; later slots stay masked
             key_valid[:, 0, 0, slot] = True
+            masks = _tensors(layer_masks(self.cfg, key_valid.copy(), [slot], slots))
             logits = decode(Tensor(token.reshape(batch, 1).astype(np.int32)), Tensor(next_position),
-                            Tensor(key_valid.copy()), *self._rope(slot + 1), Tensor(np.array([slot], np.int32)))
+                            masks, *self._rope(slot + 1), Tensor(np.array([slot], np.int32)))
             next_position = next_position + 1
         self.last_timing = {"prefill": first_token_at - start, "decode": time.perf_counter() - first_token_at}
         return outputs

@@ -2,7 +2,8 @@
 
 Parameter names follow MindFormers' TeleChat2 (spec 3.2) so checkpoints interoperate:
 attention.{wq, wk_v, wo}, feed_forward.{w1 (gate), w3 (up), w2 (down)}, attention_norm, ffn_norm.
-Only `wo` and `w2` carry a bias (spec 1.2-1.3). Shapes: B batch, S tokens, H hidden, n heads, k kv heads,
+TeleChat2: only `wo` and `w2` carry a bias (spec 1.2-1.3). The family switches of ModelConfig give Qwen2 (as
+MindFormers' research/qwen2 names it): separate `wk`, `wv`, biases on wq / wk / wv, none on wo / w2. Shapes: B batch, S tokens, H hidden, n heads, k kv heads,
 d head dim, F ffn hidden, T key length (S, or the KV-cache length when decoding).
 """
 from __future__ import annotations
@@ -93,21 +94,38 @@ class Attention(nn.Cell):
 
     def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim
         H = cfg.hidden_size
-        self.wq = Linear(H, cfg.num_heads * cfg.head_dim, False, init, compute_dtype)
-        self.wk_v = Linear(H, 2 * cfg.kv_dim, False, init, compute_dtype)
-        self.wo = Linear(cfg.num_heads * cfg.head_dim, H, True, init, compute_dtype)
+        self.separate_kv = cfg.separate_kv
+        self.wq = Linear(H, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, init, compute_dtype)
+        if cfg.separate_kv:
+            self.wk = Linear(H, cfg.kv_dim, cfg.qkv_bias, init, compute_dtype)
+            self.wv = Linear(H, cfg.kv_dim, cfg.qkv_bias, init, compute_dtype)
+        else:
+            self.wk_v = Linear(H, 2 * cfg.kv_dim, cfg.qkv_bias, init, compute_dtype)
+        self.wo = Linear(cfg.num_heads * cfg.head_dim, H, cfg.out_bias, init, compute_dtype)
         self.use_fused = use_fused
+
+    @property
+    def local_kv_heads(self) -> int:
+        """kv heads this cell computes (tensor parallel shrinks the projections)."""
+        if self.separate_kv:
+            return self.wk.out_features // self.head_dim
+        return self.wk_v.out_features // (2 * self.head_dim)
 
     def project_qkv(self, x, cos, sin):
         """x [B,S,H] -> q [B,n,S,d], k, v [B,k,S,d] with rotary applied to q and k."""
         batch, seq = x.shape[0], x.shape[1]
         n_heads = self.wq.out_features // self.head_dim  # local head counts (tensor parallel shrinks them)
-        kv_heads = self.wk_v.out_features // (2 * self.head_dim)
         q = ops.transpose(ops.reshape(self.wq(x), (batch, seq, n_heads, self.head_dim)), (0, 2, 1, 3))
-        kv = ops.reshape(self.wk_v(x), (batch, seq, kv_heads, 2, self.head_dim))  # [B,S,k,2,d]
-        k, v = ops.unstack(kv, 3)  # [B,S,k,d] each (an Unstack is ~17x faster on CPU than kv[:, :, :, 0])
+        if self.separate_kv:
+            kv_heads = self.wk.out_features // self.head_dim
+            k = ops.reshape(self.wk(x), (batch, seq, kv_heads, self.head_dim))
+            v = ops.reshape(self.wv(x), (batch, seq, kv_heads, self.head_dim))
+        else:
+            kv_heads = self.wk_v.out_features // (2 * self.head_dim)
+            kv = ops.reshape(self.wk_v(x), (batch, seq, kv_heads, 2, self.head_dim))  # [B,S,k,2,d]
+            k, v = ops.unstack(kv, 3)  # [B,S,k,d] each (an Unstack is ~17x faster on CPU than kv[:, :, :, 0])
         k = ops.transpose(k, (0, 2, 1, 3))  # [B,k,S,d]
         v = ops.transpose(v, (0, 2, 1, 3))  # [B,k,S,d]
         q = kernels.apply_rope(q, cos, sin, self.use_fused)
@@ -163,30 +181,36 @@ def scatter_rows(cache, new, slots):
 
 
 class FeedForward(nn.Cell):
-    """SwiGLU: w2(silu(w1(x)) * w3(x)); x [B,S,H] -> [B,S,H] (w1 = gate, w3 = up, w2 = down with bias)."""
+    """SwiGLU: w2(silu(w1(x)) * w3(x)); x [B,S,H] -> [B,S,H] (w1 = gate, w3 = up, w2 = down; TeleChat2's w2
+    has a bias)."""
 
     def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
         super().__init__()
         H, F = cfg.hidden_size, cfg.ffn_hidden_size
         self.w1 = Linear(H, F, False, init, compute_dtype)
         self.w3 = Linear(H, F, False, init, compute_dtype)
-        self.w2 = Linear(F, H, True, init, compute_dtype)
+        self.w2 = Linear(F, H, cfg.down_bias, init, compute_dtype)
 
     def construct(self, x):
         return self.w2(ops.silu(self.w1(x)) * self.w3(x))
 
 
 class DecoderLayer(nn.Cell):
-    """Pre-norm block: h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h))."""
+    """Pre-norm block: h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h)). A `sliding` layer
+    takes the second mask of the pair `allowed` (model.layer_masks): keys within the sliding window."""
 
-    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False,
+                 sliding: bool = False):
         super().__init__()
+        self.sliding = sliding
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
         self.attention = Attention(cfg, init, compute_dtype, use_fused)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
         self.feed_forward = FeedForward(cfg, init, compute_dtype)
 
     def construct(self, h, cos, sin, allowed, cache=None, write_slots=None):
+        if isinstance(allowed, (tuple, list)):
+            allowed = allowed[1] if self.sliding else allowed[0]
         attn_out, new_cache = self.attention(self.attention_norm(h), cos, sin, allowed, cache, write_slots)
         h = h + attn_out
         h = h + self.feed_forward(self.ffn_norm(h))

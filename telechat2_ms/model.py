@@ -31,6 +31,22 @@ def resolve_dtype(dtype):
     return dtype
 
 
+def window_keys(q_slots, key_len: int, window: int) -> np.ndarray:
+    """[S, T] bool: key slot t within the sliding window of query slot q (HF: t > q - window)."""
+    return np.arange(key_len)[None, :] > np.asarray(q_slots).reshape(-1, 1) - window
+
+
+def layer_masks(cfg: ModelConfig, allowed, q_slots, key_len: int):
+    """What the decoder's `allowed` input is for `cfg`: `allowed` [B,1,S,T] itself, or, when some layers
+    attend within a sliding window, the pair (allowed, allowed and within the window of each query slot)."""
+    if not cfg.sliding_layers:
+        return allowed
+    near = window_keys(q_slots, key_len, cfg.sliding_window)[None, None]  # [1,1,S,T]
+    if isinstance(allowed, np.ndarray):
+        return allowed, allowed & near
+    return allowed, ops.logical_and(allowed, Tensor(near))
+
+
 def causal_allowed(attention_mask, seq_len: int):
     """attention_mask [B,S] (1 real, 0 pad) or None -> allowed [B,1,S,S] bool (causal and key not pad)."""
     causal = ops.tril(ops.ones((seq_len, seq_len), ms.int32)) > 0  # [S,S]
@@ -48,13 +64,15 @@ class Telechat2Model(nn.Cell):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, init, compute_dtype)
-        self.layers = nn.CellList([DecoderLayer(cfg, init, compute_dtype, use_fused) for _ in range(cfg.num_layers)])
+        self.layers = nn.CellList([DecoderLayer(cfg, init, compute_dtype, use_fused, sliding=i in cfg.sliding_layers)
+                                   for i in range(cfg.num_layers)])
         self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
         self.rotary = RotaryEmbedding(cfg.rope_fp16_tables)
 
     def construct(self, input_ids, position_ids, allowed, inv_freq, mscale, caches=None, write_slots=None):
-        """position_ids [B,S]; allowed [B,1,S,T]; inv_freq [d/2]; mscale []; caches: tuple of (k, v) per layer
-        [B,k,T,d] or None. Returns (hidden [B,S,H], tuple of per-layer (k, v))."""
+        """position_ids [B,S]; allowed [B,1,S,T] (or, with sliding layers, the pair of `layer_masks`);
+        inv_freq [d/2]; mscale []; caches: tuple of (k, v) per layer [B,k,T,d] or None. Returns (hidden
+        [B,S,H], tuple of per-layer (k, v))."""
         cos, sin = self.rotary(position_ids, inv_freq, mscale)  # [B,1,S,d]
         h = self.tok_embeddings(input_ids)  # [B,S,H]
         new_caches = ()
@@ -83,7 +101,8 @@ class Telechat2PreTrainedModel(nn.Cell):
         if position_ids is None:
             position_ids = ops.broadcast_to(ops.arange(0, seq, dtype=ms.int32).reshape(1, seq), (batch, seq))
         inv_freq, mscale = rope_inputs(seq, self.config.head_dim, self.config)
-        return position_ids, causal_allowed(attention_mask, seq), inv_freq, mscale
+        allowed = layer_masks(self.config, causal_allowed(attention_mask, seq), np.arange(seq), seq)
+        return position_ids, allowed, inv_freq, mscale
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
         """[B,S] -> final hidden states [B,S,H] of a full (cache-free) forward."""
@@ -93,12 +112,17 @@ class Telechat2PreTrainedModel(nn.Cell):
 
 
 class Telechat2ForCausalLM(Telechat2PreTrainedModel):
-    """Causal LM: logits [B,S,V] fp32 from an untied `lm_head` [V,H] (no bias)."""
+    """Causal LM: logits [B,S,V] fp32 from `lm_head` [V,H] (no bias); with tie_word_embeddings (Qwen2-0.5B /
+    1.5B) lm_head is the embedding matrix itself (one Parameter, saved once as
+    model.tok_embeddings.embedding_weight)."""
 
     def __init__(self, cfg: ModelConfig, compute_dtype="float32", seed: int = 0, use_fused: bool = False,
                  init_zeros: bool = False):
         super().__init__(cfg, compute_dtype, seed, use_fused, init_zeros)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.init, self.compute_dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = TiedHead(self.model.tok_embeddings, cfg.vocab_size, self.compute_dtype)
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.init, self.compute_dtype)
 
     def logits(self, hidden):
         """hidden [B,S,H] -> logits [B,S,V] fp32."""
@@ -106,6 +130,22 @@ class Telechat2ForCausalLM(Telechat2PreTrainedModel):
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids))
+
+
+class TiedHead(nn.Cell):
+    """hidden [..., H] -> [..., V] with the embedding's matrix (no Parameter of its own)."""
+
+    def __init__(self, embedding: Embedding, vocab_size: int, compute_dtype=ms.float32):
+        super().__init__()
+        self.embedding = [embedding]  # a list: not a sub-cell, so its Parameter is not listed twice
+        self.out_features, self.compute_dtype = vocab_size, compute_dtype
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        weight = ops.cast(self.embedding[0].embedding_weight, self.compute_dtype)
+        lead = x.shape[:-1]
+        y = self.matmul(ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1])), weight)
+        return ops.reshape(y, lead + (self.out_features,))
 
 
 def last_token_index(input_ids, pad_token_id: int):

@@ -91,7 +91,24 @@ class RotaryEmbedding(nn.Cell):
         return ops.expand_dims(cos, 1), ops.expand_dims(sin, 1)  # [B,1,S,d]
 
 
+def rope_parameters(seq_len: int, cfg) -> NTKParameters:
+    """The rotary parameters of a ModelConfig for a forward over `seq_len` keys: TeleChat2's dynamic NTK rule,
+    or (rope_scaling none, Qwen2) plain RoPE at base rope_theta for every length (alpha 1, mscale 1)."""
+    if cfg.rope_scaling == "none":
+        return ntk_parameters(1, cfg.head_dim, cfg.rope_theta, base_seqlen=1, training_seqlen=1)
+    return ntk_parameters(seq_len, cfg.head_dim, cfg.rope_theta, cfg.base_seqlen, cfg.training_seqlen)
+
+
 def rope_inputs(seq_len: int, head_dim: int, cfg) -> tuple:
     """(inv_freq Tensor [d/2], mscale Tensor []) for a forward over `seq_len` keys, from a ModelConfig."""
-    params = ntk_parameters(seq_len, head_dim, cfg.rope_theta, cfg.base_seqlen, cfg.training_seqlen)
+    params = rope_parameters(seq_len, cfg)
     return Tensor(params.inv_freq), Tensor(np.float32(params.mscale))
+
+
+def describe_rope(cfg) -> str:
+    """One line: which rotary base and rule a config uses, and where the base came from."""
+    if cfg.rope_scaling == "none":
+        return f"rotary: plain RoPE, base {cfg.rope_theta:g} ({cfg.rope_theta_source}), fp32 tables"
+    return (f"rotary: base {cfg.rope_theta:g} ({cfg.rope_theta_source}), dynamic NTK + mscale beyond "
+            f"{cfg.training_seqlen} keys (base_seqlen {cfg.base_seqlen}), "
+            f"{'fp16-rounded' if cfg.rope_fp16_tables else 'fp32'} tables")

@@ -83,3 +83,40 @@ def randomize_biases_and_norms(model, seed: int = 1):
             p.set_data(Tensor(rng.normal(0, 0.05, p.shape).astype(np.float32)))
         elif p.name.endswith("norm.weight") or p.name.endswith("norm_out.weight"):
             p.set_data(Tensor(rng.normal(1.0, 0.1, p.shape).astype(np.float32)))
+
+
+def qwen2_reference(cfg, state: dict, attn_implementation: str = "eager"):
+    """An fp32 transformers Qwen2ForCausalLM holding `state` (MindFormers / research-qwen2 names), with the
+    config's GQA, tied embeddings and sliding-window layers (layer_types)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    layer_types = ["sliding_attention" if i in cfg.sliding_layers else "full_attention" for i in range(cfg.num_layers)]
+    conf = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_eps,
+                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                       max_position_embeddings=cfg.training_seqlen, tie_word_embeddings=cfg.tie_word_embeddings,
+                       use_sliding_window=bool(cfg.sliding_layers), sliding_window=cfg.sliding_window or None,
+                       layer_types=layer_types, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                       pad_token_id=cfg.pad_token_id, attn_implementation=attn_implementation)
+    ref = Qwen2ForCausalLM(conf)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    sd = {"model.embed_tokens.weight": t(state["model.tok_embeddings.embedding_weight"]),
+          "model.norm.weight": t(state["model.norm_out.weight"])}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t(state["lm_head.weight"])
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{i}."
+        sd.update({dst + "input_layernorm.weight": t(state[src + "attention_norm.weight"]),
+                   dst + "post_attention_layernorm.weight": t(state[src + "ffn_norm.weight"]),
+                   dst + "self_attn.o_proj.weight": t(state[src + "attention.wo.weight"]),
+                   dst + "mlp.gate_proj.weight": t(state[src + "feed_forward.w1.weight"]),
+                   dst + "mlp.up_proj.weight": t(state[src + "feed_forward.w3.weight"]),
+                   dst + "mlp.down_proj.weight": t(state[src + "feed_forward.w2.weight"])})
+        for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
+            sd[dst + f"self_attn.{theirs}.weight"] = t(state[src + f"attention.{ours}.weight"])
+            sd[dst + f"self_attn.{theirs}.bias"] = t(state[src + f"attention.{ours}.bias"])
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if cfg.tie_word_embeddings:
+        assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+    return ref.eval()

@@ -37,7 +37,7 @@ class PipelineCachedSteps:
         head_dim = cfg.head_dim
         self.caches = []
         for i, layer in zip(range(first, end), self.layers):
-            kv_heads = layer.attention.wk_v.out_features // (2 * head_dim)  # local count under tensor parallel
+            kv_heads = layer.attention.local_kv_heads  # local count under tensor parallel
             zeros = np.zeros((batch * kv_heads * slots, head_dim), ms.dtype_to_nptype(self.dtype))
             self.caches.append(tuple(Parameter(Tensor(zeros), name=f"kv_cache.{i}.{part}", requires_grad=False)
                                      for part in ("key", "value")))

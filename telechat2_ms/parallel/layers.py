@@ -12,6 +12,8 @@ the tp group: they are tagged `sequence_parallel_partial` and summed by data_par
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 import mindspore as ms
@@ -33,21 +35,24 @@ def mark_sequence_parallel_partial(param: Parameter) -> None:
 
 
 class ColumnParallelLinear(nn.Cell):
-    """y_local = x @ W_local^T: W [out, in] split on `out`; x is already replicated in the tp region
-    (see RegionEntryNorm), so no communication here. x [..., in] -> [..., out/tp]."""
+    """y_local = x @ W_local^T (+ b_local): W [out, in] and its bias (Qwen2's q/k/v) split on `out`; x is already
+    replicated in the tp region (see RegionEntryNorm), so no communication here. x [..., in] -> [..., out/tp]."""
 
-    def __init__(self, weight_shard: np.ndarray, compute_dtype=ms.float32):
+    def __init__(self, weight_shard: np.ndarray, compute_dtype=ms.float32, bias_shard: Optional[np.ndarray] = None):
         super().__init__()
         self.out_features, self.in_features = weight_shard.shape
         self.weight = _param(weight_shard, "weight")
         self.compute_dtype = compute_dtype
         self.matmul = ops.MatMul(transpose_b=True)
-        self.has_bias = False
+        self.has_bias = bias_shard is not None
+        self.bias = _param(bias_shard, "bias") if self.has_bias else None
 
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in]
         y = self.matmul(x2d, ops.cast(self.weight, self.compute_dtype))  # [N, out/tp]
+        if self.has_bias:
+            y = y + ops.cast(self.bias, self.compute_dtype)
         return ops.reshape(y, lead + (self.out_features,))
 
 

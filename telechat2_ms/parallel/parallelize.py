@@ -36,6 +36,7 @@ from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm,
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
 from telechat2_ms.parallel.plan import TP_PLAN
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
+from telechat2_ms.model import layer_masks
 from telechat2_ms.rope import rope_inputs
 
 
@@ -55,6 +56,14 @@ def _set_submodule(root: nn.Cell, path: str, cell: nn.Cell) -> None:
     for part in parents:
         root = getattr(root, part)
     setattr(root, leaf, cell)
+
+
+def _find_submodule(root: nn.Cell, path: str) -> Optional[nn.Cell]:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
 
 
 def _get_submodule(root: nn.Cell, path: str) -> nn.Cell:
@@ -94,8 +103,12 @@ def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: T
         layer, prefix = model.model.layers[i], f"model.layers.{i}."
         for path, style in TP_PLAN.items():
             name = prefix + path
+            original = _find_submodule(layer, path)
+            if original is None:  # a cell of another family's layout (wk_v vs wk / wv)
+                continue
             if style == "colwise":
-                cell = ColumnParallelLinear(shard(name + ".weight"), dtype)
+                cell = ColumnParallelLinear(shard(name + ".weight"), dtype,
+                                            shard(name + ".bias") if original.has_bias else None)
             elif style == "rowwise":
                 weight = shard(name + ".weight")
                 bias = weights.full(name + ".bias") if _get_submodule(layer, path).has_bias else None
@@ -206,7 +219,10 @@ class TelechatParallel:
                      else np.arange(seq, dtype=np.int32))
         inv_freq, mscale = rope_inputs(seq, cfg.head_dim, cfg)  # NTK from the global length
         position_ids = Tensor(np.broadcast_to(positions, (micro, local_seq)).astype(np.int32))
-        allowed = Tensor(np.tril(np.ones((local_seq, local_seq), bool))[None, None])  # [1,1,S,S] (not cp)
+        # [1,1,S,S] (not cp; sliding-window layers get their pair, model.layer_masks, which settings refuse with cp)
+        masks = layer_masks(cfg, np.tril(np.ones((local_seq, local_seq), bool))[None, None], np.arange(local_seq),
+                            local_seq)
+        allowed = tuple(Tensor(m) for m in masks) if isinstance(masks, tuple) else Tensor(masks)
         layers = [self.model.model.layers[i] for i in range(*self.layer_range)]
         backbone, head = self.model.model, self.model.lm_head
 

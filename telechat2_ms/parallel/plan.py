@@ -53,6 +53,8 @@ COLUMN = SplitRule("rows", "[out, in] -> [out/tp, in]")
 KV_COLUMN = SplitRule("rows", "[2kd, H] -> [2kd/tp, H]: whole kv heads, each [K_h; V_h]")
 VOCAB = SplitRule("rows", "[V, H] -> [V/tp, H]")
 ROW = SplitRule("cols", "[out, in] -> [out, in/tp]")
+COLUMN_BIAS = SplitRule("rows", "[out] -> [out/tp]: the bias of a column-parallel projection")
+KV_SEPARATE = SplitRule("rows", "[kd, H] -> [kd/tp, H]: whole kv heads (Qwen2's wk, wv)")
 FUSED_QKV = SplitRule("fused_rows", "[H+2kd, H] = [q; K; V] -> [q_r; K_r; V_r] of [(H+2kd)/tp, H]")
 FUSED_GATE_HIDDEN = SplitRule("fused_rows", "[2F, H] = [w1; w3] -> [w1_r; w3_r] of [2F/tp, H]")
 
@@ -61,7 +63,12 @@ SHARD_TABLE: Tuple[Tuple[str, SplitRule], ...] = (
     ("model.tok_embeddings.embedding_weight", VOCAB),
     ("model.layers.{i}.attention_norm.weight", REPLICATE),
     ("model.layers.{i}.attention.wq.weight", COLUMN),
+    ("model.layers.{i}.attention.wq.bias", COLUMN_BIAS),
     ("model.layers.{i}.attention.wk_v.weight", KV_COLUMN),
+    ("model.layers.{i}.attention.wk.weight", KV_SEPARATE),
+    ("model.layers.{i}.attention.wk.bias", COLUMN_BIAS),
+    ("model.layers.{i}.attention.wv.weight", KV_SEPARATE),
+    ("model.layers.{i}.attention.wv.bias", COLUMN_BIAS),
     ("model.layers.{i}.attention.w_qkv.weight", FUSED_QKV),
     ("model.layers.{i}.attention.wo.weight", ROW),
     ("model.layers.{i}.attention.wo.bias", REPLICATE),

@@ -26,6 +26,7 @@ layer's attention block, whose [B, n, S, S] scores dominate activation memory), 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -262,7 +263,7 @@ class Trainer:
 def run_identity(settings: RunSettings, plan) -> Dict[str, Any]:
     """What makes two training runs the same run (outputs.py): a resumed run must match it."""
     t = settings.train
-    return {"model": plan.config.name, "architecture": plan.config.architecture(),
+    return _as_json({"model": plan.config.name, "architecture": plan.config.architecture(),
             "base_checkpoint": _abspath(settings.load_checkpoint), "run_mode": settings.run_mode,
             "train_dataset": t.train_dataset if t.train_dataset.startswith("demo") else _abspath(t.train_dataset),
             "data_format": t.data_format, "truncation": t.truncation, "seq_length": settings.seq_length,
@@ -270,7 +271,13 @@ def run_identity(settings: RunSettings, plan) -> Dict[str, Any]:
             "global_batch": global_batch(settings), "layout": plan.dims.describe(),
             "compute_dtype": settings.compute_dtype,
             "lora": {"rank": t.lora_rank, "alpha": t.lora_alpha, "targets": list(t.lora_targets)}
-            if t.lora_rank else None}
+            if t.lora_rank else None})
+
+
+def _as_json(value):
+    """`value` as it reads back from trainer_state.json / run.json (tuples become lists), so a recorded
+    identity compares equal to the current one."""
+    return json.loads(json.dumps(value))
 
 
 def _finite_or_none(value: float) -> Optional[float]:
