@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_flag(common)
 
     p = sub.add_parser("hf2ms", parents=[common], help="HF directory -> MindSpore checkpoint")
-    p.add_argument("hf_dir", help="HF TeleChat2 directory (config.json + safetensors shards or pytorch_model*.bin)")
+    p.add_argument("hf_dir", help="HF TeleChat2 / Qwen2 directory (config.json + safetensors shards or pytorch_model*.bin)")
     p.add_argument("output", help="output file: NAME.safetensors (streamed) or NAME.ckpt (built in memory)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep", help="output dtype (default: keep)")
     p.add_argument("--fused-qkv", action="store_true",

@@ -30,7 +30,7 @@ TOKENIZER = os.path.join(os.path.dirname(REPO), "shared", "reference", "telechat
 PREDICT = ["--run_mode=predict", "--predict_data=What colour is the zorb?", f"--tokenizer={TOKENIZER}",
            "--generate.max_new_tokens=4",
            "--seq_length=64", "--jit=false"]
-TRAIN = ["--run_mode=finetune", "--train.train_dataset=demo:64", "--train.truncation=truncate", "--seq_length=128",
+TRAIN = ["--run_mode=finetune", "--train.train_dataset=demo:64", "--train.truncation=truncate", "--seq_length=256",
          "--train.batch_size=1", "--train.total_steps=1", "--train.keep_checkpoint_max=1", "--jit=false"]
 
 
@@ -43,6 +43,8 @@ def as_worker(report: str, args) -> int:
     started = time.perf_counter()
     rc = run_telechat2.main(list(args))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun runs the script as its scheduler too (rank id 0)
+        return rc
     os.makedirs(report, exist_ok=True)
     with open(os.path.join(report, f"rank{comm.get_rank()}.json"), "w", encoding="utf-8") as f:
         json.dump({"rc": rc, "peak_rss": peak, "seconds": time.perf_counter() - started}, f)

@@ -16,7 +16,6 @@ a lazy skeleton of the model (parameters without storage, layers.ParamInit(zeros
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -140,17 +139,18 @@ def build_model(plan: RunPlan, groups=None):
 
 
 def build_tokenizer(plan: RunPlan):
-    """The tokenizer named in settings (file or directory), else the checkpoint directory's tokenizer.model,
-    else the built-in demo tokenizer (which only fits vocab-1024 models such as `tiny`)."""
-    from telechat2_ms.tokenizer import load_tokenizer
+    """The tokenizer named in settings (file or directory), else the checkpoint directory's (tokenizer.model,
+    tokenizer.json or vocab.json + merges.txt), else the built-in demo tokenizer (which only fits vocab-1024
+    models such as `tiny`)."""
+    from telechat2_ms.tokenizer import load_tokenizer, tokenizer_kind
 
     path = plan.settings.tokenizer
-    if not path and plan.ref.tokenizer_dir and os.path.exists(os.path.join(plan.ref.tokenizer_dir, "tokenizer.model")):
+    if not path and plan.ref.tokenizer_dir and tokenizer_kind(plan.ref.tokenizer_dir):
         path = plan.ref.tokenizer_dir
     tokenizer = load_tokenizer(path or None)
     if tokenizer.vocab_size > plan.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
-                          f"{plan.config.vocab_size}; pass the tokenizer.model that belongs to the checkpoint with "
+                          f"{plan.config.vocab_size}; pass the tokenizer that belongs to the checkpoint with "
                           "--tokenizer=PATH")
     return tokenizer
 

@@ -91,6 +91,60 @@ TELECHAT2_JINJA_TEMPLATE = r"""
 """
 
 
+# ChatML, the Qwen2 format: `<|im_start|>{role}\n{content}<|im_end|>\n` per message, the default system turn
+# "You are a helpful assistant." when the conversation has none, `<|im_start|>assistant\n` as generation prompt;
+# with tools, Hermes-style function calling as Qwen2.5's template writes it (the tool signatures inside
+# <tools></tools> in the system turn, calls as <tool_call>{json}</tool_call> in assistant turns, results as
+# <tool_response> blocks in one user turn). Used when a Qwen2 tokenizer_config.json has no chat_template.
+CHATML_DEFAULT_SYSTEM = "You are a helpful assistant."
+CHATML_JINJA_TEMPLATE = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set system_text = messages[0]['content'] -%}
+    {%- set rest = messages[1:] -%}
+{%- else -%}
+    {%- set system_text = 'You are a helpful assistant.' -%}
+    {%- set rest = messages -%}
+{%- endif -%}
+{{- '<|im_start|>system\n' + system_text -}}
+{%- if tools -%}
+    {{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+    {%- for tool in tools -%}
+        {{- '\n' + (tool | tojson) -}}
+    {%- endfor -%}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' -}}
+    {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' -}}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- for message in rest -%}
+    {%- if message['role'] == 'tool' -%}
+        {%- if loop.first or rest[loop.index0 - 1]['role'] != 'tool' -%}
+            {{- '<|im_start|>user' -}}
+        {%- endif -%}
+        {{- '\n<tool_response>\n' + message['content'] + '\n</tool_response>' -}}
+        {%- if loop.last or rest[loop.index0 + 1]['role'] != 'tool' -%}
+            {{- '<|im_end|>\n' -}}
+        {%- endif -%}
+    {%- elif message['role'] == 'assistant' and message['tool_calls'] -%}
+        {{- '<|im_start|>assistant' -}}
+        {%- if message['content'] -%}
+            {{- '\n' + message['content'] -}}
+        {%- endif -%}
+        {%- for call in message['tool_calls'] -%}
+            {%- set fn = call['function'] if call['function'] is defined else call -%}
+            {{- '\n<tool_call>\n{"name": "' + fn['name'] + '", "arguments": ' + (fn['arguments'] | tojson) + '}\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\n' -}}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+
+
 class ChatTemplateError(ValueError):
     """A conversation or template cannot be rendered; the message names the offending message or block."""
 

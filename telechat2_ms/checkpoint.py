@@ -245,7 +245,7 @@ class ArrayWeights(Weights):
     def full(self, name):
         value = self.arrays[name]
         value = value.asnumpy() if hasattr(value, "asnumpy") else value
-        return np.asarray(value, dtype=np.float32)
+        return np.array(value, dtype=np.float32)  # a copy: a loaded parameter shares the array it is given
 
 
 class SafetensorsWeights(Weights):
@@ -440,12 +440,12 @@ def check_state_matches(model_shapes: Mapping[str, tuple], ckpt_shapes: Mapping[
 def load_weights(model, weights: Weights, strict: bool = True) -> List[str]:
     """Fill `model`'s parameters (by name) from `weights`, one tensor at a time; returns the loaded names.
     strict: the checkpoint may hold no other keys. All checks run before any parameter is changed."""
-    from mindspore import Tensor
+    from telechat2_ms.layers import fill_parameter
 
     params = model_state(model)
     check_state_matches({n: tuple(p.shape) for n, p in params.items()}, weights.shapes(), weights.path, strict)
     for name, param in params.items():
-        param.set_data(Tensor(weights.full(name)))
+        fill_parameter(param, weights.full(name))
     return sorted(params)
 
 

@@ -298,7 +298,7 @@ CONFIGS: Dict[str, ModelConfig] = {
 }
 # Qwen2 (../shared/docs/families.md 2; the official config.json of each size decides when given)
 _QWEN2 = dict(family="qwen2", qkv_bias=True, separate_kv=True, out_bias=False, down_bias=False, rope_theta=1e6,
-              rope_scaling="none", rope_fp16_tables=False, rms_norm_eps=1e-6, training_seqlen=32768,
+              rope_theta_source="Qwen2's config.json rope_theta 1e+06", rope_scaling="none", rope_fp16_tables=False, rms_norm_eps=1e-6, training_seqlen=32768,
               base_seqlen=32768, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
 CONFIGS.update({
     # CPU-sized Qwen2 with every switch on: GQA, tied embeddings, the last layer within a 6-token window; the
@@ -317,10 +317,10 @@ CONFIGS.update({
     # TeleChat2 32K (families.md 1): rope_theta 1e6 from config.json, trained and based at 32768
     "telechat2_7b_32k": ModelConfig(hidden_size=4096, num_layers=30, num_heads=32, ffn_hidden_size=12288,
                                     training_seqlen=32768, base_seqlen=32768, rope_theta=1e6,
-                                    rope_theta_source="config.json rope_theta 1e+06", name="telechat2_7b_32k"),
+                                    rope_theta_source="TeleChat2-32K's config.json rope_theta 1e+06", name="telechat2_7b_32k"),
     "telechat2_35b_32k": ModelConfig(hidden_size=6144, num_layers=64, num_heads=48, ffn_hidden_size=20480,
                                      training_seqlen=32768, base_seqlen=32768, rope_theta=1e6,
-                                     rope_theta_source="config.json rope_theta 1e+06", name="telechat2_35b_32k"),
+                                     rope_theta_source="TeleChat2-32K's config.json rope_theta 1e+06", name="telechat2_35b_32k"),
     # TeleChat2.5 (families.md 1): the TeleChat2 architecture and weight names, 35B MHA; its config.json was not
     # seen in a primary source, so the checkpoint's own config.json decides (these are the TeleChat2 shapes)
     "telechat2_5_35b": ModelConfig(hidden_size=6144, num_layers=64, num_heads=48, ffn_hidden_size=20480,

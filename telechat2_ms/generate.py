@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,11 +44,14 @@ class GenerationConfig:
     seed: int = 0
     eos_token_id: int = 2
     pad_token_id: int = 3
+    stop_token_ids: Tuple[int, ...] = ()  # further ids that end a row (ChatML: <|im_end|> and <|endoftext|>)
 
     @classmethod
-    def from_settings(cls, settings, eos_token_id: int = 2, pad_token_id: int = 3) -> "GenerationConfig":
+    def from_settings(cls, settings, eos_token_id: int = 2, pad_token_id: int = 3,
+                      stop_token_ids: Sequence[int] = ()) -> "GenerationConfig":
         return cls(settings.max_new_tokens, settings.do_sample, settings.temperature, settings.top_k,
-                   settings.top_p, settings.repetition_penalty, settings.seed, eos_token_id, pad_token_id)
+                   settings.top_p, settings.repetition_penalty, settings.seed, eos_token_id, pad_token_id,
+                   tuple(sorted(set(stop_token_ids) - {eos_token_id})))
 
 
 class PrefillStep(nn.Cell):
@@ -266,7 +269,7 @@ class Generator:
                 first_token_at = time.perf_counter()
             token = np.where(finished, gen.pad_token_id, token)
             for row in np.nonzero(~finished)[0]:
-                if token[row] == gen.eos_token_id:
+                if token[row] == gen.eos_token_id or token[row] in gen.stop_token_ids:
                     finished[row] = True
                 else:
                     outputs[row].append(int(token[row]))

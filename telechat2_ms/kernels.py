@@ -15,6 +15,12 @@ from mindspore import ops
 _NEG_INF = float(-3.4028234663852886e38)  # fp32 min, as the official masked_fill(dtype-min)
 
 
+def cast_to(x, dtype):
+    """`x` in `dtype`, without a copy when it already is (a same-dtype Cast copies in PyNative: the fp32
+    lm_head of a 3B pipeline stage held twice while generating, research/bench_shard_memory.py)."""
+    return x if x.dtype == dtype else ops.cast(x, dtype)
+
+
 def rms_norm(x, weight, eps: float, use_fused: bool = False):
     """x [..., H] -> weight * cast(x_fp32 * rsqrt(mean(x_fp32^2) + eps), x.dtype) (spec 1.4)."""
     if use_fused:

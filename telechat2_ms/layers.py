@@ -18,6 +18,24 @@ from telechat2_ms import kernels
 from telechat2_ms.config import ModelConfig
 
 
+def host_parameter(array: np.ndarray, name: str) -> Parameter:
+    """A Parameter over `array`'s own memory (fp32, C order). `Parameter(Tensor(a))` holds three copies of `a`
+    at its peak and `Parameter(Tensor.from_numpy(a))` two (research/bench_shard_memory.py measured the extra
+    copy of the 1.5 GiB lm_head as the overage of a pipeline stage); filling a placeholder with `set_data`
+    holds one. A view is copied first, so that the parameter does not keep a whole checkpoint tensor alive."""
+    param = Parameter(Tensor(np.zeros(1, np.float32)), name=name)
+    fill_parameter(param, array)
+    return param
+
+
+def fill_parameter(param: Parameter, array: np.ndarray) -> None:
+    """Replace `param`'s data with `array`, holding one copy of it (see host_parameter)."""
+    data = np.asarray(array, dtype=np.float32)
+    if data.base is not None or not data.flags.c_contiguous or not data.flags.writeable:
+        data = np.array(data, dtype=np.float32, order="C")
+    param.set_data(Tensor.from_numpy(data))
+
+
 class ParamInit:
     """Deterministic initialiser: N(0, std) weights from one numpy generator; or, with `zeros`, weights that
     hold no storage yet (a lazy zero initializer: a skeleton to load a checkpoint into, or to cut into one
@@ -31,12 +49,13 @@ class ParamInit:
     def normal(self, shape, name):
         if self.zeros:
             return Parameter(Tensor(shape=tuple(shape), dtype=ms.float32, init=Zero()), name=name)
-        data = self.rng.standard_normal(shape, dtype=np.float32) * np.float32(self.std)
-        return Parameter(Tensor(data), name=name)
+        data = self.rng.standard_normal(shape, dtype=np.float32)
+        data *= np.float32(self.std)
+        return host_parameter(data, name)
 
     @staticmethod
     def constant(shape, value, name):
-        return Parameter(Tensor(np.full(shape, value, np.float32)), name=name)
+        return host_parameter(np.full(shape, value, np.float32), name)
 
 
 class Linear(nn.Cell):
@@ -55,7 +74,7 @@ class Linear(nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [B*S, in]
-        y = self.matmul(x2d, ops.cast(self.weight, self.compute_dtype))  # [B*S, out]
+        y = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [B*S, out]
         if self.has_bias:
             y = y + ops.cast(self.bias, self.compute_dtype)
         return ops.reshape(y, lead + (self.out_features,))

@@ -16,6 +16,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from telechat2_ms import kernels
 from telechat2_ms.config import ModelConfig
 from telechat2_ms.layers import DecoderLayer, Embedding, Linear, ParamInit, RMSNorm
 from telechat2_ms.rope import RotaryEmbedding, rope_inputs
@@ -142,7 +143,7 @@ class TiedHead(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x):
-        weight = ops.cast(self.embedding[0].embedding_weight, self.compute_dtype)
+        weight = kernels.cast_to(self.embedding[0].embedding_weight, self.compute_dtype)
         lead = x.shape[:-1]
         y = self.matmul(ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1])), weight)
         return ops.reshape(y, lead + (self.out_features,))

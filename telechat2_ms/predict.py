@@ -16,7 +16,6 @@ import io
 import sys
 from typing import Dict, List, Optional, TextIO
 
-from telechat2_ms.chat_template import DEFAULT_SYSTEM_PROMPT
 from telechat2_ms.generate import GenerationConfig, GenerationError, Generator
 from telechat2_ms.parallel.ranks import broadcast_object, gather_objects
 from telechat2_ms.settings import RunSettings
@@ -27,13 +26,14 @@ DEMO_PROMPTS = ["What is 3 plus 4?", "你好"]
 def encode_prompt(tokenizer, text: str, settings: RunSettings, history: Optional[List[Dict]] = None) -> List[int]:
     if settings.prompt_format == "raw":
         return tokenizer.encode(text)
-    system = DEFAULT_SYSTEM_PROMPT if settings.system_prompt is None else settings.system_prompt
-    messages = [{"role": "system", "content": system}] + list(history or []) + [{"role": "user", "content": text}]
+    # no system prompt set: the template's own default (TeleChat2's, or ChatML's "You are a helpful assistant.")
+    system = [] if settings.system_prompt is None else [{"role": "system", "content": settings.system_prompt}]
+    messages = system + list(history or []) + [{"role": "user", "content": text}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def _generation_config(settings: RunSettings, tokenizer) -> GenerationConfig:
-    return GenerationConfig.from_settings(settings.generate, tokenizer.eos_id, tokenizer.pad_id)
+    return GenerationConfig.from_settings(settings.generate, tokenizer.eos_id, tokenizer.pad_id, tokenizer.stop_ids)
 
 
 class _Streamer:
@@ -42,12 +42,12 @@ class _Streamer:
     def __init__(self, tokenizer, out: TextIO):
         self.decoder = tokenizer.incremental_decoder()
         self.out = out
-        self.eos = tokenizer.eos_id
+        self.stop = tokenizer.stop_ids
         self.done = False
 
     def __call__(self, tokens):
         token = int(tokens[0])
-        if self.done or token == self.eos:
+        if self.done or token in self.stop:
             self.done = True
             return
         self.out.write(self.decoder.push(token))

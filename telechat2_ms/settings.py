@@ -82,7 +82,7 @@ class ParallelSettings:
     context_parallel: int = key(1, "context parallel degree (training): RingAttention over a zig-zag split")
     pipeline_layer_counts: List[int] = key([], "decoder layers per pipeline stage; empty: an even split, the first "
                                                "stages taking one more")
-    optimizer_shard: bool = key(False, "shard the AdamW states over the data-parallel ranks (training)")
+    optimizer_shard: bool = key(False, "shard the AdamW states over the data- and context-parallel replicas (training)")
 
 
 @dataclass
@@ -163,7 +163,7 @@ class RunSettings:
     predict_data: List[str] = key([], "prompts for predict (empty: two demo prompts)")
     prompt_format: str = key("chat", "chat: TeleChat2 chat template with system prompt; raw: text as-is",
                              ("chat", "raw"))
-    system_prompt: Optional[str] = key(None, "chat system prompt; null: the TeleChat2 default")
+    system_prompt: Optional[str] = key(None, "chat system prompt; null: the chat template's default (TeleChat2's, or ChatML's)")
     generate: GenerateSettings = section(GenerateSettings, "sampling (predict, chat)")
     parallel_config: ParallelSettings = section(ParallelSettings, "parallel layout (msrun)")
     train: TrainSettings = section(TrainSettings, "training (train, finetune)")

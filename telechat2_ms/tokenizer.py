@@ -1,4 +1,5 @@
-"""TeleChat2 tokenizer over sentencepiece (spec 5.1-5.2), with a streaming detokenizer.
+"""TeleChat2 tokenizer over sentencepiece (spec 5.1-5.2), with a streaming detokenizer; `load_tokenizer`
+chooses it or the byte-level BPE one of Qwen2 (tokenizer_bpe.py) from the files it is given.
 
 Encoding: the text is split at the special tokens the model has as pieces (<_start> <_end> <_pad> <_user>
 <_bot> <_system> <_observation> <_sep>, and <tool_call> </tool_call> <tool_response> </tool_response> only
@@ -58,6 +59,8 @@ class Telechat2Tokenizer:
     """TeleChat2 tokenizer. `path` is a tokenizer.model file or a directory holding tokenizer.model and
     optionally tokenizer_config.json (add_bos_token, add_eos_token, bos/eos/pad tokens, chat_template)."""
 
+    family = "telechat2"
+
     def __init__(self, path: Union[str, os.PathLike]):
         import sentencepiece as spm
 
@@ -70,13 +73,7 @@ class Telechat2Tokenizer:
             model_file = os.path.join(path, "tokenizer.model")
             if not os.path.isfile(model_file):
                 raise TokenizerError(f"directory {path} has no tokenizer.model")
-            config_file = os.path.join(path, "tokenizer_config.json")
-            if os.path.isfile(config_file):
-                try:
-                    with open(config_file, encoding="utf-8") as f:
-                        config = json.load(f)
-                except (OSError, json.JSONDecodeError) as err:
-                    raise TokenizerError(f"cannot read {config_file}: {err}") from err
+            config = read_tokenizer_config(path)
         elif os.path.isfile(path):
             model_file = path
         else:
@@ -153,12 +150,7 @@ class Telechat2Tokenizer:
         return self._sp.id_to_piece(int(token_id))
 
     def _check_id(self, token_id: Any) -> int:
-        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
-            raise TokenizerError(f"token id {token_id!r} is not an integer")
-        token_id = int(token_id)
-        if not 0 <= token_id < self.vocab_size:
-            raise TokenizerError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
-        return token_id
+        return check_token_id(token_id, self.vocab_size)
 
     @property
     def unk_id(self) -> int:
@@ -175,6 +167,11 @@ class Telechat2Tokenizer:
     @property
     def pad_id(self) -> int:
         return self.token_to_id(self._pad_token)
+
+    @property
+    def stop_ids(self) -> frozenset:
+        """Ids that end a generated answer (<_end>)."""
+        return frozenset({self.eos_id})
 
     @property
     def user_id(self) -> int:
@@ -336,8 +333,60 @@ def demo_tokenizer_path() -> str:
     return path
 
 
-def load_tokenizer(path: Optional[Union[str, os.PathLike]] = None) -> Telechat2Tokenizer:
-    """Tokenizer at `path`, or the built-in demo tokenizer when `path` is None or empty."""
+BPE_FILES = ("tokenizer.json", "vocab.json")
+
+
+def tokenizer_kind(path: str) -> Optional[str]:
+    """"sentencepiece" (TeleChat2's tokenizer.model), "bpe" (Qwen2's tokenizer.json or vocab.json + merges.txt)
+    or None, for a tokenizer file or a directory holding one."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+            return "sentencepiece"
+        if any(os.path.isfile(os.path.join(path, name)) for name in BPE_FILES):
+            return "bpe"
+        return None
+    if os.path.isfile(path):
+        return "bpe" if path.endswith(".json") else "sentencepiece"
+    return None
+
+
+def load_tokenizer(path: Optional[Union[str, os.PathLike]] = None):
+    """Tokenizer at `path` (a file, or a directory: tokenizer.model -> Telechat2Tokenizer; tokenizer.json or
+    vocab.json + merges.txt -> tokenizer_bpe.ByteLevelBpeTokenizer), or the built-in demo tokenizer when `path`
+    is None or empty."""
     if path is None or str(path).strip() == "":
         return Telechat2Tokenizer.demo()
+    path = os.fspath(path)
+    kind = tokenizer_kind(path)
+    if kind == "bpe":
+        from telechat2_ms.tokenizer_bpe import ByteLevelBpeTokenizer
+
+        return ByteLevelBpeTokenizer(path)
+    if kind is None and os.path.isdir(path):
+        raise TokenizerError(f"directory {path} has no tokenizer.model, tokenizer.json or vocab.json + merges.txt")
     return Telechat2Tokenizer(path)
+
+
+def read_tokenizer_config(directory: str) -> Dict[str, Any]:
+    """tokenizer_config.json of a tokenizer directory ({} when there is none)."""
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(config_file):
+        return {}
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"cannot read {config_file}: {err}") from err
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{config_file} is not a JSON object")
+    return config
+
+
+def check_token_id(token_id: Any, vocab_size: int) -> int:
+    """`token_id` as an int, or TokenizerError if it is not an integer id of the vocabulary."""
+    if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
+        raise TokenizerError(f"token id {token_id!r} is not an integer")
+    token_id = int(token_id)
+    if not 0 <= token_id < vocab_size:
+        raise TokenizerError(f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+    return token_id

@@ -336,3 +336,17 @@ def test_bad_hf_inputs_are_one_line(tmp_path, damage, fragment):
 def test_debug_flag_shows_the_traceback(tmp_path):
     code, _, err = run_cli("--config", str(tmp_path), "--dry_run", "--debug")
     assert code != 0 and "Traceback" in err and "ConfigError" in err
+
+
+def test_a_non_finite_step_is_logged_as_nan_not_a_crash(tmp_path):
+    """A skipped step stores loss / grad_norm as null; the progress line shows nan (it used to raise TypeError
+    and end the run, found on the 3B cut under tp2)."""
+    from telechat2_ms.train.metrics import MetricsLogger, read_metrics
+
+    printed = []
+    log = MetricsLogger(str(tmp_path), total_steps=2, printer=printed.append)
+    log.start(0)
+    line = log.log({"step": 1, "loss": None, "lr": 1e-4, "grad_norm": None, "tokens": 8, "loss_scale": 1.0,
+                    "skipped": True, "consumed_samples": 1, "step_time_s": 0.5, "tokens_per_s": 16.0})
+    assert "loss nan" in line and "grad_norm nan" in line and "skipped (non-finite gradients)" in line
+    assert printed == [line] and read_metrics(log.path)[0]["loss"] is None

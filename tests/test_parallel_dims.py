@@ -172,3 +172,25 @@ def test_trainer_batches_become_next_token_batches():
     inputs, labels, loss_mask = next_token_batch(ids, mask)
     assert inputs.tolist() == [[5, 6, 7]] and labels.tolist() == [[6, 7, 0]]
     assert loss_mask.tolist() == [[1, 1, 0]]
+
+
+def test_parallel_engine_step_without_targets_is_finite():
+    """A step whose rows were all truncated before their answers (loss mask all zero) has loss 0 and makes no
+    update, as in the local engine; it used to divide 0 by 0 (NaN, found on the 3B cut under tp2)."""
+    from types import SimpleNamespace
+
+    from telechat2_ms.parallel.parallelize import parallelize_telechat2
+    from telechat2_ms.train.engine import ParallelEngine
+    from tests.msrun import parallel_cases as pc
+
+    ms.set_device("CPU")
+    ms.runtime.launch_blocking()
+    parallel = parallelize_telechat2(pc.build_model(), ParallelDims())
+    before = parallel.local_state()
+    engine = SimpleNamespace(parallel=parallel, optimizer=pc.make_adamw(parallel),
+                             settings=SimpleNamespace(train=SimpleNamespace(grad_clip=1.0)))
+    ids = pc.make_batch()[0]
+    record = ParallelEngine.step(engine, [(ids, np.zeros(ids.shape, np.float32))], 1, 1e-2)
+    assert record["loss"] == 0.0 and record["grad_norm"] == 0.0 and not record["skipped"]
+    after = parallel.local_state()
+    assert all(np.array_equal(before[k], after[k]) for k in before if "norm" in k or "bias" in k)

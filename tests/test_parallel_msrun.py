@@ -3,7 +3,8 @@
 Two msrun jobs (the ~20 s start-up is paid once per world size), each running several tasks of
 tests/msrun/worker_parallel.py that write one result directory per task, so every test below reads
 its own layout's files and fails on its own:
-- 2 workers: reference, dp2, tp2, tp2+sp, pp2 (4 micro-batches, 1F1B), cp2 (RingAttention), greedy
+- 2 workers: reference, dp2, tp2, tp2+sp, pp2 (4 micro-batches, 1F1B), cp2 (RingAttention), tiny Qwen2 under tp2
+  and pp2, greedy
   generation under tp2; loading a convert/reshard.py tp2 layout and slicing a full checkpoint at load time;
 - 4 workers: every comm collective/region in real sub-groups (dp2 x tp2), reference, tp2 x pp2.
 - chat under tp2 (typed lines on rank 0, broadcast to rank 1) equals run_chat in this process.
@@ -37,7 +38,7 @@ from tests.msrun import parallel_cases as pc
 WORKER = os.path.join(os.path.dirname(__file__), "msrun", "worker_parallel.py")
 LOSS_TOL, PARAM_TOL, ADAMW_UPDATE_TOL, SHARDED_VS_REPLICATED_TOL = 1e-5, 1e-4, 1e-3, 1e-7
 JOBS = {
-    2: ["reference", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
+    2: ["reference", "reference:qwen2", "train:qwen2_tp2", "train:qwen2_pp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
         "generate:tp2", "generate:pp2", "load:tp2", "chat:tp2", "predict:dp2",
         "trainer:tp2"],
     4: ["comm", "reference", "train:tp2_pp2", "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
@@ -73,14 +74,15 @@ def _check_layout(job, layout):
     out, result = job
     if not os.path.exists(os.path.join(out, layout)):
         pytest.fail(f"layout {layout} produced no result\n{_explain(result, out)}")
-    name = "reference_adamw" if layout in pc.ADAMW_LAYOUTS else "reference"
+    model = pc.LAYOUT_MODELS.get(layout, "tiny")
+    name = "reference_adamw" if layout in pc.ADAMW_LAYOUTS else "reference" if model == "tiny" else f"reference_{model}"
     reference = dict(np.load(os.path.join(out, f"{name}.npz")))
     with open(os.path.join(out, f"{name}.json"), encoding="utf-8") as f:
         ref_info = json.load(f)
     reference_loss = ref_info["loss"]
     assert ref_info["norms"][0] > pc.CLIP if "norms" in ref_info else ref_info["norm"] > pc.CLIP  # clip active
     ref_norms = ref_info.get("norms", [ref_info.get("norm")])
-    initial = pc.initial_state()
+    initial = pc.initial_state(model)
     losses, merged = pc.merge_layout(out, layout)
     assert sorted(merged) == sorted(reference), f"{layout}: parameter names differ"
     for loss in losses:
@@ -92,9 +94,9 @@ def _check_layout(job, layout):
             assert abs(got - want) / want <= LOSS_TOL, (layout, rank, "grad norm", got, want)
         for got, want in zip(info.get("losses", []), ref_info.get("losses", [])):
             assert abs(got - want) / abs(want) <= LOSS_TOL, (layout, rank, "loss", got, want)
-        if layout in pc.ADAMW_LAYOUTS:  # each dp rank keeps the moments of half of its parameters
-            assert info["state_elements"] == 2 * -(-info["param_elements"] // 2), (layout, rank, info)
-            assert info["replicated_state_elements"] == 2 * info["param_elements"]
+        if layout in pc.ADAMW_LAYOUTS:  # each dp rank keeps the moments of half of each of its parameters
+            assert info["state_elements"] == 2 * sum(-(-n // 2) for n in info["param_sizes"]), (layout, rank, info)
+            assert info["replicated_state_elements"] == 2 * sum(info["param_sizes"])
             assert info["max_diff_vs_replicated"] <= SHARDED_VS_REPLICATED_TOL, (layout, rank, info)
     update_tol = ADAMW_UPDATE_TOL if layout in pc.ADAMW_LAYOUTS else PARAM_TOL
     for name, want in reference.items():
@@ -106,6 +108,12 @@ def _check_layout(job, layout):
 
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2_sp", "pp2", "cp2"])
 def test_two_process_layout_matches_single_process(job2, layout):
+    _check_layout(job2, layout)
+
+
+@pytest.mark.parametrize("layout", ["qwen2_tp2", "qwen2_pp2"])
+def test_qwen2_two_process_layout_matches_single_process(job2, layout):
+    """Tiny Qwen2 (q/k/v biases, separate k/v, 2 kv heads: 1 per rank under tp2, a sliding-window layer)."""
     _check_layout(job2, layout)
 
 

@@ -45,7 +45,8 @@ def test_every_yaml_passes_validation_and_its_dry_run(path, capsys, nothing_is_b
 @pytest.mark.parametrize("path", ATLAS_FINETUNE, ids=lambda p: p.parent.name)
 def test_atlas_finetune_yamls_keep_their_stated_global_batch_and_memory(path, capsys):
     text = path.read_text(encoding="utf-8")
-    stated = int(re.search(r"Global batch: .* = (\d+) sequences of 8192 tokens", text).group(1))
+    found = re.search(r"Global batch: .* = (\d+) sequences of (\d+) tokens", text)
+    stated, seq = int(found.group(1)), int(found.group(2))
     settings = load_settings(str(path))
     assert global_batch(settings) == stated
     lay = cm.layout_from_settings(settings)  # the cost model reads the same batch arithmetic
@@ -54,7 +55,7 @@ def test_atlas_finetune_yamls_keep_their_stated_global_batch_and_memory(path, ca
     out = capsys.readouterr().out
     memory = float(re.search(r"\(telechat2_ms/cost_model\.py[^)]*\): (\d+\.\d) GiB", text).group(1))
     assert f"memory {memory:.1f} GiB of 58 GiB usable (fits)" in out
-    assert f"= {stated} sequences of 8192 tokens per step" in out
+    assert settings.seq_length == seq and f"= {stated} sequences of {seq} tokens per step" in out
 
 
 BAD_LAYOUTS = [

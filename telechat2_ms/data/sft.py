@@ -23,6 +23,10 @@ So the targets are each <_bot>, all answer tokens, each <_end> and each <_user>;
 the "\n" after <_end> are not. mask[p] = 1 means "token p is predicted from tokens < p" (the loss uses
 mask[1:] against logits[:-1]). If truncation removed the last <_end>, the mask runs to the end of the sample.
 
+Other families (a tokenizer whose `family` is not "telechat2", e.g. Qwen2's ChatML): every record is one
+sample, rendered by the tokenizer's chat template and tokenized once; the targets are each answer and its
+end-of-turn token (SftEncoder.template_sample). Nothing is packed.
+
 Deviations from OFF-DS, on purpose:
 - a dialog that does not fit into the current pack starts the next pack (OFF-DS silently drops it);
 - a sample longer than seq_length follows `truncation` (TrainSettings.truncation):
@@ -141,9 +145,11 @@ class SftEncoder:
         self.tok = tokenizer
         self.seq_length = seq_length
         self.truncation = truncation
-        self.user_id, self.bot_id, self.end_id = tokenizer.user_id, tokenizer.bot_id, tokenizer.eos_id
-        self.system_id = tokenizer.system_id
-        self.newline = tokenizer.encode("\n")
+        self.template_only = getattr(tokenizer, "family", "telechat2") != "telechat2"
+        if not self.template_only:
+            self.user_id, self.bot_id, self.end_id = tokenizer.user_id, tokenizer.bot_id, tokenizer.eos_id
+            self.system_id = tokenizer.system_id
+            self.newline = tokenizer.encode("\n")
         self.stats = PackStats()
         self._warned_tools = False
 
@@ -171,11 +177,36 @@ class SftEncoder:
         messages = [{"role": "system", "content": record.system}] + record.dialog
         return self.tok.apply_chat_template(messages, add_generation_prompt=False)
 
+    def template_sample(self, record: SftRecord) -> Tuple[List[int], np.ndarray]:
+        """Another family's chat template (ChatML): the record rendered once and tokenized once; the targets
+        are the tokens that start inside an answer, from the end of the generation prompt before it through
+        its end-of-turn token (ChatML: the answer and <|im_end|>, not the "\n" after it)."""
+        messages = ([{"role": "system", "content": record.system}] if record.system else []) + [
+            {"role": "assistant" if t["role"] == "bot" else "user", "content": t["content"]} for t in record.dialog]
+        render = self.tok.apply_chat_template
+        text = render(messages, add_generation_prompt=False, tokenize=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = render(messages[:i], add_generation_prompt=True, tokenize=False) if i else ""
+            through = render(messages[:i + 1], add_generation_prompt=False, tokenize=False)
+            if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+                raise DataError(f"{record.where}: the chat template does not render a conversation as the "
+                                "concatenation of its turns, so answers cannot be located for the loss mask")
+            spans.append((len(before), len(through.rstrip("\n"))))
+        ids, offsets = self.tok.encode_with_offsets(text)
+        mask = np.zeros(len(ids), np.uint8)
+        for t, (start, _) in enumerate(offsets):
+            mask[t] = any(a <= start < b for a, b in spans)
+        return ids, mask
+
     # ---- samples ------------------------------------------------------------------------------------
-    def _sample(self, ids: List[int], where: str) -> Optional[Sample]:
-        """Loss-mask `ids` and apply the truncation policy; None if dropped."""
+    def _sample(self, ids: List[int], where: str, mask: Optional[np.ndarray] = None) -> Optional[Sample]:
+        """Loss-mask `ids` (unless given) and apply the truncation policy; None if dropped."""
         arr = np.asarray(ids, np.int32)
-        mask = official_loss_mask(arr, self.user_id, self.bot_id, self.end_id, where)
+        if mask is None:
+            mask = official_loss_mask(arr, self.user_id, self.bot_id, self.end_id, where)
         if len(arr) > self.seq_length:
             if self.truncation == "error":
                 raise DataError(f"{where}: sample has {len(arr)} tokens, more than seq_length {self.seq_length}; "
@@ -193,9 +224,15 @@ class SftEncoder:
         """Samples in order: unpacked rows as they come, packs when full; remaining packs at the end in order
         of first appearance of their system prompt."""
         groups: Dict[str, Tuple[List[int], List[int], List[str]]] = {}  # system -> (header, buffer, wheres)
-        n_newline = len(self.newline)
+        n_newline = 0 if self.template_only else len(self.newline)
         for record in records:
             self.stats.records += 1
+            if self.template_only:  # one sample per record, not packed
+                ids, mask = self.template_sample(record)
+                sample = self._sample(ids, record.where, mask)
+                if sample is not None:
+                    yield sample
+                continue
             if not record.packed:
                 sample = self._sample(self.conversation_ids(record), record.where)
                 if sample is not None:

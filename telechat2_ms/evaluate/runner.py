@@ -148,6 +148,12 @@ def options_from_settings(settings) -> EvalOptions:
     return EvalOptions(output_dir=settings.output_dir, overwrite=settings.overwrite, **values)
 
 
+def _bos_id(tokenizer, options: "EvalOptions"):
+    """The id to prepend with add_bos; a tokenizer without a bos token (Qwen2) prepends nothing."""
+    bos = tokenizer.bos_id if options.add_bos else None
+    return None if bos is None else int(bos)
+
+
 def _plain_encoder(tokenizer) -> Encode:
     """Benchmark text is plain text: special-token strings in it are not parsed, and no bos/eos is added
     (the evaluator adds bos itself when asked)."""
@@ -209,7 +215,7 @@ def run_eval(settings, model, tokenizer, weights: Optional[Dict[str, Any]] = Non
     lock = _lock_results(run_dir_of(options), rank, world)
     try:
         summary = evaluate(options, next_token_logits, _plain_encoder(tokenizer),
-                           bos_id=int(tokenizer.bos_id) if options.add_bos else None, model_tag=model_tag, rank=rank,
+                           bos_id=_bos_id(tokenizer, options), model_tag=model_tag, rank=rank,
                            world=world, data_parallel=data_parallel,
                            gather_fn=gather_objects if world > 1 else None, progress=True)
     finally:

@@ -67,8 +67,9 @@ def cast(array: np.ndarray, src_code: str, dst_code: str) -> np.ndarray:
     if src_code == dst_code:
         return array
     src = np.ascontiguousarray(array).reshape(-1)
-    out = np.empty(src.shape, dtype=STORAGE[dst_code])
+    out = np.empty(array.shape, dtype=STORAGE[dst_code])  # owns its storage (layers.host_parameter shares it)
+    flat = out.reshape(-1)
     for start in range(0, src.size, _CHUNK):
         part = src[start:start + _CHUNK]
-        out[start:start + _CHUNK] = _from_f32(_to_f32(part, src_code), dst_code)
-    return out.reshape(array.shape)
+        flat[start:start + _CHUNK] = _from_f32(_to_f32(part, src_code), dst_code)
+    return out

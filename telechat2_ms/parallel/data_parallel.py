@@ -21,22 +21,38 @@ from typing import List, Sequence
 import mindspore as ms
 from mindspore import ops
 
-from telechat2_ms.kernels import squared_sum
+from telechat2_ms.kernels import cast_to, squared_sum
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.plan import REPLICATE, split_rule
 
 
+BUCKET_ELEMENTS = 1 << 26  # 256 MiB of fp32 per collective: a bucket's temporaries stay bounded at any size
+
+
 def _bucket_all_reduce(tensors: Sequence, group: comm.Group) -> List:
-    """All-reduce several tensors with one collective (flatten, concatenate, reduce, split back)."""
-    if group.size == 1 or not tensors:
-        return list(tensors)
-    flat = ops.cat([ops.reshape(t, (-1,)) for t in tensors])
-    reduced = comm.all_reduce(flat, group)
-    out, offset = [], 0
-    for t in tensors:
-        size = int(t.size)
-        out.append(ops.reshape(reduced[offset:offset + size], t.shape))
-        offset += size
+    """All-reduce several tensors with few collectives: consecutive tensors are flattened and concatenated into
+    buckets of at most BUCKET_ELEMENTS (a bigger tensor goes alone), each reduced and split back."""
+    out = list(tensors)
+    if group.size == 1 or not out:
+        return out
+    buckets, current, filled = [], [], 0
+    for i, t in enumerate(out):
+        if current and filled + int(t.size) > BUCKET_ELEMENTS:
+            buckets.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += int(t.size)
+    buckets.append(current)
+    for bucket in buckets:
+        flat = ops.cat([ops.reshape(out[i], (-1,)) for i in bucket]) if len(bucket) > 1 else ops.reshape(
+            out[bucket[0]], (-1,))
+        reduced = comm.all_reduce(flat, group)
+        del flat
+        offset = 0
+        for i in bucket:
+            size = int(out[i].size)
+            out[i] = ops.reshape(reduced[offset:offset + size], out[i].shape)
+            offset += size
     return out
 
 
@@ -61,7 +77,7 @@ def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
     split_sq = ops.zeros((), ms.float32)
     replicated_sq = ops.zeros((), ms.float32)
     for p, g in zip(params, grads):
-        sq = squared_sum(ops.cast(g, ms.float32))  # []
+        sq = squared_sum(cast_to(g, ms.float32))  # []
         if is_tp_replicated(p.name):
             replicated_sq = replicated_sq + sq
         else:

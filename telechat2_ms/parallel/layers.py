@@ -17,16 +17,13 @@ from typing import Optional
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, nn, ops
 
 from telechat2_ms import kernels
+from telechat2_ms.layers import host_parameter as _param
 from telechat2_ms.parallel import comm
 
 SEQ_DIM = 1  # hidden states are [B, S, H]
-
-
-def _param(array: np.ndarray, name: str) -> Parameter:
-    return Parameter(Tensor(np.ascontiguousarray(array, dtype=np.float32)), name=name)
 
 
 def mark_sequence_parallel_partial(param: Parameter) -> None:
@@ -50,7 +47,7 @@ class ColumnParallelLinear(nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in]
-        y = self.matmul(x2d, ops.cast(self.weight, self.compute_dtype))  # [N, out/tp]
+        y = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [N, out/tp]
         if self.has_bias:
             y = y + ops.cast(self.bias, self.compute_dtype)
         return ops.reshape(y, lead + (self.out_features,))
@@ -78,7 +75,7 @@ class RowParallelLinear(nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in/tp]
-        partial = ops.reshape(self.matmul(x2d, ops.cast(self.weight, self.compute_dtype)),
+        partial = ops.reshape(self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype)),
                               lead + (self.out_features,))  # [B, S, out], partial over tp
         y = self.reduce(partial)
         if self.has_bias:
@@ -145,7 +142,7 @@ class VocabParallelHead(nn.Cell):
     def local_logits(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, H]
-        return ops.reshape(self.matmul(x2d, ops.cast(self.weight, self.compute_dtype)), lead + (self.out_features,))
+        return ops.reshape(self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype)), lead + (self.out_features,))
 
     def construct(self, x):
         return self.gather(self.local_logits(x))  # [B, S, V]

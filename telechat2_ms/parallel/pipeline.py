@@ -87,7 +87,7 @@ def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: in
     gradients of the stage parameters summed over micro-batches)."""
     pp, stage = group.size, max(group.rank, 0)
     first, last = stage == 0, stage == pp - 1
-    grads = [ops.zeros_like(p) for p in stage_fns.params]
+    grads: List = []  # summed over micro-batches; the first micro-batch's gradients start it
     inputs: Dict[int, Tensor] = {}  # micro-batch -> received activation
     grads_in: Dict[int, Tensor] = {}  # micro-batch -> received gradient of our output
     total_loss = None
@@ -116,7 +116,7 @@ def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: in
             else:
                 dx, weight_grads = ms.grad(surrogate, grad_position=0, weights=stage_fns.params)(x)
                 to_prev = dx
-            grads = [g + w for g, w in zip(grads, weight_grads)]
+            accumulate(grads, weight_grads)
         if pp > 1 and _anyone_sends(table[tick], pp):
             from_prev, from_next = _exchange(to_next, to_prev, zeros, group)
             previous = table[tick][stage - 1] if stage > 0 else None
@@ -126,6 +126,16 @@ def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: in
             if following is not None and following[0] == "B":
                 grads_in[following[1]] = from_next
     return total_loss, grads
+
+
+def accumulate(total: List, more: Sequence) -> None:
+    """total += more, tensor by tensor in place of the list (an empty `total` takes `more`), so that at most one
+    extra gradient tensor is alive at a time beyond the two sets."""
+    if not total:
+        total.extend(more)
+        return
+    for i, g in enumerate(more):
+        total[i] = total[i] + g
 
 
 def _anyone_sends(row: List[Optional[Step]], pp: int) -> bool:

@@ -132,12 +132,13 @@ def shard_shape(name: str, shape: Sequence[int], tp: int) -> Tuple[int, ...]:
 
 
 def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int) -> np.ndarray:
-    """The slice of the full tensor `array` that tp rank `tp_rank` of `tp` holds (a contiguous copy)."""
+    """The slice of the full tensor `array` that tp rank `tp_rank` of `tp` holds (contiguous; `array` itself
+    when nothing is cut)."""
     if not 0 <= tp_rank < tp:
         raise ValueError(f"tp_rank {tp_rank} is outside tp={tp}")
     rule = split_rule(name)
     shard_shape(name, array.shape, tp)  # divisibility checks
-    if rule.kind == "replicate":
+    if rule.kind == "replicate" or tp == 1:
         return np.ascontiguousarray(array)
     if rule.kind == "fused_rows":
         offsets = np.cumsum([0] + fused_sections(name, array.shape))

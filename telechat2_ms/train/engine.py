@@ -158,7 +158,7 @@ class ParallelEngine:
         t = self.settings.train
         self.model, self.parallel = build_model(plan)  # only this rank's stage and shards
         self.params = self.parallel.params
-        self.optimizer = ParallelAdamW(self.params, self.parallel.groups.dp, plan.dims.optimizer_shard, t.beta1,
+        self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
                                        t.beta2, t.eps, t.weight_decay)
 
     @property
@@ -167,15 +167,17 @@ class ParallelEngine:
         return sum(int(np.prod(p.shape)) for p in self.params)
 
     def step(self, batches: Sequence[Batch], step: int, lr: float) -> Dict[str, Any]:
-        from mindspore import ops
+        from telechat2_ms.parallel.pipeline import accumulate
 
         shifted = [next_token_batch(ids, mask) for ids, mask in batches]
-        targets = float(sum(loss_mask.sum() for _, _, loss_mask in shifted))  # the whole step, every replica
-        loss, grads = 0.0, None
+        # the whole step, every replica; a step without targets (truncated before its answer) has loss 0, not 0/0
+        targets = max(float(sum(loss_mask.sum() for _, _, loss_mask in shifted)), 1.0)
+        loss, grads = 0.0, []
         for batch in shifted:
             part, part_grads = self.parallel.forward_backward(*batch, tokens=targets)
             loss += part
-            grads = part_grads if grads is None else [ops.add(a, b) for a, b in zip(grads, part_grads)]
+            accumulate(grads, part_grads)
+            del part_grads
         norm = self.parallel.grad_norm(grads)
         finite = math.isfinite(norm) and math.isfinite(loss)
         if finite:

@@ -22,6 +22,7 @@ import numpy as np
 
 from mindspore import Parameter, Tensor, nn, ops
 
+from telechat2_ms import kernels
 from telechat2_ms.layers import Linear, ParamInit
 
 LORA_TARGETS = {"wq": "attention", "wk_v": "attention", "wo": "attention",
@@ -49,7 +50,7 @@ class LoRALinear(nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in]
-        y = self.matmul(x2d, ops.cast(self.weight, self.compute_dtype))  # [N, out]
+        y = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [N, out]
         if self.has_bias:
             y = y + ops.cast(self.bias, self.compute_dtype)
         low = self.lora_matmul(x2d, ops.cast(self.lora_a, self.compute_dtype))  # [N, r]

@@ -84,8 +84,8 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
         eta = self.eta(step)
-        line = (f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+        line = (f"step {step}/{self.total_steps} | loss {_number(record['loss'], '.4f')} | lr {record['lr']:.2e} | "
+                f"grad_norm {_number(record['grad_norm'], '.3f')} | {record['tokens_per_s']:.0f} tok/s | "
                 f"{record['step_time_s']:.2f} s/step | ETA "
                 + (str(datetime.timedelta(seconds=int(eta))) if eta is not None else "?"))
         if record.get("loss_scale") not in (None, 1.0):
@@ -131,3 +131,8 @@ def moving_average(values: List[float], window: int) -> List[float]:
         recent = recent[-window:]
         out.append(sum(recent) / len(recent) if recent else float("nan"))
     return out
+
+
+def _number(value: Optional[float], spec: str) -> str:
+    """A record's value for the progress line; a non-finite one is stored as null and shown as nan."""
+    return "nan" if value is None else format(value, spec)

@@ -10,12 +10,13 @@ as Tensors, so the compiled update never recompiles. (`mint.optim.AdamW` has no 
 `nn.AdamWeightDecay` has no bias correction; this folds the bias corrections into the arguments of the fused
 `ops.AdamWeightDecay` kernel, which has CPU and Ascend versions.)
 
-ParallelAdamW is the same update for the explicit parallel path (train/engine.ParallelEngine) on one flat
-fp32 vector of this rank's parameters. With `shard=True` (`parallel_config.optimizer_shard`, ZeRO stage 1)
-the vector (zero-padded to a multiple of dp) is cut into dp equal slices: dp rank r keeps the moments of
-slice r only, updates that slice of the parameters and the updated slices are all-gathered over the dp group
-(on CPU the all-gather is the AllReduce emulation of parallel/comm.py). Optimizer memory per rank drops from
-2 N to 2 N / dp floats; the result equals the replicated update up to the order of float operations.
+ParallelAdamW is the same update (the same fused kernel) for the explicit parallel path
+(train/engine.ParallelEngine), parameter by parameter (so its temporaries are those of one parameter). With `shard=True` (`parallel_config.optimizer_shard`,
+ZeRO stage 1) each parameter's flat values (zero-padded to a multiple of R, the data x context parallel
+replicas, which hold the same parameters and reduced gradients) are cut into R equal slices: replica r keeps the
+moments of slice r only, updates that slice and the updated slices are all-gathered over the replica group (on CPU the all-gather is the AllReduce emulation of parallel/comm.py). Optimizer memory per
+rank drops from 2 N to about 2 N / R floats; the result equals the replicated update up to the order of
+float operations.
 
 The learning rate for optimizer step t (1-based) is linear warmup lr * t / warmup_steps for t <= warmup_steps,
 then cosine decay from lr to min_lr, reaching min_lr at t = total_steps.
@@ -30,6 +31,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from telechat2_ms import kernels
 from telechat2_ms.parallel import comm
 
 
@@ -98,7 +100,16 @@ class AdamW(nn.Cell):
 
 
 def _zeros_like(param: Parameter, name: str) -> Parameter:
-    return Parameter(Tensor(np.zeros(param.shape, np.float32)), name=name, requires_grad=False)
+    return _zeros_parameter(tuple(param.shape), name)
+
+
+def _zeros_parameter(shape, name: str) -> Parameter:
+    """An fp32 zero Parameter holding one copy of its data (layers.host_parameter)."""
+    from telechat2_ms.layers import host_parameter
+
+    param = host_parameter(np.zeros(shape, np.float32), name)
+    param.requires_grad = False
+    return param
 
 
 class DynamicLossScaler:
@@ -134,51 +145,66 @@ class DynamicLossScaler:
 
 
 class ParallelAdamW:
-    """AdamW over this rank's parameters; `shard=True` keeps states for 1/dp of them (module docstring).
+    """AdamW over this rank's parameters, one parameter at a time, with the fused kernel of AdamW above (so the
+    update holds no temporaries beyond one scaled gradient); `shard=True` keeps states for 1/dp of each.
 
     step(grads, lr, step, grad_coef): one update in place; `step` is the 1-based optimizer step (bias
-    corrections), grad_coef multiplies every gradient first (the clip coefficient)."""
+    corrections), grad_coef multiplies every gradient first (the clip coefficient). `grads` may be a list:
+    its entries are released as they are used."""
 
     def __init__(self, params: Sequence, dp_group: comm.Group, shard: bool, beta1: float = 0.9,
                  beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0):
         self.params = list(params)
         self.group = dp_group
         self.shard = bool(shard) and dp_group.size > 1
+        self.parts = dp_group.size if self.shard else 1
+        self.rank = dp_group.rank if self.shard else 0
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.sizes = [int(np.prod(p.shape)) for p in self.params]
-        total = sum(self.sizes)
-        parts = dp_group.size if self.shard else 1
-        self.part = -(-total // parts)  # ceil
-        self.padding = self.part * parts - total
-        self.lo = (dp_group.rank if self.shard else 0) * self.part
-        decay = np.concatenate([np.full(n, float(len(p.shape) >= 2 and weight_decay > 0), np.float32)
-                                for p, n in zip(self.params, self.sizes)] + [np.zeros(self.padding, np.float32)])
-        self.decay = Tensor(decay[self.lo:self.lo + self.part])  # [part] 1 where weight decay applies
-        self.exp_avg = ops.zeros((self.part,), ms.float32)  # [part]
-        self.exp_avg_sq = ops.zeros((self.part,), ms.float32)  # [part]
+        self.chunks = [-(-n // self.parts) for n in self.sizes]  # ceil: the padded slice each dp rank keeps
+        self.decay = [len(p.shape) >= 2 and weight_decay > 0 for p in self.params]
+        shapes = [(c,) for c in self.chunks] if self.shard else [tuple(p.shape) for p in self.params]
+        self.exp_avg = [_zeros_parameter(s, f"exp_avg.{i}")
+                        for i, s in enumerate(shapes)]
+        self.exp_avg_sq = [_zeros_parameter(s, f"exp_avg_sq.{i}")
+                           for i, s in enumerate(shapes)]
+        self.update = ops.AdamWeightDecay()
 
     @property
     def state_elements(self) -> int:
-        """Moment elements kept by this rank (2 x its slice)."""
-        return 2 * self.part
+        """Moment elements kept by this rank (2 x its slice of every parameter)."""
+        return 2 * sum(self.chunks)
 
-    def _my_slice(self, tensors: Sequence) -> Tensor:
-        flat = [ops.reshape(ops.cast(t, ms.float32), (-1,)) for t in tensors]
-        if self.padding:
-            flat.append(ops.zeros((self.padding,), ms.float32))
-        return ops.cat(flat)[self.lo:self.lo + self.part]  # [part]
+    def _my_slice(self, tensor, i: int) -> Tensor:
+        """This rank's zero-padded slice [chunk] of parameter i's flat values."""
+        flat = ops.reshape(ops.cast(tensor, ms.float32), (-1,))
+        chunk, lo = self.chunks[i], self.rank * self.chunks[i]
+        piece = flat[lo:min(lo + chunk, self.sizes[i])]
+        if piece.shape[0] < chunk:
+            piece = ops.cat([piece, ops.zeros((chunk - piece.shape[0],), ms.float32)])
+        return piece
 
     def step(self, grads: Sequence, lr: float, step: int, grad_coef: float = 1.0) -> None:
-        bc1, bc2 = 1.0 - self.beta1 ** step, 1.0 - self.beta2 ** step
-        g = self._my_slice(grads) * grad_coef  # [part]
-        p = self._my_slice(self.params)  # [part]
-        p = p * (1.0 - lr * self.weight_decay * self.decay)
-        self.exp_avg = self.exp_avg * self.beta1 + g * (1.0 - self.beta1)
-        self.exp_avg_sq = self.exp_avg_sq * self.beta2 + ops.square(g) * (1.0 - self.beta2)
-        denom = ops.sqrt(self.exp_avg_sq) / math.sqrt(bc2) + self.eps
-        p = p - (lr / bc1) * self.exp_avg / denom  # [part]
-        full = comm.all_gather(p, self.group, 0) if self.shard else p  # [parts * part]
-        offset = 0
-        for param, n in zip(self.params, self.sizes):
-            ops.assign(param, ops.cast(ops.reshape(full[offset:offset + n], param.shape), param.dtype))
-            offset += n
+        bc1, bc2_sqrt = 1.0 - self.beta1 ** step, math.sqrt(1.0 - self.beta2 ** step)
+        fused_lr = (lr / bc1) * bc2_sqrt  # the fused kernel's arguments, as AdamW.construct derives them
+        decay = lr * self.weight_decay / fused_lr if fused_lr > 0 else 0.0
+        fused_lr_t, eps_t, decay_t = (Tensor(np.float32(x)) for x in (fused_lr, self.eps * bc2_sqrt, decay))
+        no_decay, coef = Tensor(np.float32(0.0)), Tensor(np.float32(grad_coef))
+        # largest first: each scaled gradient reuses the memory-pool block of the one before it (smaller ones
+        # first would split that block, and the embedding / lm_head would each need a new one)
+        for i in sorted(range(len(self.params)), key=lambda j: -self.sizes[j]):
+            param = self.params[i]
+            if self.shard:
+                g = self._my_slice(grads[i], i) * coef  # [chunk]
+            else:  # (Tensor.mul_ is not in place in PyNative on CPU: it returns a new tensor)
+                g = kernels.cast_to(grads[i], ms.float32)
+                g = g * coef if grad_coef != 1.0 else g
+            if isinstance(grads, list):
+                grads[i] = None
+            target = Parameter(self._my_slice(param, i), name=f"slice.{i}") if self.shard else param
+            self.update(target, self.exp_avg[i], self.exp_avg_sq[i], fused_lr_t, self.beta1, self.beta2, eps_t,
+                        decay_t if self.decay[i] else no_decay, g)
+            if self.shard:  # the updated slices of every dp rank make the parameter again
+                full = comm.all_gather(target.value(), self.group, 0)[:self.sizes[i]]  # [n]
+                ops.assign(param, ops.cast(ops.reshape(full, param.shape), param.dtype))
+            del g, target  # released before the next one is made

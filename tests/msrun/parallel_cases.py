@@ -53,8 +53,23 @@ TRAIN_ARGS = ["--train.train_dataset=demo:64", "--seq_length=64", "--train.trunc
               "--train.min_learning_rate=1e-3", "--train.eps=1e-6", "--train.grad_clip=0.5", "--jit=false"]
 
 
-def build_model() -> Telechat2ForCausalLM:
-    return Telechat2ForCausalLM(get_config("tiny"), compute_dtype="float32", seed=SEED)
+# layouts of another family: layout name -> model (MODELS); the rest use "tiny"
+LAYOUT_MODELS = {"qwen2_tp2": "qwen2", "qwen2_pp2": "qwen2"}
+LAYOUTS.update({"qwen2_tp2": dict(tp=2), "qwen2_pp2": dict(pp=2, micro_batch_num=4)})
+
+
+def model_config(model: str = "tiny"):
+    """"tiny" (TeleChat2) or "qwen2": tiny Qwen2 (q/k/v biases, separate k/v, GQA with 2 kv heads, so 1 per rank
+    under tp2; a sliding-window layer) with untied embeddings (tied ones are refused under tp/pp)."""
+    import dataclasses
+
+    if model == "qwen2":
+        return dataclasses.replace(get_config("qwen2_tiny"), tie_word_embeddings=False, sliding_window=5)
+    return get_config(model)
+
+
+def build_model(model: str = "tiny") -> Telechat2ForCausalLM:
+    return Telechat2ForCausalLM(model_config(model), compute_dtype="float32", seed=SEED)
 
 
 def build_zero_model() -> Telechat2ForCausalLM:
@@ -91,9 +106,9 @@ def _norm_and_coef(grads) -> tuple:
     return norm, clip_coefficient(norm, CLIP)
 
 
-def reference_step() -> tuple:
+def reference_step(model_name: str = "tiny") -> tuple:
     """(loss, gradient norm, {name: updated full parameter}) after one clipped SGD step of the plain model."""
-    model = build_model()
+    model = build_model(model_name)
     params = model.trainable_params()
     loss_fn = reference_loss_fn(model)
     loss, grads = ms.value_and_grad(loss_fn, None, weights=params)()
@@ -122,8 +137,8 @@ def reference_adamw() -> tuple:
     return losses, norms, {name: p.asnumpy() for name, p in model.parameters_and_names()}
 
 
-def initial_state() -> Dict[str, np.ndarray]:
-    return {name: p.asnumpy() for name, p in build_model().parameters_and_names()}
+def initial_state(model: str = "tiny") -> Dict[str, np.ndarray]:
+    return {name: p.asnumpy() for name, p in build_model(model).parameters_and_names()}
 
 
 def save_rank_result(out_dir: str, layout: str, rank: int, coords, loss: float, state: Dict[str, np.ndarray],
@@ -185,7 +200,7 @@ def make_adamw(parallel):
     """ParallelAdamW over a TelechatParallel's parameters (states sharded over dp with optimizer_shard)."""
     from telechat2_ms.train.optim import ParallelAdamW
 
-    return ParallelAdamW(parallel.params, parallel.groups.dp, parallel.dims.optimizer_shard, ADAMW["beta1"],
+    return ParallelAdamW(parallel.params, parallel.groups.grad, parallel.dims.optimizer_shard, ADAMW["beta1"],
                          ADAMW["beta2"], ADAMW["eps"], ADAMW["weight_decay"])
 
 

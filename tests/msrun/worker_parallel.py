@@ -4,6 +4,7 @@ Usage: python worker_parallel.py OUT_DIR TASK [TASK ...], TASK one of
   comm              every collective and region of comm.py against numpy (comm_checks.py)
   reference         rank 0 writes the single-process loss, gradient norm and parameters after one clipped
                     SGD step (OUT_DIR/reference.{json,npz}) and after the AdamW steps (reference_adamw.*)
+  reference:MODEL   the same SGD reference for parallel_cases.model_config(MODEL) (reference_MODEL.*)
   train:LAYOUT      one clipped SGD step (or, for parallel_cases.ADAMW_LAYOUTS, the clipped AdamW steps
                     with dp-sharded states) under a layout of parallel_cases.LAYOUTS; each rank dumps its
                     loss, global gradient norm and local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz}
@@ -38,8 +39,14 @@ from telechat2_ms.parallel.dims import ParallelDims
 from telechat2_ms.parallel.parallelize import parallelize_telechat2
 
 
-def task_reference(out_dir: str, rank: int) -> None:
+def task_reference(out_dir: str, rank: int, model: str = "") -> None:
     if rank != 0:
+        return
+    if model:  # another family: the SGD reference only, OUT_DIR/reference_MODEL.{json,npz}
+        loss, norm, state = pc.reference_step(model)
+        np.savez(os.path.join(out_dir, f"reference_{model}.npz"), **state)
+        with open(os.path.join(out_dir, f"reference_{model}.json"), "w", encoding="utf-8") as f:
+            json.dump({"loss": loss, "norm": norm}, f)
         return
     loss, norm, state = pc.reference_step()
     np.savez(os.path.join(out_dir, "reference.npz"), **state)
@@ -56,21 +63,21 @@ def task_train(out_dir: str, rank: int, layout: str) -> None:
 
     dims = ParallelDims(**pc.LAYOUTS[layout])
     start = time.monotonic()
-    parallel = parallelize_telechat2(pc.build_model(), dims)
+    parallel = parallelize_telechat2(pc.build_model(pc.LAYOUT_MODELS.get(layout, "tiny")), dims)
     batch = pc.make_batch()
     if layout in pc.ADAMW_LAYOUTS:
         optimizer = pc.make_adamw(parallel)
         steps = [pc.adamw_step(parallel, batch, optimizer, step) for step in range(1, pc.ADAMW_STEPS + 1)]
         # the same steps with replicated optimizer states: sharding must not change a single bit of the math
         replicated = parallelize_telechat2(pc.build_model(), dims)
-        replicated_opt = ParallelAdamW(replicated.params, replicated.groups.dp, False, pc.ADAMW["beta1"],
+        replicated_opt = ParallelAdamW(replicated.params, replicated.groups.grad, False, pc.ADAMW["beta1"],
                                        pc.ADAMW["beta2"], pc.ADAMW["eps"], pc.ADAMW["weight_decay"])
         for step in range(1, pc.ADAMW_STEPS + 1):
             pc.adamw_step(replicated, batch, replicated_opt, step)
         other = replicated.local_state()
         extra = {"losses": [s[0] for s in steps], "norms": [s[1] for s in steps],
                  "state_elements": optimizer.state_elements, "replicated_state_elements": replicated_opt.state_elements,
-                 "param_elements": sum(int(np.prod(p.shape)) for p in parallel.params),
+                 "param_sizes": [int(np.prod(p.shape)) for p in parallel.params],
                  "max_diff_vs_replicated": max(pc.max_rel_diff(v, other[k]) for k, v in parallel.local_state().items())}
         loss = steps[0][0]
     else:
@@ -178,7 +185,7 @@ def main(out_dir: str, tasks) -> None:
             if kind == "comm":
                 run_comm_checks(out_dir)
             elif kind == "reference":
-                task_reference(out_dir, rank)
+                task_reference(out_dir, rank, arg)
             elif kind == "train":
                 task_train(out_dir, rank, arg)
             elif kind == "load":
