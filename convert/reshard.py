@@ -63,7 +63,7 @@ def _write_layout(source: TensorSource, plans: List[TensorPlan], cfg: ModelConfi
     entries: Dict[Tuple[int, int], List[Tuple[str, TensorInfo]]] = {(t, s): [] for s in range(pp) for t in range(tp)}
     for plan in plans:
         stage = param_stage(plan.name, ranges)
-        local = TensorInfo(plan.info.code, shard_shape(plan.name, plan.info.shape, tp))
+        local = TensorInfo(plan.info.code, shard_shape(plan.name, plan.info.shape, tp, cfg.num_kv_heads))
         for t in range(tp):
             entries[(t, stage)].append((plan.name, local))
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -77,7 +77,7 @@ def _write_layout(source: TensorSource, plans: List[TensorPlan], cfg: ModelConfi
             def sink(plan: TensorPlan, array: np.ndarray) -> None:
                 stage = param_stage(plan.name, ranges)
                 for t in range(tp):
-                    writers[(t, stage)].write(plan.name, shard_tensor(plan.name, array, tp, t))
+                    writers[(t, stage)].write(plan.name, shard_tensor(plan.name, array, tp, t, cfg.num_kv_heads))
 
             consumed = run_plans(plans, source, sink, progress, f"reshard tp{tp} pp{pp}")
             for writer in writers.values():

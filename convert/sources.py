@@ -25,7 +25,7 @@ from telechat2_ms.formats.dtypes import STORAGE, check_code
 from convert.errors import ConversionError
 from telechat2_ms.formats.layout import LAYOUT_NAME, open_rank_file, read_layout
 from telechat2_ms.formats.safetensors_io import SafetensorsFile, TensorInfo
-from telechat2_ms.parallel.plan import merge_shards, param_stage, split_rule, stage_layer_ranges
+from telechat2_ms.parallel.plan import full_shape, merge_shards, param_stage, stage_layer_ranges
 from telechat2_ms.checkpoint import CONFIG_METADATA_KEY
 from telechat2_ms.config import ARCH_FIELDS, ConfigError, ModelConfig, get_config
 
@@ -245,11 +245,6 @@ def resolve_config(source: TensorSource, given: Union[None, str, ModelConfig]) -
     return given_cfg or stored
 
 
-def _full_shape(name: str, local: Tuple[int, ...], tp: int) -> Tuple[int, ...]:
-    dim = split_rule(name).split_dim()
-    return local if dim is None else local[:dim] + (local[dim] * tp,) + local[dim + 1:]
-
-
 class ShardedSource(TensorSource):
     """A layout directory read as a full checkpoint: `read(name)` merges the tp slices of one parameter."""
 
@@ -261,6 +256,7 @@ class ShardedSource(TensorSource):
         try:
             cfg = ModelConfig.from_hf_config(layout["model_config"], name="layout")
             self.ranges = stage_layer_ranges(cfg.num_layers, self.pp, self.layer_counts)
+            self.kv_heads = cfg.num_kv_heads
         except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
             raise ConversionError(f"{layout_path} is not a valid layout: {type(e).__name__}: {e}") from None
         self.metadata = {CONFIG_METADATA_KEY: json.dumps(layout["model_config"])}
@@ -281,7 +277,7 @@ class ShardedSource(TensorSource):
         for name, info in first.infos().items():
             try:
                 owner = param_stage(name, self.ranges)
-                full = _full_shape(name, info.shape, self.tp)
+                full = full_shape(name, info.shape, self.tp, self.kv_heads)
             except ValueError as e:
                 raise ConversionError(f"{first.path}: {e}") from None
             if owner != stage or name in self._stage:
@@ -295,4 +291,4 @@ class ShardedSource(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         stage = self._stage[name]
-        return merge_shards(name, [self._files[(t, stage)].read(name) for t in range(self.tp)])
+        return merge_shards(name, [self._files[(t, stage)].read(name) for t in range(self.tp)], self.kv_heads)

@@ -220,8 +220,9 @@ class Weights(Mapping):
     def full(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
-    def shard(self, name: str, tp: int, tp_rank: int) -> np.ndarray:
-        return plan.shard_tensor(name, self.full(name), tp, tp_rank)
+    def shard(self, name: str, tp: int, tp_rank: int, kv_heads: int = 0) -> np.ndarray:
+        """This tp rank's slice (`kv_heads`: the model's kv head count, for kv copies when it is below tp)."""
+        return plan.shard_tensor(name, self.full(name), tp, tp_rank, kv_heads)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.full(name)
@@ -268,12 +269,17 @@ class SafetensorsWeights(Weights):
     def full(self, name):
         return cast(self.file.read(name), self.infos[name].code, "F32")
 
-    def shard(self, name, tp, tp_rank):
+    def shard(self, name, tp, tp_rank, kv_heads=0):
         rule = plan.split_rule(name)
         shape = self.infos[name].shape
         if tp == 1 or rule.kind == "replicate" or rule.kind == "cols":
             return super().shard(name, tp, tp_rank)
-        plan.shard_shape(name, shape, tp)  # divisibility checks
+        plan.shard_shape(name, shape, tp, kv_heads)  # divisibility checks
+        rep = plan.kv_replicas(name, tp, kv_heads)
+        if rep > 1:  # the whole kv head this rank's query heads use
+            rows = shape[0] // kv_heads
+            head = tp_rank // rep
+            return self._rows(name, head * rows, (head + 1) * rows)
         sections = plan.fused_sections(name, shape) if rule.kind == "fused_rows" else [shape[0]]
         pieces, offset = [], 0
         for rows in sections:  # this rank's rows of every part: [part/tp, ...] each
@@ -308,13 +314,12 @@ class LayoutWeights(Weights):
     def __init__(self, ref: CheckpointRef):
         self.path, self.layout = ref.path, ref.layout
         self.tp, self.ranges = self.layout["tp"], [tuple(r) for r in layout_ranges(self.layout)]
+        self.kv_heads = ref.config.num_kv_heads if ref.config is not None else 0
         self._files: Dict[Tuple[int, int], SafetensorsFile] = {}
         self._shapes: Dict[str, Tuple[int, ...]] = {}
         for stage in range(len(self.ranges)):
             for name, info in self._file(0, stage).infos().items():
-                dim = plan.split_rule(name).split_dim()
-                shape = info.shape
-                self._shapes[name] = shape if dim is None else shape[:dim] + (shape[dim] * self.tp,) + shape[dim + 1:]
+                self._shapes[name] = plan.full_shape(name, info.shape, self.tp, self.kv_heads)
 
     def _file(self, tp_rank: int, stage: int) -> SafetensorsFile:
         if (tp_rank, stage) not in self._files:
@@ -327,9 +332,9 @@ class LayoutWeights(Weights):
     def full(self, name):
         if plan.split_rule(name).split_dim() is None:
             return self.shard(name, self.tp, 0)
-        return plan.merge_shards(name, [self.shard(name, self.tp, t) for t in range(self.tp)])
+        return plan.merge_shards(name, [self.shard(name, self.tp, t) for t in range(self.tp)], self.kv_heads)
 
-    def shard(self, name, tp, tp_rank):
+    def shard(self, name, tp, tp_rank, kv_heads=0):
         if tp != self.tp:
             raise CheckpointError(f"{self.path} holds tp={self.tp} slices, this run asks for tp={tp}")
         file = self._file(tp_rank, plan.param_stage(name, self.ranges))

@@ -161,8 +161,8 @@ def validate(cfg: ModelConfig, lay: Layout) -> None:
         raise ConfigError(f"layout.compute_dtype must be one of {sorted(DTYPE_BYTES)}, got {lay.compute_dtype!r}")
     if cfg.num_heads % lay.tp:
         raise ConfigError(f"tp={lay.tp} does not divide num_heads={cfg.num_heads}")
-    if cfg.num_kv_heads % lay.tp:  # the parallel layers split whole kv heads (parallel/plan.check_tp)
-        raise ConfigError(f"tp={lay.tp} does not divide num_kv_heads={cfg.num_kv_heads}")
+    if cfg.num_kv_heads % lay.tp and lay.tp % cfg.num_kv_heads:  # whole kv heads, or copies (plan.check_tp)
+        raise ConfigError(f"tp={lay.tp} neither divides nor is a multiple of num_kv_heads={cfg.num_kv_heads}")
     if cfg.ffn_hidden_size % lay.tp or cfg.vocab_size % lay.tp:
         raise ConfigError(f"tp={lay.tp} must divide ffn_hidden_size and vocab_size")
     if lay.seq_length % (2 * lay.cp if lay.cp > 1 else 1):
@@ -209,10 +209,14 @@ def kv_local_dim(cfg: ModelConfig, tp: int) -> int:
 
 
 def layer_params_per_device(cfg: ModelConfig, tp: int) -> int:
-    """wq, wo, w1, w2, w3 split over tp; wk_v split (or replicated) by kv head; wo/w2 biases and the two
-    RMSNorm weights (4H) replicated. With tp=1 this is the per-layer count of ModelConfig.num_parameters."""
-    H, F = cfg.hidden_size, cfg.ffn_hidden_size
-    return (2 * H * H + 3 * H * F) // tp + 2 * kv_local_dim(cfg, tp) * H + 4 * H
+    """wq, wo, w1, w2, w3 split over tp; k and v split (or replicated) by kv head; q/k/v biases (Qwen2) split
+    like their projections; wo/w2 biases (TeleChat2) and the two RMSNorm weights replicated, as
+    parallel/plan.py shards them. With tp=1 this is the per-layer count of ModelConfig.num_parameters."""
+    H, F, qd, kd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads * cfg.head_dim, kv_local_dim(cfg, tp)
+    count = (2 * H * qd + 3 * H * F) // tp + 2 * kd * H + 2 * H
+    if cfg.qkv_bias:
+        count += qd // tp + 2 * kd
+    return count + H * (int(cfg.out_bias) + int(cfg.down_bias))
 
 
 def stage_params_per_device(cfg: ModelConfig, lay: Layout) -> List[int]:
@@ -225,7 +229,7 @@ def stage_params_per_device(cfg: ModelConfig, lay: Layout) -> List[int]:
         if i == 0:
             n += vh
         if i == lay.pp - 1:
-            n += vh + cfg.hidden_size
+            n += (0 if cfg.tie_word_embeddings else vh) + cfg.hidden_size
         counts.append(n)
     return counts
 

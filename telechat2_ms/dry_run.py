@@ -35,10 +35,10 @@ def _parameter_lines(run: RunPlan) -> List[str]:
         layer = tp_plan.layer_index(name)
         if layer not in (None, 0):
             continue
-        local = tp_plan.shard_shape(name, shape, dims.tp)
+        local = tp_plan.shard_shape(name, shape, dims.tp, cfg.num_kv_heads)
         lines.append(f"  {name:45s} {_shape(shape):>16s} -> {_shape(local)}")
     for stage, (first, end) in enumerate(ranges):
-        count = sum(int(_numel(tp_plan.shard_shape(n, s, dims.tp))) for n, s in shapes.items()
+        count = sum(int(_numel(tp_plan.shard_shape(n, s, dims.tp, cfg.num_kv_heads))) for n, s in shapes.items()
                     if tp_plan.param_stage(n, ranges) == stage)
         ranks = [r for r in range(dims.world) if dims.coords(r).pp == stage]
         lines.append(f"stage {stage}: layers {first}..{end - 1} ({end - first}), ranks {ranks[0]}..{ranks[-1]}, "

@@ -167,8 +167,8 @@ def test_ms2hf_needs_a_matching_config(tmp_path, ms_file):
 
 def test_reshard_refusals(tmp_path, ms_file):
     allowed = ("hf", "ms.safetensors")
-    refuse(tmp_path, r"num_kv_heads 2 of model checkpoint is not divisible by tp=4", reshard, ms_file,
-           str(tmp_path / "l"), tp=4, exc=ConfigError, allowed=allowed)
+    refuse(tmp_path, r"num_heads 4 of model checkpoint is not divisible by tp=3", reshard, ms_file,
+           str(tmp_path / "l"), tp=3, exc=ConfigError, allowed=allowed)
     refuse(tmp_path, r"layer_counts \[2, 1\] sum to 3, but the model has 2 layers", reshard, ms_file,
            str(tmp_path / "l"), pp=2, layer_counts=[2, 1], exc=ConfigError, allowed=allowed)
     refuse(tmp_path, r"2 layers cannot fill 3 pipeline stages", reshard, ms_file, str(tmp_path / "l"), pp=3,

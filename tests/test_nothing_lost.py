@@ -350,3 +350,36 @@ def test_a_non_finite_step_is_logged_as_nan_not_a_crash(tmp_path):
                     "skipped": True, "consumed_samples": 1, "step_time_s": 0.5, "tokens_per_s": 16.0})
     assert "loss nan" in line and "grad_norm nan" in line and "skipped (non-finite gradients)" in line
     assert printed == [line] and read_metrics(log.path)[0]["loss"] is None
+
+
+def test_retention_killed_while_deleting_lists_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Retention renames an old checkpoint aside before deleting it: a kill during the deletion (simulated: the
+    deletion removes one file and dies) leaves only complete checkpoints listed. Found by the msrun kill -9
+    test, where a checkpoint without its tp1 rank file was listed."""
+    import numpy as np
+
+    from telechat2_ms import checkpoint as ckpt
+    from telechat2_ms.train import checkpointing
+
+    root = str(tmp_path / "checkpoints")
+
+    def save(step):
+        return checkpointing.save_training_checkpoint(root, step, {"model.safetensors": {"w": np.zeros(2, np.float32)}},
+                                                      {"step": step, "run_id": "r"}, keep=2, run_id="r")
+
+    save(1)
+    save(2)
+
+    def dying_rmtree(path, ignore_errors=False):
+        os.remove(os.path.join(path, "model.safetensors"))
+        raise SystemExit("killed during the deletion")
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", dying_rmtree)
+    with pytest.raises(SystemExit):
+        save(3)
+    listed = ckpt.list_checkpoints(root)
+    assert [s for s, _ in listed] == [2, 3]
+    assert all(os.path.isfile(os.path.join(p, "model.safetensors")) for _, p in listed)
+    monkeypatch.undo()
+    save(4)  # the next save removes what the interrupted deletion left
+    assert sorted(os.listdir(root)) == ["step_00000003", "step_00000004"]

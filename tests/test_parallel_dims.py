@@ -28,8 +28,12 @@ def test_world_size_and_degrees_are_checked():
 def test_model_divisibility_messages():
     tiny = get_config("tiny")  # 4 heads, 2 kv heads, vocab 1024, ffn 160, 2 layers
     ParallelDims(tp=2, pp=2, micro_batch_num=2).check_model(tiny)
-    with pytest.raises(ConfigError, match="num_kv_heads 2 .* not divisible by tp=4"):
-        ParallelDims(tp=4).check_model(tiny)
+    ParallelDims(tp=4).check_model(tiny)  # 2 kv heads at tp4: a copy of each on 2 ranks (parallel/plan.py)
+    with pytest.raises(ConfigError, match="num_kv_heads 4 .* not divisible by tp=6, nor tp by it"):
+        ParallelDims(tp=6).check_model(get_config("tiny", num_heads=12, num_kv_heads=4, hidden_size=192))
+    with pytest.raises(ConfigError, match="ties lm_head to the embedding"):
+        ParallelDims(pp=2, micro_batch_num=2).check_model(get_config("qwen2_tiny"))
+    ParallelDims(tp=2).check_model(get_config("qwen2_tiny"))  # tied embeddings under tensor parallel
     with pytest.raises(ConfigError, match="2 layers cannot fill 4 pipeline stages"):
         ParallelDims(pp=4, micro_batch_num=4).check_model(tiny)
     with pytest.raises(ConfigError, match="sum to 3"):

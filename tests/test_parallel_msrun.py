@@ -38,8 +38,9 @@ from tests.msrun import parallel_cases as pc
 WORKER = os.path.join(os.path.dirname(__file__), "msrun", "worker_parallel.py")
 LOSS_TOL, PARAM_TOL, ADAMW_UPDATE_TOL, SHARDED_VS_REPLICATED_TOL = 1e-5, 1e-4, 1e-3, 1e-7
 JOBS = {
-    2: ["reference", "reference:qwen2", "train:qwen2_tp2", "train:qwen2_pp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
-        "generate:tp2", "generate:pp2", "load:tp2", "chat:tp2", "predict:dp2",
+    2: ["reference", "reference:qwen2", "reference:qwen2_kv1", "reference:qwen2_tiny", "train:qwen2_tp2",
+        "train:qwen2_pp2", "train:qwen2_kv1_tp2", "train:qwen2_tied_tp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
+        "generate:tp2", "generate:pp2", "generate:qwen2_kv1_tp2", "load:tp2", "chat:tp2", "predict:dp2",
         "trainer:tp2"],
     4: ["comm", "reference", "train:tp2_pp2", "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
 }
@@ -111,9 +112,11 @@ def test_two_process_layout_matches_single_process(job2, layout):
     _check_layout(job2, layout)
 
 
-@pytest.mark.parametrize("layout", ["qwen2_tp2", "qwen2_pp2"])
+@pytest.mark.parametrize("layout", ["qwen2_tp2", "qwen2_pp2", "qwen2_kv1_tp2", "qwen2_tied_tp2"])
 def test_qwen2_two_process_layout_matches_single_process(job2, layout):
-    """Tiny Qwen2 (q/k/v biases, separate k/v, 2 kv heads: 1 per rank under tp2, a sliding-window layer)."""
+    """Tiny Qwen2 (q/k/v biases, separate k/v, 2 kv heads: 1 per rank under tp2, a sliding-window layer); and
+    with 1 kv head under tp2, each rank holding a copy of it (gradients summed over the copies); and with tied
+    embeddings under tp2 (one vocab-parallel Parameter for the embedding and the head)."""
     _check_layout(job2, layout)
 
 
@@ -161,7 +164,8 @@ def test_comm_collectives_in_subgroups(job4):
         assert not bad, f"rank {rank}: {bad}"  # integer-valued data: exact
 
 
-@pytest.mark.parametrize("layout, job", [("tp2", "job2"), ("pp2", "job2"), ("tp2_pp2", "job4")])
+@pytest.mark.parametrize("layout, job", [("tp2", "job2"), ("pp2", "job2"), ("tp2_pp2", "job4"),
+                                         ("qwen2_kv1_tp2", "job2")])
 def test_greedy_generation_equals_single_process(layout, job, request):
     """Greedy tokens under tensor parallel, pipeline stages (parallel/generation.py) and both."""
     out, result = request.getfixturevalue(job)

@@ -89,6 +89,34 @@ def test_tp2_to_tp4_directly_is_bit_exact(tmp_path):
     assert not os.path.exists(tmp_path / "tp2" / "model.safetensors")  # no full checkpoint on the way
 
 
+def test_fewer_kv_heads_than_tp_reshard_with_copies_and_back(tmp_path):
+    """Tiny with 2 kv heads at tp4: every rank file holds the whole kv head its query heads use (ranks 0, 1 head
+    0; ranks 2, 3 head 1), the layout loads at its shard shapes (checkpoint.LayoutWeights) and merges back bit
+    for bit, and a tp2 layout reshards to it directly."""
+    from telechat2_ms.checkpoint import LayoutWeights, resolve_checkpoint
+
+    cfg = get_config("tiny", num_layers=3)
+    assert cfg.num_kv_heads == 2
+    full = full_checkpoint(tmp_path, cfg)
+    tp4 = reshard(full, str(tmp_path / "tp4"), tp=4, progress=False)
+    wk_v = "model.layers.1.attention.wk_v.weight"
+    original = read_all(full)[wk_v]
+    rows = original.shape[0] // 2  # one kv head: [K_h; V_h]
+    for t in range(4):
+        held = SafetensorsFile(os.path.join(tp4, f"tp{t}_pp0", "model.safetensors")).read(wk_v)
+        assert held.tobytes() == original[(t // 2) * rows:(t // 2 + 1) * rows].tobytes()
+    weights = LayoutWeights(resolve_checkpoint(tp4))
+    assert weights.shapes()[wk_v] == original.shape
+    assert weights.full(wk_v).shape == original.shape
+    assert_same_tensors(read_all(full), read_all(reshard(tp4, str(tmp_path / "m.safetensors"), progress=False)))
+    via_tp2 = reshard(reshard(full, str(tmp_path / "tp2"), tp=2, progress=False), str(tmp_path / "tp4b"), tp=4,
+                      progress=False)
+    for t in range(4):
+        with open(os.path.join(tp4, f"tp{t}_pp0", "model.safetensors"), "rb") as fa, \
+                open(os.path.join(via_tp2, f"tp{t}_pp0", "model.safetensors"), "rb") as fb:
+            assert fa.read() == fb.read()
+
+
 def test_explicit_layer_counts_and_fused_layout(tmp_path):
     full = full_checkpoint(tmp_path, fused=True)
     layout = reshard(full, str(tmp_path / "l"), tp=2, pp=2, layer_counts=[1, 2], progress=False)

@@ -63,7 +63,8 @@ BAD_LAYOUTS = [
     (["--parallel_config.model_parallel=2"], 4, r"= 2, but the world has 4 processes"),
     (["--parallel_config.data_parallel=2"], 1, r"parallel_config asks for 2 processes \(data_parallel 2"),
     (["--parallel_config.model_parallel=3"], 3, r"num_heads 4 of model tiny is not divisible by tp=3"),
-    (["--parallel_config.model_parallel=4"], 4, r"num_kv_heads 2 of model tiny is not divisible by tp=4"),
+    (["--model=qwen2_7b", "--parallel_config.model_parallel=7"], 7,
+     r"num_kv_heads 4 of model qwen2_7b is not divisible by tp=7, nor tp by it"),
     (["--parallel_config.pipeline_stage=3", "--parallel_config.micro_batch_num=3"], 3,
      r"2 layers cannot fill 3 pipeline stages"),
     (["--parallel_config.pipeline_stage=2", "--parallel_config.micro_batch_num=2",
@@ -74,6 +75,8 @@ BAD_LAYOUTS = [
     (["--parallel_config.model_parallel=2", "--parallel_config.use_seq_parallel=true", "--seq_length=65"], 2,
      r"seq_length 65 must be divisible by model_parallel 2 with use_seq_parallel"),
     (["--train.batch_size=0"], 1, r"train.batch_size must be at least 1"),
+    (["--model=qwen2_tiny", "--parallel_config.pipeline_stage=2", "--parallel_config.micro_batch_num=2"], 2,
+     r"ties lm_head to the embedding .* set parallel_config.pipeline_stage to 1"),
     (["--parallel_config.data_parallel=2", "--train.lora_rank=4"], 2,
      r"multi-process training does not support train.lora_rank"),
 ]

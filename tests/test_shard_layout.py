@@ -130,8 +130,9 @@ def test_replicated_copies_must_agree():
 
 def test_check_tp():
     check_tp(CFG4, 4)
-    with pytest.raises(ConfigError, match="num_kv_heads 2 of model tiny is not divisible by tp=4"):
-        check_tp(get_config("tiny"), 4)
+    check_tp(get_config("tiny"), 4)  # 2 kv heads at tp4: each replicated on 2 ranks
+    with pytest.raises(ConfigError, match="num_kv_heads 4 of model tiny is not divisible by tp=6, nor tp by it"):
+        check_tp(get_config("tiny", num_heads=12, num_kv_heads=4, hidden_size=192), 6)
     with pytest.raises(ConfigError, match="vocab_size 1020 .* not divisible by tp=8"):
         check_tp(get_config("tiny", num_heads=8, num_kv_heads=8, hidden_size=128, vocab_size=1020), 8)
     with pytest.raises(ValueError, match="dim 0 size 1024 is not divisible by tp=3"):
@@ -164,3 +165,24 @@ def test_param_stage_places_embedding_first_and_head_last():
     assert layer_index("lm_head.weight") is None
     with pytest.raises(ValueError, match="layer 7 is outside"):
         param_stage("model.layers.7.attention.wq.weight", ranges)
+
+
+@pytest.mark.parametrize("name,rows", [("model.layers.0.attention.wk_v.weight", 2 * 2 * 16),
+                                       ("model.layers.0.attention.wk.weight", 2 * 16),
+                                       ("model.layers.0.attention.wv.bias", 2 * 16)])
+def test_kv_heads_fewer_than_tp_are_replicated_whole(name, rows):
+    """2 kv heads (head dim 16) at tp4: ranks 0, 1 hold head 0 and ranks 2, 3 head 1, each whole; merging takes
+    one copy per head after checking the copies agree, bit for bit."""
+    full = np.random.default_rng(0).standard_normal((rows, 8) if "bias" not in name else (rows,)).astype(np.float32)
+    shards = [shard_tensor(name, full, 4, r, kv_heads=2) for r in range(4)]
+    per_head = rows // 2
+    assert shard_shape(name, full.shape, 4, kv_heads=2) == (per_head,) + full.shape[1:]
+    for r, piece in enumerate(shards):
+        head = r // 2
+        assert np.array_equal(piece, full[head * per_head:(head + 1) * per_head])
+    assert merge_shards(name, shards, kv_heads=2).tobytes() == full.tobytes()
+    shards[3] = shards[3] + 1
+    with pytest.raises(ValueError, match="tp ranks 2 and 3 should hold the same kv head but differ"):
+        merge_shards(name, shards, kv_heads=2)
+    # other parameters ignore kv_heads: wq is still split in 4
+    assert shard_shape("model.layers.0.attention.wq.weight", (64, 64), 4, kv_heads=2) == (16, 64)

@@ -3,8 +3,9 @@
 Every rank computes the gradient of its share of the global loss (loss terms are divided by the global
 token count, see parallelize.TelechatParallel), so replica gradients are summed, not averaged, over the
 `grad` group (dp x cp). Parameters tagged `sequence_parallel_partial` (norm weights and row-parallel
-biases under sequence parallelism) are also summed over the tp group. Gradients are flattened into one
-buffer per group so each reduction is a single collective.
+biases under sequence parallelism) are also summed over the tp group, and kv projections held as copies
+(`kv_copies`: fewer kv heads than tp ranks) over the ranks holding the same head. Gradients are flattened
+into buckets so each reduction is one collective per bucket.
 
 Global norm. After reduce_gradients every data/context replica holds the same gradients, and within a
 tensor-parallel group a parameter is either split (parallel/plan.py rule other than `replicate`: each rank
@@ -63,6 +64,12 @@ def reduce_gradients(params: Sequence, grads: Sequence, grad_group: comm.Group, 
     if partial and tp_group.size > 1:
         for i, g in zip(partial, _bucket_all_reduce([grads[i] for i in partial], tp_group)):
             grads[i] = g
+    for i, p in enumerate(params):
+        copies = getattr(p, "kv_copies", 1)
+        if copies > 1:  # sum over the tp ranks holding the same kv head (consecutive blocks of `copies`)
+            every = ops.reshape(comm.all_gather(grads[i], tp_group, 0), (tp_group.size,) + tuple(grads[i].shape))
+            first = tp_group.rank - tp_group.rank % copies
+            grads[i] = every[first:first + copies].sum(0)
     return grads
 
 
@@ -77,6 +84,9 @@ def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
     split_sq = ops.zeros((), ms.float32)
     replicated_sq = ops.zeros((), ms.float32)
     for p, g in zip(params, grads):
+        copies = getattr(p, "kv_copies", 1)
+        if copies > 1 and groups.coords.tp % copies:
+            continue  # a copy of a kv head another tp rank of its block counts
         sq = squared_sum(cast_to(g, ms.float32))  # []
         if is_tp_replicated(p.name):
             replicated_sq = replicated_sq + sq

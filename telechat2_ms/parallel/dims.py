@@ -90,6 +90,9 @@ class ParallelDims:
         """Raise ConfigError when `cfg` cannot be split this way (tp rules and stage ranges: parallel/plan.py)."""
         check_tp(cfg, self.tp)
         self.stage_layer_ranges(cfg.num_layers)
+        if cfg.tie_word_embeddings and self.pp > 1:
+            raise ConfigError(f"model {cfg.name} ties lm_head to the embedding, so both must live on one pipeline "
+                              f"stage (pp={self.pp})")
 
     def check_batch(self, batch_size: int, seq_length: int) -> None:
         """Global batch [batch_size, seq_length] tokens (inputs, after the label shift)."""

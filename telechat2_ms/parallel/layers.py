@@ -31,6 +31,12 @@ def mark_sequence_parallel_partial(param: Parameter) -> None:
     param.sequence_parallel_partial = True
 
 
+def mark_kv_copy(param: Parameter, copies: int) -> None:
+    """Tag a kv projection parameter that `copies` consecutive tp ranks hold alike (fewer kv heads than tp
+    ranks, parallel/plan.py): its gradient is summed over them and counted once in the norm."""
+    param.kv_copies = copies
+
+
 class ColumnParallelLinear(nn.Cell):
     """y_local = x @ W_local^T (+ b_local): W [out, in] and its bias (Qwen2's q/k/v) split on `out`; x is already
     replicated in the tp region (see RegionEntryNorm), so no communication here. x [..., in] -> [..., out/tp]."""
@@ -130,10 +136,16 @@ class VocabParallelHead(nn.Cell):
     """lm_head [V, H] split on V. `construct` returns full logits [B, S, V] (all-gathered: a drop-in for
     generation); `local_logits` returns this rank's [B, S, V/tp] for vocab_parallel_cross_entropy."""
 
-    def __init__(self, weight_shard: np.ndarray, group: comm.Group, compute_dtype=ms.float32):
+    def __init__(self, weight_shard: Optional[np.ndarray], group: comm.Group, compute_dtype=ms.float32,
+                 tied_to: Optional["VocabParallelEmbedding"] = None):
         super().__init__()
-        self.out_features, self.in_features = weight_shard.shape
-        self.weight = _param(weight_shard, "weight")
+        if tied_to is not None:  # tied embeddings (Qwen2-0.5B/1.5B): the embedding's own shard, one Parameter
+            self.tied = [tied_to]  # a list: not a sub-cell, so the Parameter is listed once (model.TiedHead)
+            self.out_features, self.in_features = tied_to.embedding_weight.shape
+        else:
+            self.tied = []
+            self.out_features, self.in_features = weight_shard.shape
+            self.weight = _param(weight_shard, "weight")
         self.compute_dtype = compute_dtype
         self.has_bias = False
         self.matmul = ops.MatMul(transpose_b=True)
@@ -142,7 +154,8 @@ class VocabParallelHead(nn.Cell):
     def local_logits(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, H]
-        return ops.reshape(self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype)), lead + (self.out_features,))
+        weight = self.tied[0].embedding_weight if self.tied else self.weight
+        return ops.reshape(self.matmul(x2d, kernels.cast_to(weight, self.compute_dtype)), lead + (self.out_features,))
 
     def construct(self, x):
         return self.gather(self.local_logits(x))  # [B, S, V]

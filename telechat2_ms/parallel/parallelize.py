@@ -31,10 +31,10 @@ from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.data_parallel import global_grad_norm, reduce_gradients
 from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
-                                          VocabParallelEmbedding, VocabParallelHead,
+                                          VocabParallelEmbedding, VocabParallelHead, mark_kv_copy,
                                           vocab_parallel_cross_entropy)
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
-from telechat2_ms.parallel.plan import TP_PLAN
+from telechat2_ms.parallel.plan import TP_PLAN, kv_replicas
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
 from telechat2_ms.model import layer_masks
 from telechat2_ms.rope import rope_inputs
@@ -93,8 +93,10 @@ def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: T
     tp, tp_rank, sp = dims.tp, groups.coords.tp, dims.seq_parallel
     dtype = model.compute_dtype
 
+    kv_heads = model.config.num_kv_heads
+
     def shard(name):
-        return weights.shard(name, tp, tp_rank)
+        return weights.shard(name, tp, tp_rank, kv_heads)
 
     if not isinstance(model.model.tok_embeddings, Absent):
         model.model.tok_embeddings = VocabParallelEmbedding(shard("model.tok_embeddings.embedding_weight"),
@@ -109,6 +111,10 @@ def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: T
             if style == "colwise":
                 cell = ColumnParallelLinear(shard(name + ".weight"), dtype,
                                             shard(name + ".bias") if original.has_bias else None)
+                copies = kv_replicas(name + ".weight", tp, kv_heads)
+                if copies > 1:  # this rank holds one of `copies` copies of its kv head (plan.py)
+                    for param in cell.get_parameters():
+                        mark_kv_copy(param, copies)
             elif style == "rowwise":
                 weight = shard(name + ".weight")
                 bias = weights.full(name + ".bias") if _get_submodule(layer, path).has_bias else None
@@ -121,7 +127,10 @@ def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: T
         norm = model.model.norm_out
         model.model.norm_out = RegionEntryNorm(shard("model.norm_out.weight"), norm.eps, tp_group, sp,
                                                norm.use_fused)
-        model.lm_head = VocabParallelHead(shard("lm_head.weight"), tp_group, dtype)
+        if model.config.tie_word_embeddings:  # the same Parameter as the embedding (pp = 1: the same stage)
+            model.lm_head = VocabParallelHead(None, tp_group, dtype, tied_to=model.model.tok_embeddings)
+        else:
+            model.lm_head = VocabParallelHead(shard("lm_head.weight"), tp_group, dtype)
 
 
 def apply_context_parallel(model, groups: ParallelGroups, layer_range: Tuple[int, int]) -> None:

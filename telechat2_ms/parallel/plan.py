@@ -8,7 +8,12 @@ parallel/parallelize.py read them. Pure python + numpy, no MindSpore.
 
 Tensor parallel follows Megatron (all weights are [out, in]):
 - column-parallel (output rows split): wq, wk_v, w1, w3. wk_v rows are per-kv-head [K_h; V_h], so a
-  contiguous 1/tp slice holds whole kv heads with their K and V rows (needs num_kv_heads % tp == 0).
+  contiguous 1/tp slice holds whole kv heads with their K and V rows (num_kv_heads % tp == 0).
+- fewer kv heads than tp ranks (Qwen2-7B's 4 at tp8; tp % num_kv_heads == 0), as Megatron does: the kv
+  projections (wk_v, or wk / wv and their biases) are replicated, rank r holding kv head r // (tp / k), which is
+  the head its own query heads use; the `kv_heads` argument of shard_shape / shard_tensor / merge_shards turns
+  this on. The copies get partial gradients (from their rank's query heads only), summed over the copies by
+  parallel/data_parallel.reduce_gradients.
 - row-parallel (input columns split): wo, w2; their biases are replicated (added once, after the
   all-reduce).
 - vocab-parallel (vocab rows split): tok_embeddings.embedding_weight and lm_head (needs V % tp == 0).
@@ -55,6 +60,7 @@ VOCAB = SplitRule("rows", "[V, H] -> [V/tp, H]")
 ROW = SplitRule("cols", "[out, in] -> [out, in/tp]")
 COLUMN_BIAS = SplitRule("rows", "[out] -> [out/tp]: the bias of a column-parallel projection")
 KV_SEPARATE = SplitRule("rows", "[kd, H] -> [kd/tp, H]: whole kv heads (Qwen2's wk, wv)")
+KV_BIAS = SplitRule("rows", "[kd] -> [kd/tp]: the bias of wk / wv, whole kv heads")
 FUSED_QKV = SplitRule("fused_rows", "[H+2kd, H] = [q; K; V] -> [q_r; K_r; V_r] of [(H+2kd)/tp, H]")
 FUSED_GATE_HIDDEN = SplitRule("fused_rows", "[2F, H] = [w1; w3] -> [w1_r; w3_r] of [2F/tp, H]")
 
@@ -66,9 +72,9 @@ SHARD_TABLE: Tuple[Tuple[str, SplitRule], ...] = (
     ("model.layers.{i}.attention.wq.bias", COLUMN_BIAS),
     ("model.layers.{i}.attention.wk_v.weight", KV_COLUMN),
     ("model.layers.{i}.attention.wk.weight", KV_SEPARATE),
-    ("model.layers.{i}.attention.wk.bias", COLUMN_BIAS),
+    ("model.layers.{i}.attention.wk.bias", KV_BIAS),
     ("model.layers.{i}.attention.wv.weight", KV_SEPARATE),
-    ("model.layers.{i}.attention.wv.bias", COLUMN_BIAS),
+    ("model.layers.{i}.attention.wv.bias", KV_BIAS),
     ("model.layers.{i}.attention.w_qkv.weight", FUSED_QKV),
     ("model.layers.{i}.attention.wo.weight", ROW),
     ("model.layers.{i}.attention.wo.bias", REPLICATE),
@@ -117,13 +123,29 @@ def _check_divisible(name: str, size: int, tp: int, what: str) -> None:
         raise ValueError(f"parameter {name}: {what} {size} is not divisible by tp={tp}")
 
 
-def shard_shape(name: str, shape: Sequence[int], tp: int) -> Tuple[int, ...]:
-    """Per-rank shape of parameter `name` (full shape `shape`) under tensor parallel `tp`."""
+KV_RULES = (KV_COLUMN, KV_SEPARATE, KV_BIAS)
+
+
+def kv_replicas(name: str, tp: int, kv_heads: int = 0) -> int:
+    """How many tp ranks hold a copy of each kv head of parameter `name`: tp / kv_heads for a kv projection
+    when kv_heads < tp, else 1 (`kv_heads` 0: unknown, whole heads are split)."""
+    if not kv_heads or kv_heads >= tp or split_rule(name) not in KV_RULES:
+        return 1
+    if tp % kv_heads:
+        raise ValueError(f"parameter {name}: tp={tp} is neither a divisor nor a multiple of num_kv_heads {kv_heads}")
+    return tp // kv_heads
+
+
+def shard_shape(name: str, shape: Sequence[int], tp: int, kv_heads: int = 0) -> Tuple[int, ...]:
+    """Per-rank shape of parameter `name` (full shape `shape`) under tensor parallel `tp` (`kv_heads`: the
+    model's kv head count, for kv projections replicated when it is below tp)."""
     rule = split_rule(name)
     dim = rule.split_dim()
     shape = tuple(int(s) for s in shape)
     if dim is None:
         return shape
+    if kv_replicas(name, tp, kv_heads) > 1:
+        return (shape[0] // kv_heads,) + shape[1:]
     if rule.kind == "fused_rows":
         for part in fused_sections(name, shape):
             _check_divisible(name, part, tp, "fused part rows")
@@ -131,15 +153,31 @@ def shard_shape(name: str, shape: Sequence[int], tp: int) -> Tuple[int, ...]:
     return shape[:dim] + (shape[dim] // tp,) + shape[dim + 1:]
 
 
-def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int) -> np.ndarray:
+def full_shape(name: str, local: Sequence[int], tp: int, kv_heads: int = 0) -> Tuple[int, ...]:
+    """Inverse of `shard_shape`: the full shape of parameter `name` from one rank's shape."""
+    rule = split_rule(name)
+    dim = rule.split_dim()
+    local = tuple(int(s) for s in local)
+    if dim is None:
+        return local
+    factor = kv_heads if kv_replicas(name, tp, kv_heads) > 1 else tp
+    return local[:dim] + (local[dim] * factor,) + local[dim + 1:]
+
+
+def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int, kv_heads: int = 0) -> np.ndarray:
     """The slice of the full tensor `array` that tp rank `tp_rank` of `tp` holds (contiguous; `array` itself
     when nothing is cut)."""
     if not 0 <= tp_rank < tp:
         raise ValueError(f"tp_rank {tp_rank} is outside tp={tp}")
     rule = split_rule(name)
-    shard_shape(name, array.shape, tp)  # divisibility checks
+    shard_shape(name, array.shape, tp, kv_heads)  # divisibility checks
     if rule.kind == "replicate" or tp == 1:
         return np.ascontiguousarray(array)
+    rep = kv_replicas(name, tp, kv_heads)
+    if rep > 1:  # kv head tp_rank // rep, whole
+        rows = array.shape[0] // kv_heads
+        head = tp_rank // rep
+        return np.ascontiguousarray(array[head * rows:(head + 1) * rows])
     if rule.kind == "fused_rows":
         offsets = np.cumsum([0] + fused_sections(name, array.shape))
         pieces = []
@@ -154,7 +192,7 @@ def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int) -> np.ndar
     return np.ascontiguousarray(array[tuple(index)])
 
 
-def merge_shards(name: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
+def merge_shards(name: str, arrays: Sequence[np.ndarray], kv_heads: int = 0) -> np.ndarray:
     """Inverse of `shard_tensor`: the full tensor from the shards of all tp ranks, in rank order."""
     tp = len(arrays)
     if tp == 0:
@@ -167,6 +205,13 @@ def merge_shards(name: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
         if any(arrays[0].tobytes() != a.tobytes() for a in arrays[1:]):  # bitwise (NaN-safe)
             raise ValueError(f"parameter {name} is replicated but its {tp} copies differ")
         return np.ascontiguousarray(arrays[0])
+    rep = kv_replicas(name, tp, kv_heads)
+    if rep > 1:  # one copy per kv head; the others must agree
+        for r, a in enumerate(arrays):
+            if a.tobytes() != arrays[r - r % rep].tobytes():
+                raise ValueError(f"parameter {name}: tp ranks {r - r % rep} and {r} should hold the same kv head "
+                                 "but differ")
+        return np.concatenate([arrays[h * rep] for h in range(tp // rep)], axis=0)
     if rule.kind == "fused_rows":
         local = arrays[0].shape
         full = (local[0] * tp,) + tuple(local[1:])
@@ -179,11 +224,16 @@ def merge_shards(name: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
-    """ConfigError unless `cfg` splits into `tp` ranks with whole heads, kv heads, vocab rows and ffn rows."""
+    """ConfigError unless `cfg` splits into `tp` ranks with whole heads, kv heads (or whole copies of them),
+    vocab rows and ffn rows."""
     if tp < 1:
         raise ConfigError(f"tp must be >= 1, got {tp}")
-    for what, value in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
-                        ("vocab_size", cfg.vocab_size), ("ffn_hidden_size", cfg.ffn_hidden_size)):
+    if cfg.num_heads % tp:
+        raise ConfigError(f"num_heads {cfg.num_heads} of model {cfg.name} is not divisible by tp={tp}")
+    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+        raise ConfigError(f"num_kv_heads {cfg.num_kv_heads} of model {cfg.name} is not divisible by tp={tp}, nor "
+                          f"tp by it (kv heads are split whole, or replicated when tp is a multiple)")
+    for what, value in (("vocab_size", cfg.vocab_size), ("ffn_hidden_size", cfg.ffn_hidden_size)):
         if value % tp:
             raise ConfigError(f"{what} {value} of model {cfg.name} is not divisible by tp={tp}")
 

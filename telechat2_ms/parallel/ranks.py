@@ -12,11 +12,19 @@ import numpy as np
 from telechat2_ms.parallel import comm
 
 
+class PeerLost(RuntimeError):
+    """A collective came back without every rank's part (a rank died: the CPU backend does not always raise)."""
+
+
 def barrier() -> None:
-    """Wait until every rank gets here (a one-element all-reduce over the world)."""
+    """Wait until every rank gets here: a one-element all-reduce of ones over the world, whose sum must be the
+    world size (a dead peer can make the CPU collective return early; then this raises PeerLost)."""
     from mindspore import Tensor
 
-    comm.all_reduce(Tensor(np.zeros(1, np.float32)), comm.world_group()).asnumpy()
+    world = comm.get_world_size()
+    total = float(comm.all_reduce(Tensor(np.ones(1, np.float32)), comm.world_group()).asnumpy()[0])
+    if total != world:
+        raise PeerLost(f"a barrier of {world} ranks counted {total:g}: a rank has died (see its msrun log)")
 
 
 # ---- small objects between ranks (prompts typed on rank 0, answers gathered on rank 0) -----------------

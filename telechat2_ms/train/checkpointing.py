@@ -8,8 +8,10 @@ per-rank layout, layout.json + tp{t}_pp{p}/model.safetensors) plus
 Either kind loads with `--load_checkpoint` (checkpoint.resolve_checkpoint). It is written into a temporary
 sibling directory (`.tmp-step_...`; every rank writes its share into the same one) and renamed into place in
 one `os.rename` by rank 0, so a process killed during a save leaves the previous checkpoints intact and at
-worst a `.tmp-*` directory, which is ignored and removed by the next save. Directories without
-trainer_state.json are never considered complete (checkpoint.list_checkpoints).
+worst a `.tmp-*` directory, which is ignored and removed by the next save. Retention renames an old
+checkpoint to a `.tmp-` name before deleting it, so a kill during the deletion never leaves a listed
+checkpoint with files missing. Directories without trainer_state.json are never considered complete
+(checkpoint.list_checkpoints).
 """
 from __future__ import annotations
 
@@ -38,16 +40,27 @@ def remove_stale_temporaries(root: str) -> None:
                       file=sys.stderr)
 
 
+def discard_checkpoint(path: str) -> None:
+    """Remove a checkpoint directory so that no kill can leave it half deleted but listed: one rename to a
+    `.tmp-` name first (never listed; removed by the next save), then the deletion."""
+    head, name = os.path.split(os.path.abspath(path))
+    aside = os.path.join(head, f".tmp-removing-{name}-{os.getpid()}")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def save_training_checkpoint(root: str, step: int, write_files: Union[Callable[[str], None], Mapping[str, Any]],
                              state: Dict[str, Any],
                              config=None, settings=None, keep: int = 0,
                              before_rename: Optional[Callable[[str], None]] = None, is_main: bool = True,
-                             barrier: Optional[Callable[[], None]] = None, run_id: Optional[str] = None) -> str:
+                             barrier: Optional[Callable[[], None]] = None, run_id: Optional[str] = None,
+                             check_files: Optional[Callable[[str], None]] = None) -> str:
     """Write checkpoint `step` atomically: `write_files(tmp_dir)` (on every rank; or a mapping {file name:
     {tensor name: tensor}} written with checkpoint.save_tensors), then trainer_state.json,
     config.json and run_settings.yaml; then delete all but the newest `keep` checkpoints of this run (those
     whose trainer state carries `run_id`; keep <= 0 keeps all; a checkpoint of another run is never
-    removed). Under msrun every rank calls it with a `barrier`. Returns the directory."""
+    removed). Under msrun every rank calls it with a `barrier`; rank 0 runs `check_files(tmp_dir)` (every rank's
+    file is there) before publishing. Returns the directory."""
     sync = barrier or (lambda: None)
     if not callable(write_files):
         files = write_files
@@ -66,6 +79,8 @@ def save_training_checkpoint(root: str, step: int, write_files: Union[Callable[[
         write_files(tmp)
         sync()
         if is_main:
+            if check_files is not None:
+                check_files(tmp)
             if config is not None:
                 write_config(tmp, config)
             if settings is not None:
@@ -77,11 +92,11 @@ def save_training_checkpoint(root: str, step: int, write_files: Union[Callable[[
             if before_rename is not None:  # test hook: simulate a crash between writing and publishing
                 before_rename(tmp)
             if os.path.isdir(final):  # the same step saved again (e.g. after resuming from an older one)
-                shutil.rmtree(final)
+                discard_checkpoint(final)
             os.rename(tmp, final)
             if keep > 0:
                 for old in run_checkpoints(root, run_id)[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    discard_checkpoint(old)
     finally:
         if is_main and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

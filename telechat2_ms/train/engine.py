@@ -5,6 +5,7 @@ record.
     engine.step(batches, step, lr) -> {"loss", "grad_norm", "skipped", "loss_scale"}
     engine.write_files(directory)       this rank's share of a checkpoint (every rank calls it)
     engine.restore(path)                the weights and optimizer state of a checkpoint
+    engine.check_files(directory)       rank 0, before publishing: every rank's share is there
 
 `batches` holds grad_accum_steps arrays (ids [R, S], target mask [R, S]) with R = data_parallel x
 micro_batch_num x batch_size rows, replica r's rows in block r (the sampler's order); the loss of a step is
@@ -128,6 +129,10 @@ class LocalEngine:
         if self.lora_names:
             ckpt.save_tensors(lora_state(self.model), os.path.join(directory, LORA_FILE))
 
+    def check_files(self, directory: str) -> None:
+        if not os.path.isfile(os.path.join(directory, ckpt.MODEL_FILE)):
+            raise ckpt.CheckpointError(f"{directory}: {ckpt.MODEL_FILE} was not written")
+
     def restore(self, path: str, state: Dict[str, Any]) -> None:
         from telechat2_ms.train.lora import lora_state
 
@@ -202,6 +207,18 @@ class ParallelEngine:
         if self.parallel.groups.coords == (0, 0, 0, 0):
             write_layout(directory, layout_dict(dims.tp, ranges, self.plan.config.to_hf_config(), False,
                                                 {"layout": dims.describe()}))
+
+    def check_files(self, directory: str) -> None:
+        """Every (tp, stage) rank file and layout.json are in place (a rank killed during the save leaves its file
+        missing; the barrier before this does not always notice a dead peer on CPU)."""
+        from telechat2_ms.formats.layout import LAYOUT_NAME, rank_file
+
+        dims = self.plan.dims
+        wanted = [LAYOUT_NAME] + [rank_file(t, s) for s in range(dims.pp) for t in range(dims.tp)]
+        missing = [name for name in wanted if not os.path.isfile(os.path.join(directory, name))]
+        if missing:
+            raise ckpt.CheckpointError(f"{directory}: {', '.join(missing)} not written (a rank failed during the "
+                                       "save); the checkpoint is not published")
 
     def restore(self, path: str, state: Dict[str, Any]) -> None:
         raise ckpt.CheckpointError("multi-process training cannot resume yet (its checkpoints hold the weights, "

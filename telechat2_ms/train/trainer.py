@@ -170,7 +170,7 @@ class Trainer:
                                               self.engine.write_files, self.state_dict(), self.config,
                                               self.settings, self.settings.train.keep_checkpoint_max,
                                               before_rename, is_main=self.rank == 0, barrier=barrier,
-                                              run_id=self.run_id)
+                                              run_id=self.run_id, check_files=self.engine.check_files)
         self.last_checkpoint = path
         self._emit("checkpoint", {"step": self.step, "path": path})
         return path

@@ -40,7 +40,8 @@ LAYOUTS: Dict[str, dict] = {
 ADAMW_LAYOUTS = ("dp2_zero", "dp2_tp2_sp_zero")
 # generation layouts (worker task generate:LAYOUT): tensor parallel, pipeline stages in turn, both
 GENERATE_LAYOUTS: Dict[str, dict] = {"tp2": dict(tp=2), "pp2": dict(pp=2, micro_batch_num=2),
-                                     "tp2_pp2": dict(tp=2, pp=2, micro_batch_num=2)}  # AdamW (sharded states); the others one SGD step
+                                     "tp2_pp2": dict(tp=2, pp=2, micro_batch_num=2),
+                                     "qwen2_kv1_tp2": dict(tp=2)}  # AdamW (sharded states); the others one SGD step
 # chat under tp2 (worker task chat:tp2) and in one process (the test): run_chat arguments and typed lines
 CHAT_ARGS = ["--seq_length=128", "--generate.max_new_tokens=6"]
 CHAT_INPUT = "hello\nhow are you\n/exit\n"
@@ -54,17 +55,19 @@ TRAIN_ARGS = ["--train.train_dataset=demo:64", "--seq_length=64", "--train.trunc
 
 
 # layouts of another family: layout name -> model (MODELS); the rest use "tiny"
-LAYOUT_MODELS = {"qwen2_tp2": "qwen2", "qwen2_pp2": "qwen2"}
-LAYOUTS.update({"qwen2_tp2": dict(tp=2), "qwen2_pp2": dict(pp=2, micro_batch_num=4)})
+LAYOUT_MODELS = {"qwen2_tp2": "qwen2", "qwen2_pp2": "qwen2", "qwen2_kv1_tp2": "qwen2_kv1", "qwen2_tied_tp2": "qwen2_tiny"}
+LAYOUTS.update({"qwen2_tp2": dict(tp=2), "qwen2_pp2": dict(pp=2, micro_batch_num=4), "qwen2_kv1_tp2": dict(tp=2),
+                "qwen2_tied_tp2": dict(tp=2)})
 
 
 def model_config(model: str = "tiny"):
-    """"tiny" (TeleChat2) or "qwen2": tiny Qwen2 (q/k/v biases, separate k/v, GQA with 2 kv heads, so 1 per rank
-    under tp2; a sliding-window layer) with untied embeddings (tied ones are refused under tp/pp)."""
+    """"tiny" (TeleChat2), "qwen2_tiny" (tied embeddings), or "qwen2": tiny Qwen2 (q/k/v biases, separate k/v, GQA
+    with 2 kv heads, so 1 per rank under tp2; a sliding-window layer) with untied embeddings (pp needs them)."""
     import dataclasses
 
-    if model == "qwen2":
-        return dataclasses.replace(get_config("qwen2_tiny"), tie_word_embeddings=False, sliding_window=5)
+    if model in ("qwen2", "qwen2_kv1"):  # qwen2_kv1: one kv head, so both tp2 ranks hold a copy of it
+        return dataclasses.replace(get_config("qwen2_tiny"), tie_word_embeddings=False, sliding_window=5,
+                                   num_kv_heads=1 if model == "qwen2_kv1" else 2)
     return get_config(model)
 
 
@@ -174,7 +177,8 @@ def merge_layout(out_dir: str, layout: str) -> tuple:
                         raise AssertionError(f"{layout}: replicas of {name} (tp rank {tp}) differ")
                 else:
                     replicas[tp] = data[name]
-    merged = {name: merge_shards(name, [by_tp[t] for t in sorted(by_tp)]) for name, by_tp in shards.items()}
+    kv_heads = model_config(LAYOUT_MODELS.get(layout, "tiny")).num_kv_heads
+    merged = {name: merge_shards(name, [by_tp[t] for t in sorted(by_tp)], kv_heads) for name, by_tp in shards.items()}
     return losses, merged
 
 

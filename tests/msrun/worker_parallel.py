@@ -131,14 +131,16 @@ def task_chat(out_dir: str, rank: int) -> None:
 
 
 def task_generate(out_dir: str, rank: int, layout: str) -> None:
-    """Greedy generation in one process and under `layout` (tp2, pp2 or tp2_pp2: parallel/generation.py)."""
+    """Greedy generation in one process and under `layout` (tp2, pp2 or tp2_pp2: parallel/generation.py; and
+    qwen2_kv1_tp2: a tiny Qwen2 with one kv head, a copy on each rank, and a sliding-window layer)."""
     from telechat2_ms.generate import GenerationConfig, Generator
 
     prompts = [[1, 15, 27, 300, 42], [1, 99, 7]]
     gen = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=3)
-    single = Generator(pc.build_model(), max_length=16, use_jit=False).generate(prompts, gen)
+    model = pc.LAYOUT_MODELS.get(layout, "tiny")
+    single = Generator(pc.build_model(model), max_length=16, use_jit=False).generate(prompts, gen)
     dims = ParallelDims(**pc.GENERATE_LAYOUTS[layout])
-    parallel = parallelize_telechat2(pc.build_model(), dims)
+    parallel = parallelize_telechat2(pc.build_model(model), dims)
     generator = Generator(parallel.model, max_length=16, use_jit=False,
                           pipeline=parallel if dims.pp > 1 else None)
     tokens = generator.generate(prompts, gen)
