@@ -88,6 +88,7 @@ class Telechat2Tokenizer:
         if sp.get_piece_size() == 0:
             raise TokenizerError(f"{model_file} is not a sentencepiece model (no pieces)")
         self.path = model_file
+        self.files = [model_file]  # what defines it (dataset and eval fingerprints hash these)
         self._sp = sp
         self._setup(config)
 

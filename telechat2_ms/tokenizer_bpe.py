@@ -55,6 +55,9 @@ class ByteLevelBpeTokenizer:
         self.config = config
         self._tok = self._load(path, config, TokenizerError)
         self.path = path
+        json_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        self.files = [json_file] if os.path.isfile(json_file) else [os.path.join(path, "vocab.json"),
+                                                                    os.path.join(path, "merges.txt")]
         self.chat_template = config.get("chat_template")
         added = self._tok.get_added_tokens_decoder()  # id -> AddedToken
         self._special_ids = {i for i, t in added.items() if t.special}

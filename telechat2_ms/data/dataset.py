@@ -204,10 +204,12 @@ def build_dataset(sources: Sequence[Source], out_dir: str, tokenizer, seq_length
 
 
 def tokenizer_fingerprint(tokenizer) -> Dict[str, Any]:
-    """sha256 of the tokenizer model bytes and its tokenizer_config settings."""
+    """sha256 of the tokenizer's files (`files`: tokenizer.model; or tokenizer.json / vocab.json + merges.txt)
+    and its tokenizer_config settings."""
     digest = hashlib.sha256()
-    with open(tokenizer.path, "rb") as f:
-        digest.update(f.read())
+    for path in getattr(tokenizer, "files", [tokenizer.path]):
+        with open(path, "rb") as f:
+            digest.update(f.read())
     digest.update(json.dumps(getattr(tokenizer, "config", {}), sort_keys=True, default=str).encode())
     return {"path": tokenizer.path, "sha256": digest.hexdigest(), "vocab_size": tokenizer.vocab_size}
 

@@ -164,13 +164,18 @@ def _plain_encoder(tokenizer) -> Encode:
     return lambda text: tokenizer.encode(text, parse_special=False, add_bos=False, add_eos=False)
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(paths) -> str:
+    """sha256 of the files in `paths` (one path or a list: a tokenizer's `files`), in order."""
     import hashlib
 
-    if not path or not os.path.isfile(path):
-        return str(path)
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths or not all(p and os.path.isfile(p) for p in paths):
+        return str(paths[0] if len(paths) == 1 else paths)
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def _lock_results(run_dir: str, rank: int, world: int):
@@ -211,7 +216,8 @@ def run_eval(settings, model, tokenizer, weights: Optional[Dict[str, Any]] = Non
                                                     pad_to_multiple=1 if settings.device_target == "CPU" else 128,
                                                     jit=bool(settings.jit) and settings.device_target != "CPU")
     model_tag = {"model": settings.model, "weights": weights or {"load_checkpoint": settings.load_checkpoint},
-                 "tokenizer": _file_digest(getattr(tokenizer, "path", "")), "compute_dtype": settings.compute_dtype}
+                 "tokenizer": _file_digest(getattr(tokenizer, "files", None) or getattr(tokenizer, "path", "")),
+                 "compute_dtype": settings.compute_dtype}
     lock = _lock_results(run_dir_of(options), rank, world)
     try:
         summary = evaluate(options, next_token_logits, _plain_encoder(tokenizer),
