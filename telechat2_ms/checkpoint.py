@@ -39,6 +39,7 @@ from telechat2_ms.config import ConfigError, ModelConfig
 from telechat2_ms.formats.atomic import atomic_file, write_text_atomic
 from telechat2_ms.formats.dtypes import cast
 from telechat2_ms.formats.errors import CheckpointError
+from telechat2_ms.formats.json_file import read_json_object
 from telechat2_ms.formats.layout import is_layout_dir, layout_ranges, open_rank_file, read_layout
 from telechat2_ms.formats.safetensors_io import SafetensorsFile
 from telechat2_ms.parallel import plan
@@ -183,13 +184,7 @@ def stored_config(file: str) -> Optional[ModelConfig]:
     safetensors metadata; None if it carries none."""
     config_path = os.path.join(os.path.dirname(os.path.abspath(file)), CONFIG_FILE)
     if os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                hf = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"cannot read {config_path}: {err}") from None
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{config_path}: expected a JSON object")
+        hf = read_json_object(config_path, CheckpointError)
         return _config_from_dict(hf, os.path.basename(os.path.dirname(os.path.abspath(config_path))), config_path)
     if file.endswith(".safetensors"):
         metadata = SafetensorsFile(file).metadata
@@ -275,11 +270,9 @@ class SafetensorsWeights(Weights):
         if tp == 1 or rule.kind == "replicate" or rule.kind == "cols":
             return super().shard(name, tp, tp_rank)
         plan.shard_shape(name, shape, tp, kv_heads)  # divisibility checks
-        rep = plan.kv_replicas(name, tp, kv_heads)
-        if rep > 1:  # the whole kv head this rank's query heads use
-            rows = shape[0] // kv_heads
-            head = tp_rank // rep
-            return self._rows(name, head * rows, (head + 1) * rows)
+        copy_rows = plan.kv_copy_rows(name, shape[0], tp, tp_rank, kv_heads)
+        if copy_rows is not None:  # the whole kv head this rank's query heads use
+            return self._rows(name, *copy_rows)
         sections = plan.fused_sections(name, shape) if rule.kind == "fused_rows" else [shape[0]]
         pieces, offset = [], 0
         for rows in sections:  # this rank's rows of every part: [part/tp, ...] each

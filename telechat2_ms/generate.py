@@ -24,7 +24,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from telechat2_ms.layers import scatter_rows
-from telechat2_ms.model import Telechat2ForCausalLM, layer_masks
+from telechat2_ms.model import Telechat2ForCausalLM, layer_masks, mask_tensors
 from telechat2_ms.rope import rope_parameters
 from telechat2_ms.sampling import TokenSampler
 
@@ -135,11 +135,6 @@ class SampleStep(nn.Cell):
         return token, seen
 
 
-def _tensors(masks):
-    """numpy mask or pair of masks (model.layer_masks) -> Tensor(s)."""
-    return tuple(Tensor(m) for m in masks) if isinstance(masks, tuple) else Tensor(masks)
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
     """-> ids [B,P] int32, mask [B,P] int32 (1 real), positions [B,P] int32 (0 at each row's first real token)."""
     length = max(len(p) for p in prompts)
@@ -244,7 +239,7 @@ class Generator:
         # prefill: causal over the prompt, pad keys masked; its K/V fill cache slots 0..P-1
         causal = np.tril(np.ones((prompt_len, prompt_len), bool))
         allowed = causal[None, None] & (mask[:, None, None, :] > 0)  # [B,1,P,P]
-        logits = prefill(Tensor(ids), Tensor(positions), _tensors(layer_masks(self.cfg, allowed, np.arange(prompt_len),
+        logits = prefill(Tensor(ids), Tensor(positions), mask_tensors(layer_masks(self.cfg, allowed, np.arange(prompt_len),
                                                                              prompt_len)),
                          *self._rope(prompt_len))
 
@@ -279,7 +274,7 @@ class Generator:
                 break
             slot = prompt_len + step  # the new token's cache slot; later slots stay masked
             key_valid[:, 0, 0, slot] = True
-            masks = _tensors(layer_masks(self.cfg, key_valid.copy(), [slot], slots))
+            masks = mask_tensors(layer_masks(self.cfg, key_valid.copy(), [slot], slots))
             logits = decode(Tensor(token.reshape(batch, 1).astype(np.int32)), Tensor(next_position),
                             masks, *self._rope(slot + 1), Tensor(np.array([slot], np.int32)))
             next_position = next_position + 1

@@ -48,6 +48,11 @@ def layer_masks(cfg: ModelConfig, allowed, q_slots, key_len: int):
     return allowed, ops.logical_and(allowed, Tensor(near))
 
 
+def mask_tensors(masks):
+    """layer_masks' numpy mask, or its pair, as Tensor(s)."""
+    return tuple(Tensor(m) for m in masks) if isinstance(masks, tuple) else Tensor(masks)
+
+
 def causal_allowed(attention_mask, seq_len: int):
     """attention_mask [B,S] (1 real, 0 pad) or None -> allowed [B,1,S,S] bool (causal and key not pad)."""
     causal = ops.tril(ops.ones((seq_len, seq_len), ms.int32)) > 0  # [S,S]

@@ -23,12 +23,12 @@ back incomplete UTF-8 sequences until they complete.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from telechat2_ms import chat_template as ct
+from telechat2_ms.formats.json_file import read_json_object
 
 SPECIAL_TOKENS = ("<_start>", "<_end>", "<_pad>", "<_user>", "<_bot>", "<_system>", "<_observation>", "<_sep>")
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
@@ -373,14 +373,7 @@ def read_tokenizer_config(directory: str) -> Dict[str, Any]:
     config_file = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(config_file):
         return {}
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"cannot read {config_file}: {err}") from err
-    if not isinstance(config, dict):
-        raise TokenizerError(f"{config_file} is not a JSON object")
-    return config
+    return read_json_object(config_file, TokenizerError)
 
 
 def check_token_id(token_id: Any, vocab_size: int) -> int:

@@ -18,6 +18,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from telechat2_ms import chat_template as ct
+from telechat2_ms.tokenizer import TokenizerError, check_token_id, read_tokenizer_config
 
 # transformers' Qwen2Tokenizer pre-tokenizer pattern (digits one at a time)
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -47,13 +48,11 @@ class ByteLevelBpeTokenizer:
     family = "chatml"
 
     def __init__(self, path: Union[str, os.PathLike]):
-        from telechat2_ms.tokenizer import TokenizerError, read_tokenizer_config
-
         path = os.fspath(path)
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         config = read_tokenizer_config(directory) if os.path.isdir(path) else {}
         self.config = config
-        self._tok = self._load(path, config, TokenizerError)
+        self._tok = self._load(path, config)
         self.path = path
         json_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         self.files = [json_file] if os.path.isfile(json_file) else [os.path.join(path, "vocab.json"),
@@ -73,7 +72,7 @@ class ByteLevelBpeTokenizer:
         self.has_tool_tokens = True  # <tool_call> is plain text or an added token: always encodable
 
     @staticmethod
-    def _load(path: str, config: Mapping[str, Any], error):
+    def _load(path: str, config: Mapping[str, Any]):
         from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
@@ -83,12 +82,12 @@ class ByteLevelBpeTokenizer:
                 return Tokenizer.from_file(file)
             vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
             if not (os.path.isfile(vocab) and os.path.isfile(merges)):
-                raise error(f"{path} holds neither tokenizer.json nor vocab.json + merges.txt")
+                raise TokenizerError(f"{path} holds neither tokenizer.json nor vocab.json + merges.txt")
             tok = Tokenizer(BPE.from_file(vocab, merges, fuse_unk=False))
         except Exception as err:  # the Rust side raises a plain Exception with its reason
-            if isinstance(err, error):
+            if isinstance(err, TokenizerError):
                 raise
-            raise error(f"cannot read the tokenizer at {path}: {err}") from err
+            raise TokenizerError(f"cannot read the tokenizer at {path}: {err}") from err
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
@@ -109,8 +108,6 @@ class ByteLevelBpeTokenizer:
         return f"ByteLevelBpeTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
     def token_to_id(self, token: str) -> int:
-        from telechat2_ms.tokenizer import TokenizerError
-
         tid = self._tok.token_to_id(token)
         if tid is None:
             raise TokenizerError(f"token {token!r} is not in the vocabulary of {self.path}")
@@ -120,8 +117,6 @@ class ByteLevelBpeTokenizer:
         return self._tok.id_to_token(self._check_id(token_id))
 
     def _check_id(self, token_id: Any) -> int:
-        from telechat2_ms.tokenizer import check_token_id
-
         return check_token_id(token_id, self.vocab_size)
 
     @property
@@ -154,8 +149,6 @@ class ByteLevelBpeTokenizer:
     def encode(self, text: str, parse_special: bool = True, add_bos: Optional[bool] = None,
                add_eos: Optional[bool] = None) -> List[int]:
         """Token ids of `text`; special-token text becomes its id unless parse_special=False."""
-        from telechat2_ms.tokenizer import TokenizerError
-
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         self._tok.encode_special_tokens = not parse_special
@@ -243,9 +236,7 @@ def _add_special_tokens(tok, config: Mapping[str, Any]) -> None:
         return
     for tid, value in entries:
         if tid != tok.get_vocab_size(with_added_tokens=True):
-            from telechat2_ms.tokenizer import TokenizerError
-
-            raise TokenizerError(f"tokenizer_config.json: added token {value.get('content')!r} has id {tid}, but "
+                raise TokenizerError(f"tokenizer_config.json: added token {value.get('content')!r} has id {tid}, but "
                                  f"the vocabulary ends at {tok.get_vocab_size(with_added_tokens=True)}")
         token = AddedToken(value["content"], normalized=bool(value.get("normalized", False)),
                            special=bool(value.get("special", True)), lstrip=bool(value.get("lstrip", False)),

@@ -77,8 +77,8 @@ def test_cached_decode_equals_full_forward(pair):
     import mindspore as ms
     from mindspore import Tensor
 
-    from telechat2_ms.generate import DecodeStep, PrefillStep, _tensors
-    from telechat2_ms.model import layer_masks
+    from telechat2_ms.generate import DecodeStep, PrefillStep
+    from telechat2_ms.model import layer_masks, mask_tensors
     from telechat2_ms.rope import rope_inputs
 
     model = Telechat2ForCausalLM(get_config("qwen2_tiny"), seed=0)
@@ -89,7 +89,7 @@ def test_cached_decode_equals_full_forward(pair):
     P, T, S = 5, 16, 14
     pos = np.tile(np.arange(S, dtype=np.int32), (2, 1))
     allowed = np.tril(np.ones((P, P), bool))[None, None].repeat(2, 0)
-    logits, kvs = prefill(Tensor(ids[:, :P]), Tensor(pos[:, :P]), _tensors(layer_masks(CFG, allowed, np.arange(P), P)),
+    logits, kvs = prefill(Tensor(ids[:, :P]), Tensor(pos[:, :P]), mask_tensors(layer_masks(CFG, allowed, np.arange(P), P)),
                           *rope_inputs(P, CFG.head_dim, CFG))
     got = [logits.asnumpy()]
     caches = tuple((ms.ops.pad(k, (0, 0, 0, T - P)), ms.ops.pad(v, (0, 0, 0, T - P))) for k, v in kvs)
@@ -97,7 +97,7 @@ def test_cached_decode_equals_full_forward(pair):
         allowed = np.broadcast_to(np.arange(T) <= slot, (2, 1, 1, T)).copy()
         write = (np.arange(T) == slot).astype(np.float32)[None]
         logits, caches = decode(Tensor(ids[:, slot:slot + 1]), Tensor(pos[:, slot:slot + 1]),
-                                _tensors(layer_masks(CFG, allowed, [slot], T)), *rope_inputs(slot + 1, CFG.head_dim, CFG),
+                                mask_tensors(layer_masks(CFG, allowed, [slot], T)), *rope_inputs(slot + 1, CFG.head_dim, CFG),
                                 Tensor(write), caches)
         got.append(logits.asnumpy())
     assert np.abs(np.stack(got, 1) - full[:, P - 1:]).max() <= 1e-5

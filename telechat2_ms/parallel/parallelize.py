@@ -36,7 +36,7 @@ from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm,
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
 from telechat2_ms.parallel.plan import TP_PLAN, kv_replicas
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
-from telechat2_ms.model import layer_masks
+from telechat2_ms.model import layer_masks, mask_tensors
 from telechat2_ms.rope import rope_inputs
 
 
@@ -231,7 +231,7 @@ class TelechatParallel:
         # [1,1,S,S] (not cp; sliding-window layers get their pair, model.layer_masks, which settings refuse with cp)
         masks = layer_masks(cfg, np.tril(np.ones((local_seq, local_seq), bool))[None, None], np.arange(local_seq),
                             local_seq)
-        allowed = tuple(Tensor(m) for m in masks) if isinstance(masks, tuple) else Tensor(masks)
+        allowed = mask_tensors(masks)
         layers = [self.model.model.layers[i] for i in range(*self.layer_range)]
         backbone, head = self.model.model, self.model.lm_head
 

@@ -136,6 +136,16 @@ def kv_replicas(name: str, tp: int, kv_heads: int = 0) -> int:
     return tp // kv_heads
 
 
+def kv_copy_rows(name: str, rows: int, tp: int, tp_rank: int, kv_heads: int = 0) -> Optional[Tuple[int, int]]:
+    """(start, stop) rows of the whole kv head tp rank `tp_rank` holds a copy of (parameter `name` with `rows`
+    rows in full), or None when its kv heads are split, not copied."""
+    copies = kv_replicas(name, tp, kv_heads)
+    if copies == 1:
+        return None
+    per_head, head = rows // kv_heads, tp_rank // copies
+    return head * per_head, (head + 1) * per_head
+
+
 def shard_shape(name: str, shape: Sequence[int], tp: int, kv_heads: int = 0) -> Tuple[int, ...]:
     """Per-rank shape of parameter `name` (full shape `shape`) under tensor parallel `tp` (`kv_heads`: the
     model's kv head count, for kv projections replicated when it is below tp)."""
@@ -173,11 +183,9 @@ def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int, kv_heads: 
     shard_shape(name, array.shape, tp, kv_heads)  # divisibility checks
     if rule.kind == "replicate" or tp == 1:
         return np.ascontiguousarray(array)
-    rep = kv_replicas(name, tp, kv_heads)
-    if rep > 1:  # kv head tp_rank // rep, whole
-        rows = array.shape[0] // kv_heads
-        head = tp_rank // rep
-        return np.ascontiguousarray(array[head * rows:(head + 1) * rows])
+    copy_rows = kv_copy_rows(name, array.shape[0], tp, tp_rank, kv_heads)
+    if copy_rows is not None:
+        return np.ascontiguousarray(array[copy_rows[0]:copy_rows[1]])
     if rule.kind == "fused_rows":
         offsets = np.cumsum([0] + fused_sections(name, array.shape))
         pieces = []

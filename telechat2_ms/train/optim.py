@@ -76,10 +76,7 @@ class AdamW(nn.Cell):
         #     m, v as above;  p <- p - lr' * (m / (sqrt(v) + eps') + decay' * p)
         # which is torch's update with lr' = step_size * sqrt(1 - b2^t), eps' = eps * sqrt(1 - b2^t) and
         # decay' = lr * weight_decay / lr' (the same algebra; rounding differs by ~1e-7 relative).
-        fused_lr = step_size * bc2_sqrt
-        fused_eps = self.eps * bc2_sqrt
-        safe_lr = ops.select(fused_lr > 0, fused_lr, ops.ones_like(fused_lr))  # lr 0 (e.g. min_lr 0): no NaN
-        decay = lr * self.weight_decay / safe_lr
+        fused_lr, fused_eps, decay = fused_arguments(lr, step_size, bc2_sqrt, self.eps, self.weight_decay)
         done = lr
         for i in range(len(self.params)):
             g = ops.cast(grads[i], ms.float32) * grad_coef
@@ -90,13 +87,26 @@ class AdamW(nn.Cell):
 
     def step_scalars(self, lr: float, step: int, grad_coef: float):
         """Host-side per-step Tensors (lr, step_size, bc2_sqrt, grad_coef) for optimizer step `step` (1-based)."""
-        bc1 = 1.0 - self.beta1 ** step
-        bc2 = 1.0 - self.beta2 ** step
-        return tuple(Tensor(np.float32(x)) for x in (lr, lr / bc1, math.sqrt(bc2), grad_coef))
+        return step_scalars(self.beta1, self.beta2, lr, step, grad_coef)
 
     def state_tensors(self) -> Dict[str, Parameter]:
         """{name: Parameter} of the moment estimates (`exp_avg.<param>`, `exp_avg_sq.<param>`), for checkpoints."""
         return {p.name: p for p in list(self.exp_avg) + list(self.exp_avg_sq)}
+
+
+def step_scalars(beta1: float, beta2: float, lr: float, step: int, grad_coef: float):
+    """Per-step Tensors (lr, step_size = lr / (1 - b1^t), bc2_sqrt = sqrt(1 - b2^t), grad_coef), step 1-based."""
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    return tuple(Tensor(np.float32(x)) for x in (lr, lr / bc1, math.sqrt(bc2), grad_coef))
+
+
+def fused_arguments(lr, step_size, bc2_sqrt, eps: float, weight_decay: float):
+    """(lr', eps', decay') of the fused AdamWeightDecay kernel from the per-step Tensors (AdamW.construct)."""
+    fused_lr = step_size * bc2_sqrt
+    fused_eps = eps * bc2_sqrt
+    safe_lr = ops.select(fused_lr > 0, fused_lr, ops.ones_like(fused_lr))  # lr 0 (e.g. min_lr 0): no NaN
+    return fused_lr, fused_eps, lr * weight_decay / safe_lr
 
 
 def _zeros_like(param: Parameter, name: str) -> Parameter:
@@ -145,23 +155,23 @@ class DynamicLossScaler:
 
 
 class ParallelAdamW:
-    """AdamW over this rank's parameters, one parameter at a time, with the fused kernel of AdamW above (so the
-    update holds no temporaries beyond one scaled gradient); `shard=True` keeps states for 1/dp of each.
+    """AdamW over this rank's parameters, one parameter at a time, with the fused kernel and the per-step
+    arguments of AdamW above; `shard=True` keeps states for 1/R of each (R: the replicas of `group`).
 
     step(grads, lr, step, grad_coef): one update in place; `step` is the 1-based optimizer step (bias
     corrections), grad_coef multiplies every gradient first (the clip coefficient). `grads` may be a list:
     its entries are released as they are used."""
 
-    def __init__(self, params: Sequence, dp_group: comm.Group, shard: bool, beta1: float = 0.9,
+    def __init__(self, params: Sequence, group: comm.Group, shard: bool, beta1: float = 0.9,
                  beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0):
         self.params = list(params)
-        self.group = dp_group
-        self.shard = bool(shard) and dp_group.size > 1
-        self.parts = dp_group.size if self.shard else 1
-        self.rank = dp_group.rank if self.shard else 0
+        self.group = group  # the data x context parallel replicas (ParallelGroups.grad)
+        self.shard = bool(shard) and group.size > 1
+        self.parts = group.size if self.shard else 1
+        self.rank = group.rank if self.shard else 0
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.sizes = [int(np.prod(p.shape)) for p in self.params]
-        self.chunks = [-(-n // self.parts) for n in self.sizes]  # ceil: the padded slice each dp rank keeps
+        self.chunks = [-(-n // self.parts) for n in self.sizes]  # ceil: the padded slice each replica keeps
         self.decay = [len(p.shape) >= 2 and weight_decay > 0 for p in self.params]
         shapes = [(c,) for c in self.chunks] if self.shard else [tuple(p.shape) for p in self.params]
         self.exp_avg = [_zeros_parameter(s, f"exp_avg.{i}")
@@ -177,7 +187,7 @@ class ParallelAdamW:
 
     def _my_slice(self, tensor, i: int) -> Tensor:
         """This rank's zero-padded slice [chunk] of parameter i's flat values."""
-        flat = ops.reshape(ops.cast(tensor, ms.float32), (-1,))
+        flat = ops.reshape(kernels.cast_to(tensor, ms.float32), (-1,))
         chunk, lo = self.chunks[i], self.rank * self.chunks[i]
         piece = flat[lo:min(lo + chunk, self.sizes[i])]
         if piece.shape[0] < chunk:
@@ -185,15 +195,10 @@ class ParallelAdamW:
         return piece
 
     def step(self, grads: Sequence, lr: float, step: int, grad_coef: float = 1.0) -> None:
-        bc1, bc2_sqrt = 1.0 - self.beta1 ** step, math.sqrt(1.0 - self.beta2 ** step)
-        fused_lr = (lr / bc1) * bc2_sqrt  # the fused kernel's arguments, as AdamW.construct derives them
-        decay = lr * self.weight_decay / fused_lr if fused_lr > 0 else 0.0
-        fused_lr_t, eps_t, decay_t = (Tensor(np.float32(x)) for x in (fused_lr, self.eps * bc2_sqrt, decay))
-        no_decay, coef = Tensor(np.float32(0.0)), Tensor(np.float32(grad_coef))
-        # largest first: each scaled gradient reuses the memory-pool block of the one before it (smaller ones
-        # first would split that block, and the embedding / lm_head would each need a new one)
-        for i in sorted(range(len(self.params)), key=lambda j: -self.sizes[j]):
-            param = self.params[i]
+        lr_t, step_size, bc2_sqrt, coef = step_scalars(self.beta1, self.beta2, lr, step, grad_coef)
+        fused_lr_t, eps_t, decay_t = fused_arguments(lr_t, step_size, bc2_sqrt, self.eps, self.weight_decay)
+        no_decay = Tensor(np.float32(0.0))
+        for i, param in enumerate(self.params):
             if self.shard:
                 g = self._my_slice(grads[i], i) * coef  # [chunk]
             else:  # (Tensor.mul_ is not in place in PyNative on CPU: it returns a new tensor)
@@ -204,7 +209,7 @@ class ParallelAdamW:
             target = Parameter(self._my_slice(param, i), name=f"slice.{i}") if self.shard else param
             self.update(target, self.exp_avg[i], self.exp_avg_sq[i], fused_lr_t, self.beta1, self.beta2, eps_t,
                         decay_t if self.decay[i] else no_decay, g)
-            if self.shard:  # the updated slices of every dp rank make the parameter again
+            if self.shard:  # the updated slices of every replica make the parameter again
                 full = comm.all_gather(target.value(), self.group, 0)[:self.sizes[i]]  # [n]
                 ops.assign(param, ops.cast(ops.reshape(full, param.shape), param.dtype))
-            del g, target  # released before the next one is made
+            del g, target  # released before the next parameter's are made
