@@ -41,7 +41,7 @@ from telechat2_ms.formats.dtypes import cast
 from telechat2_ms.formats.errors import CheckpointError
 from telechat2_ms.formats.json_file import read_json_object
 from telechat2_ms.formats.layout import is_layout_dir, layout_ranges, open_rank_file, read_layout
-from telechat2_ms.formats.safetensors_io import SafetensorsFile
+from telechat2_ms.formats.safetensors_io import SafetensorsFile, write_arrays
 from telechat2_ms.parallel import plan
 
 MODEL_FILE = "model.safetensors"
@@ -463,17 +463,22 @@ def model_state(model) -> Dict[str, Any]:
 
 # ---- writing -------------------------------------------------------------------------------------------
 def save_tensors(tensors: Mapping[str, Any], path: str) -> str:
-    """Write {name: Tensor | Parameter | numpy array} to `path` (.safetensors or .ckpt) atomically."""
+    """Write {name: Tensor | Parameter | numpy array} to `path` (.safetensors or .ckpt) atomically; a
+    .safetensors file is written one tensor at a time (formats/safetensors_io.write_arrays)."""
     import mindspore as ms
     from mindspore import Tensor
 
     if not path.endswith((".safetensors", ".ckpt")):
         raise CheckpointError(f"{path}: checkpoint file names must end in .safetensors or .ckpt")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    items = [{"name": name, "data": Tensor(v) if isinstance(v, np.ndarray) else v} for name, v in tensors.items()]
     ext = os.path.splitext(path)[1]
     with atomic_file(path, overwrite=True, suffix=ext) as tmp:  # mindspore keeps a name that has the extension
-        ms.save_checkpoint(items, tmp, format=ext[1:])
+        if ext == ".safetensors":
+            write_arrays(tmp, tensors)
+        else:
+            items = [{"name": name, "data": Tensor(v) if isinstance(v, np.ndarray) else v}
+                     for name, v in tensors.items()]
+            ms.save_checkpoint(items, tmp, format="ckpt")
     return path
 
 

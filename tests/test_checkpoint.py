@@ -38,17 +38,18 @@ def test_round_trip_is_exact_with_config_and_settings():
     assert not [f for f in os.listdir(out) if "partial" in f]
 
 
-def test_file_path_and_ckpt_format_and_dtype_cast():
+@pytest.mark.parametrize("file_name", ["bf16.ckpt", "bf16.safetensors"])
+def test_file_path_and_ckpt_format_and_dtype_cast(file_name):
     src = Telechat2ForCausalLM(TINY, seed=3)
     state = {name: ms.ops.cast(p, ms.bfloat16) for name, p in ckpt.model_state(src).items()}
-    ckpt.save_tensors(state, "bf16.ckpt")
+    ckpt.save_tensors(state, file_name)  # .safetensors: one tensor at a time, BF16 bits exact
     dst = Telechat2ForCausalLM(TINY, seed=4)
-    ckpt.load_checkpoint_into(dst, "bf16.ckpt")
+    ckpt.load_checkpoint_into(dst, file_name)
     for name, value in _params(dst).items():
         assert value.dtype == np.float32
         expected = ms.ops.cast(state[name], ms.float32).asnumpy()
         np.testing.assert_array_equal(value, expected, err_msg=name)
-    assert ckpt.load_model_config("bf16.ckpt") is None
+    assert ckpt.load_model_config(file_name) is None
 
 
 def test_missing_unknown_and_misshaped_keys_are_all_named():

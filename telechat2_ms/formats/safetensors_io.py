@@ -199,3 +199,42 @@ class SafetensorsWriter:
         if not self._file.closed:
             self._file.close()
 
+
+
+def write_arrays(path: str, tensors: Mapping[str, object], metadata: Mapping[str, str] = None) -> None:
+    """Write {name: numpy array | MindSpore Tensor/Parameter} to `path`, one tensor at a time: a Tensor is
+    copied to the host only while its own bytes are written (never the whole set at once). float32 / float16
+    arrays keep their dtype; MindSpore bfloat16 tensors are stored as BF16 (exact)."""
+    import numpy as _np
+
+    from telechat2_ms.formats.dtypes import f32_to_bf16_bits
+
+    def code_of(value) -> str:
+        if isinstance(value, _np.ndarray):
+            return {"float32": "F32", "float16": "F16", "uint16": "BF16"}.get(str(value.dtype), str(value.dtype))
+        return {"Float32": "F32", "Float16": "F16", "BFloat16": "BF16"}.get(str(value.dtype), str(value.dtype))
+
+    def host(value, code: str) -> _np.ndarray:
+        if isinstance(value, _np.ndarray):
+            return value
+        if code == "BF16":
+            import mindspore as ms
+            from mindspore import ops
+
+            return f32_to_bf16_bits(ops.cast(value, ms.float32).asnumpy())  # bf16 -> f32 -> bf16 is exact
+        return value.asnumpy()
+
+    entries = []
+    for name, value in tensors.items():
+        code = check_code(code_of(value), f"tensor {name}")
+        entries.append((name, TensorInfo(code, tuple(int(s) for s in value.shape))))
+    writer = SafetensorsWriter(path, entries, metadata)
+    try:
+        for name, info in entries:
+            array = host(tensors[name], info.code)
+            writer.write(name, array)
+            del array
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

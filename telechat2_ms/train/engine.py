@@ -194,7 +194,9 @@ class ParallelEngine:
 
     def write_files(self, directory: str) -> None:
         """The dp = cp = 0 ranks write their rank file; rank 0 the layout.json."""
+        from telechat2_ms.formats.atomic import atomic_file
         from telechat2_ms.formats.layout import layout_dict, rank_file, shard_metadata, write_layout
+        from telechat2_ms.formats.safetensors_io import write_arrays
 
         dims, coords = self.plan.dims, self.parallel.groups.coords
         ranges = dims.stage_layer_ranges(self.plan.config.num_layers)
@@ -203,7 +205,8 @@ class ParallelEngine:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             meta = dict(shard_metadata(dims.tp, coords.tp, dims.pp, coords.pp, ranges[coords.pp]),
                         **{ckpt.CONFIG_METADATA_KEY: _config_json(self.plan.config)})
-            _save_numpy(self.parallel.local_state(), path, meta)
+            with atomic_file(path, overwrite=True) as tmp:  # one tensor on the host at a time
+                write_arrays(tmp, ckpt.model_state(self.parallel.model), meta)
         if self.parallel.groups.coords == (0, 0, 0, 0):
             write_layout(directory, layout_dict(dims.tp, ranges, self.plan.config.to_hf_config(), False,
                                                 {"layout": dims.describe()}))
@@ -229,12 +232,3 @@ def _config_json(cfg) -> str:
     import json
 
     return json.dumps(cfg.to_hf_config(), sort_keys=True)
-
-
-def _save_numpy(arrays: Dict[str, np.ndarray], path: str, metadata: Dict[str, str]) -> None:
-    from safetensors.numpy import save_file
-
-    from telechat2_ms.formats.atomic import atomic_file
-
-    with atomic_file(path, overwrite=True) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=metadata)
