@@ -5,7 +5,7 @@ their product must equal msrun's worker count; only rank 0 prints). Every run go
 (telechat2_ms/settings.validate, via build.plan_run) -> build (telechat2_ms/build.py) -> the run mode;
 `--dry_run` stops after the validation and prints the plan (telechat2_ms/dry_run.py).
 Modes: predict (generate for `predict_data`), chat (interactive), finetune (SFT jsonl), train (pretraining
-jsonl), eval (C-Eval / MMLU). Without --config the built-in tiny model runs on CPU with no downloads.
+jsonl), eval (C-Eval / MMLU), serve (an OpenAI-compatible HTTP server, telechat2_ms/serving). Without --config the built-in tiny model runs on CPU with no downloads.
 """
 from __future__ import annotations
 
@@ -37,7 +37,13 @@ def _eval(settings, plan):
     return run_eval(settings, run.model, run.tokenizer, weights=fingerprint(plan.ref, settings.train.seed))
 
 
-RUN_MODES = {"predict": _predict, "chat": _chat, "finetune": _train, "train": _train, "eval": _eval}
+def _serve(settings, plan):
+    from telechat2_ms.serving import run_serve
+    return run_serve(settings, plan=plan)
+
+
+RUN_MODES = {"predict": _predict, "chat": _chat, "finetune": _train, "train": _train, "eval": _eval,
+             "serve": _serve}
 
 
 def build_parser():
@@ -47,7 +53,8 @@ def build_parser():
 
     parser = ArgumentParser(
         usage="%(prog)s [--config YAML] [--dry_run [--world_size N]] [--debug] [--KEY VALUE | --KEY=VALUE ...]",
-        description="TeleChat2 on MindSpore: predict, chat, finetune, train (pretraining) or eval (C-Eval/MMLU).",
+        description="TeleChat2 on MindSpore: predict, chat, finetune, train (pretraining), eval (C-Eval/MMLU) or "
+                    "serve (OpenAI-compatible HTTP API).",
         epilog="Every setting of the YAML can be given as --key value or --key=value (--section.key for a "
                "section's), e.g. --generate.max_new_tokens 64 --parallel_config.model_parallel=2; a bare "
                "boolean key means true.", allow_abbrev=False)

@@ -123,7 +123,8 @@ class Layout:
     layer_counts: Tuple[int, ...] = ()  # layers per pipeline stage; empty = even split
     pp_interleave: int = 1  # virtual stages per device (MindFormers pp_interleave_num; ours has none)
     mode: str = "train"  # train | infer
-    infer_batch: int = 1  # sequences decoded together (infer mode)
+    infer_batch: int = 1  # sequences decoded together (infer mode; serve: serve.max_batch rows of KV cache)
+    prefill_batch: int = 0  # sequences prefilled together (0: infer_batch; serve prefills one prompt at a time)
 
     @property
     def devices(self) -> int:
@@ -198,6 +199,8 @@ def layout_from_settings(settings: RunSettings) -> Layout:
         seq_length=settings.seq_length, recompute=settings.train.recompute if train else "none",
         optimizer_shard=pc.optimizer_shard, compute_dtype=settings.compute_dtype,
         layer_counts=tuple(pc.pipeline_layer_counts), mode="train" if train else "infer",
+        infer_batch=settings.serve.max_batch if settings.run_mode == "serve" else 1,
+        prefill_batch=1,
     )
 
 
@@ -317,8 +320,9 @@ def _infer_stage_memory(cfg: ModelConfig, lay: Layout, stage: int, n_params: int
     a = DTYPE_BYTES[lay.compute_dtype]
     H, F, tp = cfg.hidden_size, cfg.ffn_hidden_size, lay.tp
     kv = kv_local_dim(cfg, tp)
-    T = lay.infer_batch * lay.seq_length / lay.cp  # a full-length prefill
+    T = lay.infer_batch * lay.seq_length / lay.cp  # every row's cache at full length
     kv_cache = 2 * n_layers * T * kv * a  # K and V, post-RoPE, compute dtype (spec 8.2)
+    T = (lay.prefill_batch or lay.infer_batch) * lay.seq_length / lay.cp  # a full-length prefill
     # Largest live set during one prefill layer: fp32 residual, norm output, Q, K, V, attention output,
     # gate/up/product; logits only for the last position of each sequence (spec 8.2), fp32.
     acts = T * (4 * H + a * H + 2 * a * H / tp + 2 * a * kv + 3 * a * F / tp)

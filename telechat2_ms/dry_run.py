@@ -98,6 +98,10 @@ def report(run: RunPlan) -> str:
                      f"sequences of {s.seq_length} tokens per step")
     else:
         lines.append(f"context: {s.seq_length} tokens")
+    if s.run_mode == "serve":
+        v = s.serve
+        lines.append(f"serve: http://{v.host}:{v.port}/v1 as {v.served_model_name or run.config.name!r}, "
+                     f"{v.max_batch} rows of KV cache decoded together, at most {v.queue_size} waiting")
     lines += _parameter_lines(run) + _cost_lines(run)
     lines.append("dry run: settings valid; nothing was built or loaded")
     return "\n".join(lines)

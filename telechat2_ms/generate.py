@@ -87,7 +87,8 @@ class CachedSteps(nn.Cell):
 
     Cache layout (telechat2_ms/layers.py, in-place form): layer i's keys and values are 2-D Parameters
     `kv_cache.{i}.key` / `.value` [B*k*T, d], row (b*k + h)*T + t. `prefill` writes slots 0..P-1 and
-    `construct` (one decode step) writes slot `slot`; both return last-position logits [B,V] fp32."""
+    `construct` (one decode step) writes slot `slot` ([1], or [B,1]: each row its own); both return
+    last-position logits [B,V] fp32. `prefill_row` runs one prompt alone into one row (serving/engine.py)."""
 
     def __init__(self, model: Telechat2ForCausalLM, batch: int, slots: int):
         super().__init__()
@@ -95,8 +96,9 @@ class CachedSteps(nn.Cell):
         self.lm_head = model.lm_head
         head_dim = model.config.head_dim
         caches = []
+        self.kv_heads = self.model.layers[0].attention.local_kv_heads  # local count under tensor parallel
         for i, layer in enumerate(self.model.layers):
-            kv_heads = layer.attention.local_kv_heads  # local count under tensor parallel
+            kv_heads = layer.attention.local_kv_heads
             zeros = np.zeros((batch * kv_heads * slots, head_dim), ms.dtype_to_nptype(model.compute_dtype))
             caches += [Parameter(Tensor(zeros), name=f"kv_cache.{i}.{part}", requires_grad=False)
                        for part in ("key", "value")]
@@ -115,8 +117,19 @@ class CachedSteps(nn.Cell):
             scatter_rows(self.cache_params[2 * i + 1], kvs[i][1], slots)
         return ops.cast(self.lm_head(hidden[:, -1:]), ms.float32)[:, 0]  # [B,V]
 
+    def prefill_row(self, input_ids, position_ids, allowed, inv_freq, mscale, rows):
+        """One prompt into one cache row: input_ids/position_ids [1,P], allowed [1,1,P,P], rows [k*P] int32 (the
+        cache rows of its (head, slot) pairs, head-major) -> logits [1,V]."""
+        hidden, kvs = self.model(input_ids, position_ids, allowed, inv_freq, mscale)
+        dim = kvs[0][0].shape[-1]
+        for i in range(self.num_layers):
+            for part in range(2):
+                new = ops.cast(ops.reshape(kvs[i][part], (-1, dim)), self.cache_params[2 * i + part].dtype)
+                ops.scatter_update(self.cache_params[2 * i + part], rows, new)
+        return ops.cast(self.lm_head(hidden[:, -1:]), ms.float32)[:, 0]  # [1,V]
+
     def construct(self, token, position, allowed, inv_freq, mscale, slot):
-        """token/position [B,1] int32, allowed [B,1,1,T], slot [1] int32 -> logits [B,V] fp32."""
+        """token/position [B,1] int32, allowed [B,1,1,T], slot [1] or [B,1] int32 -> logits [B,V] fp32."""
         hidden, _ = self.model(token, position, allowed, inv_freq, mscale, self._caches(), slot)
         return ops.cast(self.lm_head(hidden), ms.float32)[:, 0]
 

@@ -188,13 +188,14 @@ def _write_cache(cache, new, write_slots):
 
 def scatter_rows(cache, new, slots):
     """In-place cache write: cache Parameter [B*k*T, d] (row (b*k + h)*T + t), new [B,k,S,d], slots [S] int32
-    -> the updated cache viewed as [B,k,T,d]. A ScatterUpdate along axis 0 is the in-place scatter that does
+    (the same slots for every row) or [B,S] (each row its own: continuous batching) -> the updated cache
+    viewed as [B,k,T,d]. A ScatterUpdate along axis 0 is the in-place scatter that does
     not copy the whole Parameter on CPU (ScatterNdUpdate and TensorScatterUpdate do), hence the 2-D layout;
     the reshape back is a view."""
     batch, heads, seq, dim = new.shape
     num_slots = cache.shape[0] // (batch * heads)
-    first_rows = ops.reshape(ops.arange(0, batch * heads, dtype=ms.int32) * num_slots, (-1, 1))  # [B*k,1]
-    rows = ops.reshape(first_rows + ops.reshape(slots, (1, seq)), (-1,))  # [B*k*S]
+    first_rows = ops.reshape(ops.arange(0, batch * heads, dtype=ms.int32) * num_slots, (batch, heads, 1))  # [B,k,1]
+    rows = ops.reshape(first_rows + ops.reshape(slots, (-1, 1, seq)), (-1,))  # [B*k*S]
     updated = ops.scatter_update(cache, rows, ops.reshape(ops.cast(new, cache.dtype), (-1, dim)))  # [B*k*T,d]
     return ops.reshape(updated, (batch, heads, num_slots, dim))
 

@@ -39,10 +39,13 @@ def window_keys(q_slots, key_len: int, window: int) -> np.ndarray:
 
 def layer_masks(cfg: ModelConfig, allowed, q_slots, key_len: int):
     """What the decoder's `allowed` input is for `cfg`: `allowed` [B,1,S,T] itself, or, when some layers
-    attend within a sliding window, the pair (allowed, allowed and within the window of each query slot)."""
+    attend within a sliding window, the pair (allowed, allowed and within the window of each query slot).
+    q_slots: [S] (every row's queries sit in the same slots) or [B,S] (each row its own)."""
     if not cfg.sliding_layers:
         return allowed
-    near = window_keys(q_slots, key_len, cfg.sliding_window)[None, None]  # [1,1,S,T]
+    q_slots = np.asarray(q_slots)
+    rows = q_slots.shape[0] if q_slots.ndim == 2 else 1
+    near = window_keys(q_slots, key_len, cfg.sliding_window).reshape(rows, 1, -1, key_len)  # [1 or B,1,S,T]
     if isinstance(allowed, np.ndarray):
         return allowed, allowed & near
     return allowed, ops.logical_and(allowed, Tensor(near))

@@ -30,10 +30,11 @@ import yaml
 
 from telechat2_ms.config import ConfigError, ModelConfig
 
-RUN_MODES = ("train", "finetune", "predict", "chat", "eval")
+RUN_MODES = ("train", "finetune", "predict", "chat", "eval", "serve")
 TRAIN_RUN_MODES = ("train", "finetune")
 # what each run mode can run in parallel: generation and eval need the whole model on every rank of a replica
-PURPOSES = {"train": "train", "finetune": "train", "predict": "generate", "chat": "generate", "eval": "eval"}
+PURPOSES = {"train": "train", "finetune": "train", "predict": "generate", "chat": "generate", "eval": "eval",
+            "serve": "serve"}
 # training runs every layout; generation dp x tp x pp (stages in turn, parallel/generation.py); eval dp x tp
 LORA_TARGET_NAMES = ("wq", "wk_v", "wo", "w1", "w2", "w3")
 
@@ -66,6 +67,22 @@ class GenerateSettings:
     repetition_penalty: float = key(1.03, "penalty on tokens already in the sequence; 1.0 disables")
     seed: int = key(0, "sampling seed")
     stream: bool = key(True, "print text as it is produced (predict, chat)")
+
+
+@dataclass
+class ServeSettings:
+    """`--run_mode serve`: the OpenAI-compatible server (telechat2_ms/serving). Requests that leave sampling
+    fields out get the `generate:` section's; the context is seq_length."""
+
+    host: str = key("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = key(8000, "TCP port")
+    max_batch: int = key(8, "requests decoded together (rows of the KV cache; memory grows with it x seq_length)")
+    queue_size: int = key(64, "requests waiting for a row at most; beyond it the server answers 429")
+    served_model_name: str = key("", "the model id clients send and /v1/models lists; empty: the model's name")
+    prefill_bucket: int = key(32, "prompts are left-padded to a multiple of this many tokens (one compiled prefill "
+                                  "per bucket)")
+    prefill_tokens: int = key(512, "prompt tokens admitted between two decode steps at most (at least one request)")
+    log_level: str = key("warning", "uvicorn's log level", ("critical", "error", "warning", "info", "debug"))
 
 
 @dataclass
@@ -168,6 +185,7 @@ class RunSettings:
     parallel_config: ParallelSettings = section(ParallelSettings, "parallel layout (msrun)")
     train: TrainSettings = section(TrainSettings, "training (train, finetune)")
     eval: EvalSettings = section(EvalSettings, "evaluation (eval)")
+    serve: ServeSettings = section(ServeSettings, "the OpenAI-compatible server (serve)")
 
 
 # ---- strict loading ---------------------------------------------------------------------------------
@@ -373,6 +391,15 @@ def check_enumerations(settings: RunSettings) -> None:
     _check_device(settings)
 
 
+def _check_serve(settings: RunSettings) -> None:
+    s = settings.serve
+    for name in ("max_batch", "queue_size", "prefill_bucket", "prefill_tokens"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"serve.{name} must be at least 1, got {getattr(s, name)}")
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"serve.port must be in 1..65535, got {s.port}")
+
+
 def _check_train(settings: RunSettings, world: int) -> None:
     t = settings.train
     for name in ("batch_size", "total_steps", "grad_accum_steps", "log_steps"):
@@ -412,14 +439,21 @@ def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optio
                           f"`msrun --worker_num={asked} --local_worker_num={asked} run_telechat2.py ...` "
                           f"(or --dry_run --world_size={asked})")
     purpose = purpose or PURPOSES[settings.run_mode]
-    if purpose not in ("train", "generate", "eval"):
+    if purpose not in ("train", "generate", "eval", "serve"):
         raise ValueError(f"unknown purpose {purpose!r}")
+    if purpose == "serve":
+        _check_serve(settings)
     if purpose == "eval" and (p.pipeline_stage > 1 or p.context_parallel > 1):
         raise ConfigError(f"eval runs data_parallel x model_parallel; set parallel_config.pipeline_stage and "
                           f"context_parallel to 1 (got {p.pipeline_stage} and {p.context_parallel})")
     if purpose == "generate" and p.context_parallel > 1:
         raise ConfigError(f"predict / chat run data_parallel x model_parallel x pipeline_stage; set "
                           f"parallel_config.context_parallel to 1 (got {p.context_parallel})")
+    if purpose == "serve" and (p.data_parallel > 1 or p.pipeline_stage > 1 or p.context_parallel > 1):
+        raise ConfigError(f"serve runs tensor parallel only (rank 0 serves HTTP, every rank steps the batch); set "
+                          f"parallel_config.data_parallel, pipeline_stage and context_parallel to 1 (got "
+                          f"{p.data_parallel}, {p.pipeline_stage} and {p.context_parallel}); for more throughput "
+                          "start one server per group of cards")
     if purpose != "train":  # micro-batches, sequence parallel and optimizer sharding are training's
         p = dataclasses.replace(p, micro_batch_num=max(p.pipeline_stage, 1), use_seq_parallel=False,
                                 optimizer_shard=False)

@@ -79,6 +79,10 @@ BAD_LAYOUTS = [
      r"ties lm_head to the embedding .* set parallel_config.pipeline_stage to 1"),
     (["--parallel_config.data_parallel=2", "--train.lora_rank=4"], 2,
      r"multi-process training does not support train.lora_rank"),
+    (["--run_mode=serve", "--parallel_config.data_parallel=2"], 2, r"serve runs tensor parallel only"),
+    (["--run_mode=serve", "--parallel_config.pipeline_stage=2"], 2, r"serve runs tensor parallel only"),
+    (["--run_mode=serve", "--serve.max_batch=0"], 1, r"serve.max_batch must be at least 1"),
+    (["--run_mode=serve", "--serve.port=70000"], 1, r"serve.port must be in 1..65535"),
 ]
 
 

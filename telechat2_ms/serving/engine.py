@@ -1,0 +1,396 @@
+"""Continuous batching over one slot-based KV cache: requests join the running decode batch between steps.
+
+The cache has `max_batch` rows of `max_length + 1` slots (generate.CachedSteps; the last slot of every row is a
+scratch slot that is never attended). A request owns one row from admission to its end:
+- admission (between two decode steps): its prompt is left-padded to a multiple of `prefill_bucket` tokens
+  (so the compiled prefill is built once per bucket, not per length), run as a batch-1 forward whose K/V
+  are scattered into its row (CachedSteps.prefill_row), and its first token is sampled. At most
+  `prefill_tokens` prompt tokens are admitted per step (at least one request), so newcomers do not stall
+  the running rows for long.
+- decode: one compiled step for all rows; each row writes its own slot (its length so far), attends to its
+  own valid slots, and has its own position and RoPE table (the dynamic NTK rule for its own key length;
+  rows whose tables differ run in separate calls, the others writing into their scratch slot). Free rows
+  compute on a pad token into their scratch slot.
+- sampling: per row, with the row's own settings and seed (sampling.TokenSampler on the row's logits; the
+  uniform draw from the request's own numpy Generator, as generate.Generator draws it).
+- a row ends at an end-of-sequence / stop token, a stop string, max_tokens, or when its client is gone
+  (cancel); its slot is free for the next waiting request at once.
+Every decision is made by the scheduler thread; the model work it asks for goes through `Runner`, which under
+msrun first broadcasts the call so that every rank steps the same batch (parallel/ranks.broadcast_object).
+Shapes: B = max_batch rows, T = max_length + 1 slots, V vocab.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from telechat2_ms.generate import CachedSteps
+from telechat2_ms.model import layer_masks, mask_tensors
+from telechat2_ms.rope import rope_parameters
+from telechat2_ms.sampling import TokenSampler
+
+
+HEARTBEAT_SECONDS = 10.0  # msrun: an idle scheduler still sends a call this often
+
+
+class QueueFull(Exception):
+    """The waiting queue holds `queue_size` requests already."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    skip_special_tokens: bool = True
+
+    @property
+    def sampler_key(self) -> Tuple:
+        if not self.do_sample:  # greedy ignores temperature / top-k / top-p
+            return (False, 1.0, 0, 1.0, self.repetition_penalty)
+        return (True, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+@dataclass
+class Event:
+    """What a request's consumer receives: text as it is produced, then one final event."""
+
+    text: str = ""
+    token_ids: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # stop | length | cancelled | error (the last event only)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[str] = None
+
+
+class _StopStrings:
+    """Holds back the text that could be the start of a stop string; reports the text before a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, text: str) -> Tuple[str, bool]:
+        """-> (text safe to emit, stopped)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [self.pending.find(s) for s in self.stops if s in self.pending]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        cut = max(len(self.pending) - self.keep, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Request:
+    """One generation request; `emit(Event)` is called from the scheduler thread."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, emit: Callable[[Event], None], tokenizer):
+        self.id = next(self._ids)
+        self.prompt = [int(t) for t in prompt]
+        self.params = params
+        self.emit = emit
+        self.rng = np.random.default_rng(params.seed)
+        self.decoder = tokenizer.incremental_decoder(params.skip_special_tokens)
+        self.stops = _StopStrings(params.stop)
+        self.generated: List[int] = []
+        self.cancelled = False
+        self.row: Optional[int] = None
+
+    def cancel(self) -> None:
+        """Thread-safe: the scheduler frees the request's row (or drops it from the queue) before its next step."""
+        self.cancelled = True
+
+
+class Runner:
+    """The model work of the scheduler, on this process's model (a tensor-parallel shard under msrun)."""
+
+    def __init__(self, model, max_batch: int, max_length: int, use_jit: bool):
+        self.model = model
+        self.cfg = model.config
+        self.batch, self.slots = max_batch, max_length + 1
+        self.steps = CachedSteps(model, max_batch, self.slots)
+        self.prefill_fn = ms.jit(self.steps.prefill_row) if use_jit else self.steps.prefill_row
+        self.decode_fn = ms.jit(self.steps.construct) if use_jit else self.steps
+        self._rope_tensors: Dict[Tuple[float, float], Tuple[Tensor, Tensor]] = {}
+
+    def idle(self) -> None:
+        """Nothing to do (the msrun heartbeat)."""
+
+    def rope_key(self, key_length: int) -> Tuple[float, float]:
+        params = rope_parameters(key_length, self.cfg)
+        key = (params.alpha, params.mscale)
+        if key not in self._rope_tensors:
+            self._rope_tensors[key] = (Tensor(params.inv_freq), Tensor(np.float32(params.mscale)))
+        return key
+
+    def prefill(self, row: int, prompt: Sequence[int], padded: int, pad_id: int):
+        """The prompt left-padded to `padded` tokens into cache row `row` -> last-position logits [1,V] (device)."""
+        prompt = [int(t) for t in prompt]
+        pads = padded - len(prompt)
+        ids = np.full((1, padded), pad_id, np.int32)
+        ids[0, pads:] = prompt
+        positions = np.maximum(np.arange(padded) - pads, 0).astype(np.int32)[None]  # 0 at the first real token
+        allowed = np.tril(np.ones((padded, padded), bool))[None, None] & (np.arange(padded) >= pads)[None, None, None]
+        heads = self.steps.kv_heads
+        rows = ((row * heads + np.arange(heads))[:, None] * self.slots + np.arange(padded)[None]).reshape(-1)
+        inv_freq, mscale = self._rope_tensors[self.rope_key(len(prompt))]
+        masks = mask_tensors(layer_masks(self.cfg, allowed, np.arange(padded), padded))
+        return self.prefill_fn(Tensor(ids), Tensor(positions), masks, inv_freq, mscale,
+                               Tensor(rows.astype(np.int32)))
+
+    def decode(self, tokens, positions, write, starts, key_length: int):
+        """One step for every row: tokens/positions [B], write [B] (each row's slot for this token), starts [B]
+        (its first valid slot; slots start..write are attended), key_length (the RoPE tables' key count, the
+        same table for every row of the call) -> logits [B,V] (device)."""
+        tokens, positions, write, starts = (np.asarray(a, np.int64) for a in (tokens, positions, write, starts))
+        slots = np.arange(self.slots)
+        allowed = ((slots[None] >= starts[:, None]) & (slots[None] <= write[:, None]))[:, None, None, :]  # [B,1,1,T]
+        masks = mask_tensors(layer_masks(self.cfg, allowed, write[:, None], self.slots))
+        inv_freq, mscale = self._rope_tensors[self.rope_key(key_length)]
+        return self.decode_fn(Tensor(tokens.reshape(-1, 1).astype(np.int32)),
+                              Tensor(positions.reshape(-1, 1).astype(np.int32)), masks, inv_freq, mscale,
+                              Tensor(write.reshape(-1, 1).astype(np.int32)))
+
+
+class Scheduler:
+    """The scheduler thread: a bounded waiting queue, `max_batch` rows, one decode step at a time."""
+
+    def __init__(self, runner: Runner, tokenizer, queue_size: int = 64, prefill_bucket: int = 32,
+                 prefill_tokens: int = 512, broadcast: Optional[Callable[[Any], Any]] = None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.cfg = runner.cfg
+        self.queue_size = queue_size
+        self.prefill_bucket = max(1, prefill_bucket)
+        self.prefill_tokens = prefill_tokens
+        self.broadcast = broadcast  # msrun: sends each model call to the other ranks first
+        self.pad_id = tokenizer.pad_id
+        self.end_ids = frozenset(tokenizer.stop_ids) | {tokenizer.eos_id}
+        self._inbox: "queue.Queue[Request]" = queue.Queue()
+        self._waiting: Deque[Request] = collections.deque()
+        self._rows: List[Optional[Request]] = [None] * runner.batch
+        self._starts = np.zeros(runner.batch, np.int64)  # first valid slot of each row (after its left pads)
+        self._lengths = np.zeros(runner.batch, np.int64)  # slots used (pads + tokens in the cache)
+        self._last = np.zeros(runner.batch, np.int64)  # each row's newest token (the next decode input)
+        self._seen = np.zeros((runner.batch, self.cfg.vocab_size), bool)  # repetition penalty bookkeeping
+        self._samplers: Dict[Tuple, TokenSampler] = {}
+        self._lock = threading.Lock()
+        self._pending = 0  # requests submitted and not yet admitted to a row
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.steps = 0
+        self.finished: Dict[str, int] = collections.Counter()  # finish reason -> requests
+
+    # ---- the request side (any thread) ----------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return self.runner.slots - 1
+
+    def padded_length(self, prompt_tokens: int, max_tokens: int) -> int:
+        """The prompt's length rounded up to the bucket, as far as its max_tokens leave room in the row (the
+        last new token needs no slot: prompt + max_tokens <= max_length always fits)."""
+        bucket = self.prefill_bucket
+        return max(min(-(-prompt_tokens // bucket) * bucket, self.max_length - max_tokens + 1), prompt_tokens)
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._pending >= self.queue_size:
+                raise QueueFull(f"{self._pending} requests are waiting (serve.queue_size {self.queue_size})")
+            self._pending += 1
+        self._inbox.put(request)
+
+    def stats(self) -> Dict[str, int]:
+        return {"running": sum(r is not None for r in self._rows), "waiting": self._pending,
+                "max_batch": self.runner.batch, "decode_steps": self.steps,
+                **{reason: self.finished[reason] for reason in ("stop", "length", "cancelled", "error")}}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="telechat2-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- the scheduler thread -------------------------------------------------------------------------------
+    def _call(self, name: str, *args):
+        if self.broadcast is not None:
+            self.broadcast((name, args))
+            self._last_broadcast = time.monotonic()
+        return getattr(self.runner, name)(*args)
+
+    def _loop(self) -> None:
+        self._last_broadcast = time.monotonic()
+        while not self._stop.is_set():
+            busy = any(r is not None for r in self._rows) or self._waiting
+            self._take_inbox(block=not busy)
+            if self._stop.is_set():
+                break
+            if self.broadcast is not None and time.monotonic() - self._last_broadcast > HEARTBEAT_SECONDS:
+                self._call("idle")  # the other ranks wait inside a collective: keep it from timing out
+            try:
+                self._admit()
+                self._decode()
+            except Exception as err:  # a failed step ends the requests it touched, the server keeps serving
+                for row, req in enumerate(self._rows):
+                    if req is not None:
+                        self._finish(row, "error", error=f"{type(err).__name__}: {err}")
+        for req in list(self._waiting):
+            req.emit(Event(finish_reason="cancelled", prompt_tokens=len(req.prompt)))
+        if self.broadcast is not None:
+            self.broadcast(("stop", ()))
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        budget = self.prefill_tokens
+        admitted = 0
+        while self._waiting:
+            req = self._waiting[0]
+            if req.cancelled:
+                self._waiting.popleft()
+                self._dequeued()
+                self.finished["cancelled"] += 1
+                req.emit(Event(finish_reason="cancelled", prompt_tokens=len(req.prompt)))
+                continue
+            free = [row for row, r in enumerate(self._rows) if r is None]
+            padded = self.padded_length(len(req.prompt), req.params.max_tokens)
+            if not free or (admitted and padded > budget):
+                return
+            self._waiting.popleft()
+            self._dequeued()
+            row = free[0]
+            req.row = row
+            self._rows[row] = req
+            self._starts[row] = padded - len(req.prompt)
+            self._lengths[row] = padded
+            self._seen[row] = False
+            self._seen[row, req.prompt] = True
+            logits = self._call("prefill", row, req.prompt, padded, self.pad_id)
+            self._sample_rows([row], logits)
+            budget -= padded
+            admitted += 1
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _decode(self) -> None:
+        for row, req in enumerate(self._rows):
+            if req is not None and req.cancelled:
+                self._finish(row, "cancelled")
+        active = [row for row, r in enumerate(self._rows) if r is not None]
+        if not active:
+            return
+        groups: Dict[Tuple[float, float], Tuple[int, List[int]]] = {}
+        for row in active:  # rows whose dynamic-NTK tables agree share one call
+            key_length = int(self._lengths[row] - self._starts[row]) + 1
+            groups.setdefault(self.runner.rope_key(key_length), (key_length, []))[1].append(row)
+        scratch = self.runner.slots - 1
+        for key_length, rows in groups.values():
+            tokens = np.full(self.runner.batch, self.pad_id, np.int64)
+            write = np.full(self.runner.batch, scratch, np.int64)
+            starts = np.full(self.runner.batch, scratch, np.int64)
+            positions = np.zeros(self.runner.batch, np.int64)
+            tokens[rows] = self._last[rows]
+            write[rows] = self._lengths[rows]
+            starts[rows] = self._starts[rows]
+            positions[rows] = self._lengths[rows] - self._starts[rows]
+            logits = self._call("decode", tokens.tolist(), positions.tolist(), write.tolist(), starts.tolist(),
+                                key_length)
+            self._lengths[rows] += 1
+            self._sample_rows(rows, logits)
+        self.steps += 1
+
+    def _sampler(self, key: Tuple) -> TokenSampler:
+        if key not in self._samplers:
+            self._samplers[key] = TokenSampler(self.cfg.vocab_size, *key)
+        return self._samplers[key]
+
+    def _sample_rows(self, rows: Sequence[int], logits) -> None:
+        """Sample the next token of each row from logits [B or 1, V] (device) and hand it to its request."""
+        by_key: Dict[Tuple, List[int]] = {}
+        for row in rows:
+            by_key.setdefault(self._rows[row].params.sampler_key, []).append(row)
+        full = logits.shape[0] == self.runner.batch
+        for key, group in by_key.items():
+            picked = ops.gather(logits, Tensor(np.asarray(group, np.int32)), 0) if full else logits
+            uniform = np.array([self._rows[r].rng.random(dtype=np.float32) for r in group], np.float32)
+            tokens = self._sampler(key)(picked, Tensor(self._seen[group]), Tensor(uniform)).asnumpy()
+            for row, token in zip(group, tokens):
+                self._accept(row, int(token))
+
+    def _accept(self, row: int, token: int) -> None:
+        req = self._rows[row]
+        self._seen[row, token] = True
+        self._last[row] = token
+        req.generated.append(token)
+        if token in self.end_ids:
+            self._finish(row, "stop")
+            return
+        text, stopped = req.stops.push(req.decoder.push(token))
+        if stopped:
+            self._finish(row, "stop", text, [token])
+            return
+        if len(req.generated) >= req.params.max_tokens or self._lengths[row] >= self.max_length:
+            self._finish(row, "length", text, [token])
+            return
+        req.emit(Event(text=text, token_ids=[token]))
+
+    def _finish(self, row: int, reason: str, text: str = "", tokens: Sequence[int] = (),
+                error: Optional[str] = None) -> None:
+        """End row `row`'s request; `text` / `tokens`: what its last token added. The row is free at once."""
+        req = self._rows[row]
+        self._rows[row] = None
+        self.finished[reason] += 1
+        ended_by_token = reason == "stop" and req.generated and req.generated[-1] in self.end_ids
+        if reason == "length" or ended_by_token:  # flush held-back bytes and stop-string prefixes
+            rest, stopped = req.stops.push(req.decoder.finish())
+            text += rest + ("" if stopped else req.stops.flush())
+        req.emit(Event(text=text, token_ids=list(tokens), finish_reason=reason, prompt_tokens=len(req.prompt),
+                       completion_tokens=len(req.generated), error=error))
+
+
+def follow(runner: Runner, receive: Callable[[], Any]) -> None:
+    """msrun ranks other than 0: run every model call rank 0's scheduler broadcasts, until it stops."""
+    while True:
+        name, args = receive()
+        if name == "stop":
+            return
+        getattr(runner, name)(*args)
