@@ -24,7 +24,6 @@ the device (custom bprop works on CPU in PyNative and ms.jit):
 |----------------------|------------------|------------------|-------------------------------------------|
 | CopyToRegion         | identity         | all-reduce       | input of a column-parallel linear (TP)    |
 | ReduceFromRegion     | all-reduce       | identity         | output of a row-parallel linear (TP)      |
-| ScatterToRegion      | keep my slice    | all-gather       | enter a sharded region                    |
 | GatherFromRegion     | all-gather       | keep my slice    | leave a sharded region (e.g. logits)      |
 | GatherFromSPRegion   | all-gather       | reduce-scatter   | sequence parallel: before column-parallel |
 | ReduceScatterToSP    | reduce-scatter   | all-gather       | sequence parallel: after row-parallel     |
@@ -265,20 +264,6 @@ class ReduceFromRegion(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (dout,)
-
-
-class ScatterToRegion(nn.Cell):
-    """Forward keep my slice along `dim`; backward all-gather."""
-
-    def __init__(self, group: Group, dim: int):
-        super().__init__()
-        self.group, self.dim = group, dim
-
-    def construct(self, x):
-        return split(x, self.group, self.dim)
-
-    def bprop(self, x, out, dout):
-        return (all_gather(dout, self.group, self.dim),)
 
 
 class GatherFromRegion(nn.Cell):

@@ -7,8 +7,9 @@ scratch slot that is never attended). A request owns one row from admission to i
   are scattered into its row (CachedSteps.prefill_row), and its first token is sampled. At most
   `prefill_tokens` prompt tokens are admitted per step (at least one request), so newcomers do not stall
   the running rows for long.
-- decode: one compiled step for all rows; each row writes its own slot (its length so far), attends to its
-  own valid slots, and has its own position and RoPE table (the dynamic NTK rule for its own key length;
+- decode: one compiled step over the first n cache rows (n the smallest power of two holding every active
+  row, rows being taken lowest first; one compiled step per n); each row writes its own slot (its length so
+  far), attends to its own valid slots, and has its own position and RoPE table (the dynamic NTK rule for its own key length;
   rows whose tables differ run in separate calls, the others writing into their scratch slot). Free rows
   compute on a pad token into their scratch slot.
 - sampling: per row, with the row's own settings and seed (sampling.TokenSampler on the row's logits; the
@@ -169,7 +170,7 @@ class Runner:
         (its first valid slot; slots start..write are attended), key_length (the RoPE tables' key count, the
         same table for every row of the call) -> logits [B,V] (device)."""
         tokens, positions, write, starts = (np.asarray(a, np.int64) for a in (tokens, positions, write, starts))
-        slots = np.arange(self.slots)
+        slots = np.arange(self.slots)  # rows: the first len(tokens) cache rows (a power of two, or max_batch)
         allowed = ((slots[None] >= starts[:, None]) & (slots[None] <= write[:, None]))[:, None, None, :]  # [B,1,1,T]
         masks = mask_tensors(layer_masks(self.cfg, allowed, write[:, None], self.slots))
         inv_freq, mscale = self._rope_tensors[self.rope_key(key_length)]
@@ -303,7 +304,7 @@ class Scheduler:
             self._seen[row] = False
             self._seen[row, req.prompt] = True
             logits = self._call("prefill", row, req.prompt, padded, self.pad_id)
-            self._sample_rows([row], logits)
+            self._sample_rows([row], logits, [0])
             budget -= padded
             admitted += 1
 
@@ -323,11 +324,12 @@ class Scheduler:
             key_length = int(self._lengths[row] - self._starts[row]) + 1
             groups.setdefault(self.runner.rope_key(key_length), (key_length, []))[1].append(row)
         scratch = self.runner.slots - 1
+        width = decode_rows(max(active) + 1, self.runner.batch)  # rows are taken lowest first: usually compact
         for key_length, rows in groups.values():
-            tokens = np.full(self.runner.batch, self.pad_id, np.int64)
-            write = np.full(self.runner.batch, scratch, np.int64)
-            starts = np.full(self.runner.batch, scratch, np.int64)
-            positions = np.zeros(self.runner.batch, np.int64)
+            tokens = np.full(width, self.pad_id, np.int64)
+            write = np.full(width, scratch, np.int64)
+            starts = np.full(width, scratch, np.int64)
+            positions = np.zeros(width, np.int64)
             tokens[rows] = self._last[rows]
             write[rows] = self._lengths[rows]
             starts[rows] = self._starts[rows]
@@ -335,7 +337,7 @@ class Scheduler:
             logits = self._call("decode", tokens.tolist(), positions.tolist(), write.tolist(), starts.tolist(),
                                 key_length)
             self._lengths[rows] += 1
-            self._sample_rows(rows, logits)
+            self._sample_rows(rows, logits, rows)
         self.steps += 1
 
     def _sampler(self, key: Tuple) -> TokenSampler:
@@ -343,14 +345,17 @@ class Scheduler:
             self._samplers[key] = TokenSampler(self.cfg.vocab_size, *key)
         return self._samplers[key]
 
-    def _sample_rows(self, rows: Sequence[int], logits) -> None:
-        """Sample the next token of each row from logits [B or 1, V] (device) and hand it to its request."""
-        by_key: Dict[Tuple, List[int]] = {}
-        for row in rows:
-            by_key.setdefault(self._rows[row].params.sampler_key, []).append(row)
-        full = logits.shape[0] == self.runner.batch
-        for key, group in by_key.items():
-            picked = ops.gather(logits, Tensor(np.asarray(group, np.int32)), 0) if full else logits
+    def _sample_rows(self, rows: Sequence[int], logits, at: Sequence[int]) -> None:
+        """Sample the next token of each row from its line `at[i]` of logits [n, V] (device) and hand it to
+        its request."""
+        by_key: Dict[Tuple, List[Tuple[int, int]]] = {}
+        for row, line in zip(rows, at):
+            by_key.setdefault(self._rows[row].params.sampler_key, []).append((row, line))
+        for key, pairs in by_key.items():
+            group = [row for row, _ in pairs]
+            lines = [line for _, line in pairs]
+            picked = logits if lines == list(range(logits.shape[0])) else ops.gather(
+                logits, Tensor(np.asarray(lines, np.int32)), 0)
             uniform = np.array([self._rows[r].rng.random(dtype=np.float32) for r in group], np.float32)
             tokens = self._sampler(key)(picked, Tensor(self._seen[group]), Tensor(uniform)).asnumpy()
             for row, token in zip(group, tokens):
@@ -385,6 +390,15 @@ class Scheduler:
             text += rest + ("" if stopped else req.stops.flush())
         req.emit(Event(text=text, token_ids=list(tokens), finish_reason=reason, prompt_tokens=len(req.prompt),
                        completion_tokens=len(req.generated), error=error))
+
+
+def decode_rows(needed: int, max_batch: int) -> int:
+    """The decode call's row count: the smallest power of two >= needed, at most max_batch (one compiled
+    step per count; a lone request does not pay for max_batch rows)."""
+    width = 1
+    while width < needed:
+        width *= 2
+    return min(width, max_batch)
 
 
 def follow(runner: Runner, receive: Callable[[], Any]) -> None:
