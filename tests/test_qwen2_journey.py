@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from tests.conftest import REPO_ROOT  # noqa: E402
 
-RANKS = REPO_ROOT.parent / "shared" / "reference" / "qwen2" / "qwen.tiktoken"
+from tests.conftest import QWEN2_RANKS as RANKS  # noqa: E402
+
 CEVAL = REPO_ROOT.parent / "shared" / "data" / "ceval"
 pytestmark = pytest.mark.skipif(not RANKS.is_file(), reason="../shared/reference/qwen2 not present")
 
@@ -25,30 +26,6 @@ def run(*args, module=None):
                           env=dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO_ROOT)))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def qwen2_dir(tmp_path_factory):
-    from tokenizers import normalizers
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from telechat2_ms.tokenizer_bpe import QWEN2_PATTERN
-
-    d = tmp_path_factory.mktemp("Qwen2-tiny")
-    conf = transformers.Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                                    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(conf).save_pretrained(str(d))
-    special = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
-    tok = TikTokenConverter(vocab_file=str(RANKS), pattern=QWEN2_PATTERN, extra_special_tokens=list(special)).converted()
-    tok.normalizer = normalizers.NFC()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in special.items()},
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}), encoding="utf-8")
-    return d
 
 
 def test_qwen2_convert_predict_finetune_resume_eval(qwen2_dir, tmp_path):

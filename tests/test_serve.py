@@ -355,3 +355,24 @@ def test_stop_strings_end_the_text_before_them(server):
     parts = [c.choices[0].delta.content or "" for c in server.client.chat.completions.create(
         model=MODEL, messages=messages, temperature=0, max_tokens=24, stop=stop, stream=True) if c.choices]
     assert "".join(parts) == text[:text.index(stop)]
+
+
+def test_qwen2_is_served_through_its_chatml_template(qwen2_dir, tmp_path):
+    """Another family: a converted Qwen2 checkpoint with its BPE tokenizer; the ChatML prompt (and the Hermes
+    tools block) come from the family's template, answers equal predict's."""
+    ms_file = tmp_path / "qwen2_tiny.safetensors"
+    subprocess.run([sys.executable, "-m", "convert", "hf2ms", str(qwen2_dir), str(ms_file), "--no-progress"],
+                   check=True, cwd=REPO_ROOT, env=dict(os.environ, GLOG_v="3"), capture_output=True)
+    extra = ["--load_checkpoint", str(ms_file), "--tokenizer", str(qwen2_dir)]
+    want = _predict(["你好, who are you?"], extra=extra)[0]
+    served = Served(str(tmp_path), extra + ["--serve.served_model_name", "qwen2-tiny"])
+    try:
+        assert [m.id for m in served.client.models.list().data] == ["qwen2-tiny"]
+        messages = [{"role": "user", "content": "你好, who are you?"}]
+        got = served.client.chat.completions.create(model="qwen2-tiny", messages=messages, temperature=0)
+        assert got.choices[0].message.content == want
+        with_tools = served.client.chat.completions.create(model="qwen2-tiny", messages=messages, tools=TOOLS,
+                                                           temperature=0, max_tokens=8)
+        assert with_tools.usage.prompt_tokens > got.usage.prompt_tokens + 20  # the tools block is in the prompt
+    finally:
+        served.stop()
