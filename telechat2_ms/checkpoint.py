@@ -457,8 +457,9 @@ def load_checkpoint_into(model, path: str, strict: bool = True) -> List[str]:
 
 def model_state(model) -> Dict[str, Any]:
     """{parameter name: Parameter} of a model in definition order; names are attribute paths from `model`
-    (MindFormers names for Telechat2ForCausalLM), whatever cell the model has been wrapped in since."""
-    return dict(model.parameters_and_names())
+    (MindFormers names for Telechat2ForCausalLM), whatever cell the model has been wrapped in since. The last
+    pipeline stage's copy of a tied embedding (parallel/layers.mark_tied_copy) is not part of it."""
+    return {name: p for name, p in model.parameters_and_names() if not getattr(p, "tied_copy", False)}
 
 
 # ---- writing -------------------------------------------------------------------------------------------

@@ -224,7 +224,8 @@ def layer_params_per_device(cfg: ModelConfig, tp: int) -> int:
 
 def stage_params_per_device(cfg: ModelConfig, lay: Layout) -> List[int]:
     """Parameters one device of each stage holds: its layers, the vocab-parallel embedding on stage 0,
-    the vocab-parallel lm_head and the final norm on the last stage."""
+    the vocab-parallel lm_head and the final norm on the last stage (a tied lm_head is the embedding itself
+    with one stage, a copy of it with several)."""
     vh = cfg.vocab_size * cfg.hidden_size // lay.tp
     counts = []
     for i, n_layers in enumerate(stage_layers(cfg, lay)):
@@ -232,7 +233,7 @@ def stage_params_per_device(cfg: ModelConfig, lay: Layout) -> List[int]:
         if i == 0:
             n += vh
         if i == lay.pp - 1:
-            n += (0 if cfg.tie_word_embeddings else vh) + cfg.hidden_size
+            n += (0 if cfg.tie_word_embeddings and lay.pp == 1 else vh) + cfg.hidden_size
         counts.append(n)
     return counts
 

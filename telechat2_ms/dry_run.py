@@ -39,7 +39,7 @@ def _parameter_lines(run: RunPlan) -> List[str]:
         lines.append(f"  {name:45s} {_shape(shape):>16s} -> {_shape(local)}")
     for stage, (first, end) in enumerate(ranges):
         count = sum(int(_numel(tp_plan.shard_shape(n, s, dims.tp, cfg.num_kv_heads))) for n, s in shapes.items()
-                    if tp_plan.param_stage(n, ranges) == stage)
+                    if stage in tp_plan.param_stages(n, ranges, cfg.tie_word_embeddings))
         ranks = [r for r in range(dims.world) if dims.coords(r).pp == stage]
         lines.append(f"stage {stage}: layers {first}..{end - 1} ({end - first}), ranks {ranks[0]}..{ranks[-1]}, "
                      f"{count:,} parameters per rank ({count * 4 / GIB:.2f} GiB in fp32)")

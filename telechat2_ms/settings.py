@@ -457,10 +457,6 @@ def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optio
     if purpose != "train":  # micro-batches, sequence parallel and optimizer sharding are training's
         p = dataclasses.replace(p, micro_batch_num=max(p.pipeline_stage, 1), use_seq_parallel=False,
                                 optimizer_shard=False)
-    if cfg.tie_word_embeddings and p.pipeline_stage > 1:
-        raise ConfigError(f"model {cfg.name} ties lm_head to the embedding (tie_word_embeddings), which must then "
-                          "live on one pipeline stage; set parallel_config.pipeline_stage to 1 (tensor and data "
-                          "parallel work)")
     if cfg.sliding_layers and p.context_parallel > 1:
         raise ConfigError(f"model {cfg.name} has sliding-window layers, which ring attention does not implement; "
                           "set parallel_config.context_parallel to 1")

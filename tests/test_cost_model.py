@@ -29,12 +29,13 @@ def test_parameter_count_matches_config_and_spec(name):
 
 @pytest.mark.parametrize("name,tp,pp", [("telechat2_7b", 4, 2), ("telechat2_115b", 8, 1), ("telechat2_115b", 16, 1),
                                          ("qwen2_7b", 4, 2), ("qwen2_7b", 8, 1), ("qwen2_72b", 16, 4),
-                                         ("qwen2_0_5b", 1, 1), ("qwen2_tiny", 4, 1)])
+                                         ("qwen2_0_5b", 1, 1), ("qwen2_0_5b", 2, 2), ("qwen2_tiny", 4, 1)])
 def test_per_device_parameters_equal_the_plan_shards(name, tp, pp):
     """The cost model counts per device what parallel/plan.py gives each rank (kv heads replicated when tp
-    exceeds them: qwen2_7b at tp8, 115B at tp16; q/k/v biases; tied embeddings), read from the lazy skeleton."""
+    exceeds them: qwen2_7b at tp8, 115B at tp16; q/k/v biases; tied embeddings, with the last stage's copy
+    under pp), read from the lazy skeleton."""
     from telechat2_ms.model import Telechat2ForCausalLM
-    from telechat2_ms.parallel.plan import param_stage, shard_shape, stage_layer_ranges
+    from telechat2_ms.parallel.plan import param_stages, shard_shape, stage_layer_ranges
 
     cfg = get_config(name)
     shapes = {n: tuple(p.shape) for n, p in Telechat2ForCausalLM(cfg, init_zeros=True).parameters_and_names()}
@@ -44,7 +45,8 @@ def test_per_device_parameters_equal_the_plan_shards(name, tp, pp):
         count = 1
         for size in shard_shape(n, shape, tp, cfg.num_kv_heads):
             count *= size
-        planned[param_stage(n, ranges)] += count
+        for stage in param_stages(n, ranges, cfg.tie_word_embeddings):
+            planned[stage] += count
     assert cm.stage_params_per_device(cfg, cm.Layout(tp=tp, pp=pp, micro_batches=pp)) == planned
 
 

@@ -31,9 +31,8 @@ def test_model_divisibility_messages():
     ParallelDims(tp=4).check_model(tiny)  # 2 kv heads at tp4: a copy of each on 2 ranks (parallel/plan.py)
     with pytest.raises(ConfigError, match="num_kv_heads 4 .* not divisible by tp=6, nor tp by it"):
         ParallelDims(tp=6).check_model(get_config("tiny", num_heads=12, num_kv_heads=4, hidden_size=192))
-    with pytest.raises(ConfigError, match="ties lm_head to the embedding"):
-        ParallelDims(pp=2, micro_batch_num=2).check_model(get_config("qwen2_tiny"))
     ParallelDims(tp=2).check_model(get_config("qwen2_tiny"))  # tied embeddings under tensor parallel
+    ParallelDims(pp=2, micro_batch_num=2).check_model(get_config("qwen2_tiny"))  # and across stages (a copy)
     with pytest.raises(ConfigError, match="2 layers cannot fill 4 pipeline stages"):
         ParallelDims(pp=4, micro_batch_num=4).check_model(tiny)
     with pytest.raises(ConfigError, match="sum to 3"):
@@ -68,7 +67,10 @@ def test_rank_coordinates_and_groups():
     assert dims.group_ranks("dp", 5) == [1, 5]
     assert dims.group_ranks("pp", 5) == [5, 13]
     assert dims.group_ranks("grad", 5) == [1, 3, 5, 7]
-    for kind in ("tp", "cp", "dp", "pp", "grad"):
+    assert dims.group_ranks("embed", 5) == [5, 13]  # first and last stage at the same dp, cp, tp
+    three = ParallelDims(pp=3, micro_batch_num=3)
+    assert [three.group_ranks("embed", r) for r in range(3)] == [[0, 2], [1], [0, 2]]  # the middle stage: alone
+    for kind in ("tp", "cp", "dp", "pp", "grad", "embed"):
         groups = dims.all_groups(kind)
         assert sorted(r for g in groups for r in g) == list(range(16))  # a partition of the world
 

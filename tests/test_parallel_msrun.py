@@ -4,14 +4,15 @@ Two msrun jobs (the ~20 s start-up is paid once per world size), each running se
 tests/msrun/worker_parallel.py that write one result directory per task, so every test below reads
 its own layout's files and fails on its own:
 - 2 workers: reference, dp2, tp2, tp2+sp, pp2 (4 micro-batches, 1F1B), cp2 (RingAttention), tiny Qwen2 under tp2
-  and pp2, greedy
-  generation under tp2; loading a convert/reshard.py tp2 layout and slicing a full checkpoint at load time;
-- 4 workers: every comm collective/region in real sub-groups (dp2 x tp2), reference, tp2 x pp2.
+  and pp2 (also with tied embeddings: a copy of the embedding on the last stage), greedy generation under tp2
+  and pp2; loading a convert/reshard.py tp2 layout and slicing a full checkpoint at load time;
+- 4 workers: every comm collective/region in real sub-groups (dp2 x tp2), reference, tp2 x pp2 (also tiny Qwen2
+  with tied embeddings).
 - chat under tp2 (typed lines on rank 0, broadcast to rank 1) equals run_chat in this process.
 - predict under dp2 (the replicas split three prompts, rank 0 prints all answers in order) equals
   run_predict in this process.
-- the train run mode under tp2 (the one Trainer with its parallel engine: demo SFT data, 2 clipped AdamW steps) equals the
-  single-process Trainer: losses and gradient norms (rel. 1e-5), the saved layout checkpoint merged by
+- the train run mode under tp2, and under pp2 for a tied tiny Qwen2 (the one Trainer with its parallel engine: demo
+  SFT data, 2 clipped AdamW steps) equals the single-process Trainer: losses and gradient norms (rel. 1e-5), the saved layout checkpoint merged by
   convert/reshard.py against the Trainer's model.safetensors (1e-4, updates 1e-3 as for AdamW below).
 - AdamW with optimizer states sharded over dp (ZeRO-1): dp2 (2 workers) and dp2 x tp2+sp (4 workers), two
   steps, against the trainer's single-process AdamW (telechat2_ms/train/optim.py), and against the same
@@ -39,10 +40,11 @@ WORKER = os.path.join(os.path.dirname(__file__), "msrun", "worker_parallel.py")
 LOSS_TOL, PARAM_TOL, ADAMW_UPDATE_TOL, SHARDED_VS_REPLICATED_TOL = 1e-5, 1e-4, 1e-3, 1e-7
 JOBS = {
     2: ["reference", "reference:qwen2", "reference:qwen2_kv1", "reference:qwen2_tiny", "train:qwen2_tp2",
-        "train:qwen2_pp2", "train:qwen2_kv1_tp2", "train:qwen2_tied_tp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
-        "generate:tp2", "generate:pp2", "generate:qwen2_kv1_tp2", "load:tp2", "chat:tp2", "predict:dp2",
-        "trainer:tp2"],
-    4: ["comm", "reference", "train:tp2_pp2", "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
+        "train:qwen2_pp2", "train:qwen2_kv1_tp2", "train:qwen2_tied_tp2", "train:qwen2_tied_pp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
+        "generate:tp2", "generate:pp2", "generate:qwen2_kv1_tp2", "generate:qwen2_tied_pp2", "load:tp2", "chat:tp2", "predict:dp2",
+        "trainer:tp2", "trainer:qwen2_tied_pp2"],
+    4: ["comm", "reference", "reference:qwen2_tiny", "train:tp2_pp2", "train:qwen2_tied_tp2_pp2",
+        "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
 }
 
 pytestmark = pytest.mark.msrun
@@ -124,6 +126,22 @@ def test_tp2_pp2_four_processes_matches_single_process(job4):
     _check_layout(job4, "tp2_pp2")
 
 
+@pytest.mark.parametrize("layout, job", [("qwen2_tied_pp2", "job2"), ("qwen2_tied_tp2_pp2", "job4")])
+def test_tied_embeddings_across_pipeline_stages_match_single_process(layout, job, request):
+    """Tiny Qwen2 with tied embeddings under pp2 (and tp2 x pp2): the last stage's lm_head is a copy of the
+    embedding whose gradient is summed with the embedding's; loss, norm and the updated embedding equal one
+    process, no rank saves the copy (the merged names are the reference's), and after the step the copy is
+    bitwise the first stage's embedding on every tp rank."""
+    out, result = request.getfixturevalue(job)
+    _check_layout((out, result), layout)
+    dims = pc.ParallelDims(**pc.LAYOUTS[layout])
+    by_tp = {}
+    for rank in range(dims.world):
+        info = pc.rank_info(out, layout, rank)
+        by_tp.setdefault(dims.coords(rank).tp, set()).add(info["tied_sha256"])
+    assert len(by_tp) == dims.tp and all(len(shas) == 1 for shas in by_tp.values()), by_tp
+
+
 def test_adamw_with_dp_sharded_states_matches_single_process(job2):
     _check_layout(job2, "dp2_zero")
 
@@ -165,9 +183,10 @@ def test_comm_collectives_in_subgroups(job4):
 
 
 @pytest.mark.parametrize("layout, job", [("tp2", "job2"), ("pp2", "job2"), ("tp2_pp2", "job4"),
-                                         ("qwen2_kv1_tp2", "job2")])
+                                         ("qwen2_kv1_tp2", "job2"), ("qwen2_tied_pp2", "job2")])
 def test_greedy_generation_equals_single_process(layout, job, request):
-    """Greedy tokens under tensor parallel, pipeline stages (parallel/generation.py) and both."""
+    """Greedy tokens under tensor parallel, pipeline stages (parallel/generation.py) and both; a tied head on the
+    last stage (qwen2_tied_pp2)."""
     out, result = request.getfixturevalue(job)
     for rank in range(2 if job == "job2" else 4):
         path = os.path.join(out, f"generate_{layout}", f"rank{rank}.json")
@@ -223,7 +242,10 @@ def test_predict_dp2_splits_prompts_and_equals_single_process(job2):
         assert info["printed"] == (printed.getvalue() if rank == 0 else "")
 
 
-def test_train_run_mode_tp2_equals_single_process_trainer(job2, tmp_path):
+@pytest.mark.parametrize("layout", list(pc.TRAINER_LAYOUTS))
+def test_train_run_mode_equals_single_process_trainer(job2, tmp_path, layout):
+    """The train run mode under tp2 (tiny TeleChat2) and pp2 (tiny Qwen2 with tied embeddings: the last stage's
+    copy of the embedding is not saved, so the layout checkpoint merges to the single-process names)."""
     from safetensors.numpy import load_file
 
     from convert.reshard import merge
@@ -233,13 +255,14 @@ def test_train_run_mode_tp2_equals_single_process_trainer(job2, tmp_path):
     from telechat2_ms.train import run_train
 
     out, result = job2
-    summary = run_train(load_settings(None, pc.TRAIN_ARGS + [f"--output_dir={tmp_path / 'single'}"]))
+    both, _ = pc.TRAINER_LAYOUTS[layout]
+    summary = run_train(load_settings(None, pc.TRAIN_ARGS + both + [f"--output_dir={tmp_path / 'single'}"]))
     with open(summary["metrics_file"], encoding="utf-8") as f:
         single_norms = [json.loads(line)["grad_norm"] for line in f if line.strip()]
     assert len(single_norms) == 2 and single_norms[0] > 0.5  # clipping at 0.5 is active
     infos = []
     for rank in range(2):
-        path = os.path.join(out, "trainer", f"rank{rank}.json")
+        path = os.path.join(out, "trainer", layout, f"rank{rank}.json")
         assert os.path.exists(path), _explain(result, out)
         with open(path, encoding="utf-8") as f:
             infos.append(json.load(f))
@@ -254,8 +277,8 @@ def test_train_run_mode_tp2_equals_single_process_trainer(job2, tmp_path):
     merged_path = merge(infos[0]["checkpoint"], str(tmp_path / "merged.safetensors"), progress=False)
     merged = load_file(merged_path)
     want = load_file(os.path.join(summary["checkpoint"], "model.safetensors"))
-    settings = load_settings(None, pc.TRAIN_ARGS)
-    initial = {n: p.asnumpy() for n, p in Telechat2ForCausalLM(get_config("tiny"), seed=settings.train.seed)
+    settings = load_settings(None, pc.TRAIN_ARGS + both)
+    initial = {n: p.asnumpy() for n, p in Telechat2ForCausalLM(get_config(settings.model), seed=settings.train.seed)
                .parameters_and_names()}
     assert sorted(merged) == sorted(want)
     for name in want:

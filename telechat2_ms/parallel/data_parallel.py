@@ -87,6 +87,8 @@ def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
         copies = getattr(p, "kv_copies", 1)
         if copies > 1 and groups.coords.tp % copies:
             continue  # a copy of a kv head another tp rank of its block counts
+        if getattr(p, "tied_copy", False):
+            continue  # the last stage's copy of a tied embedding: the first stage counts it
         sq = squared_sum(cast_to(g, ms.float32))  # []
         if is_tp_replicated(p.name):
             replicated_sq = replicated_sq + sq

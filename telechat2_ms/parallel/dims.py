@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from telechat2_ms.config import ConfigError, ModelConfig
 from telechat2_ms.parallel.plan import check_tp, stage_layer_ranges
 
-GROUP_KINDS = ("tp", "cp", "dp", "pp", "grad")
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "grad", "embed")
 
 
 class RankCoords(NamedTuple):
@@ -90,9 +90,6 @@ class ParallelDims:
         """Raise ConfigError when `cfg` cannot be split this way (tp rules and stage ranges: parallel/plan.py)."""
         check_tp(cfg, self.tp)
         self.stage_layer_ranges(cfg.num_layers)
-        if cfg.tie_word_embeddings and self.pp > 1:
-            raise ConfigError(f"model {cfg.name} ties lm_head to the embedding, so both must live on one pipeline "
-                              f"stage (pp={self.pp})")
 
     def check_batch(self, batch_size: int, seq_length: int) -> None:
         """Global batch [batch_size, seq_length] tokens (inputs, after the label shift)."""
@@ -140,6 +137,10 @@ class ParallelDims:
             return [self.rank_of(p, c.dp, c.cp, c.tp) for p in range(self.pp)]
         if kind == "grad":
             return [self.rank_of(c.pp, d, x, c.tp) for d in range(self.dp) for x in range(self.cp)]
+        if kind == "embed":  # tied embeddings: the first stage's embedding and the last stage's copy of it
+            if self.pp == 1 or 0 < c.pp < self.pp - 1:
+                return [rank]
+            return [self.rank_of(0, c.dp, c.cp, c.tp), self.rank_of(self.pp - 1, c.dp, c.cp, c.tp)]
         raise ValueError(f"unknown group kind {kind!r}; expected one of {GROUP_KINDS}")
 
     def all_groups(self, kind: str) -> List[List[int]]:
@@ -164,13 +165,17 @@ class ParallelGroups(NamedTuple):
     dp: object
     pp: object
     grad: object
+    embed: object  # first and last pipeline stage of a model with tied embeddings (else this rank alone)
 
 
-def build_groups(dims: ParallelDims, rank: Optional[int] = None) -> ParallelGroups:
-    """Create (as a member) this rank's tp/cp/dp/pp/grad groups. In a single process every group has size 1."""
+def build_groups(dims: ParallelDims, rank: Optional[int] = None, tied: bool = False) -> ParallelGroups:
+    """Create (as a member) this rank's tp/cp/dp/pp/grad groups, and with `tied` (tie_word_embeddings) the embed
+    group that keeps the last stage's copy of the embedding equal to the first stage's. In a single process
+    every group has size 1."""
     from telechat2_ms.parallel import comm
 
     rank = comm.get_rank() if rank is None else rank
     dims.check_world(comm.get_world_size())
-    groups = {kind: comm.new_group(dims.group_ranks(kind, rank), kind) for kind in GROUP_KINDS}
+    groups = {kind: comm.new_group(dims.group_ranks(kind, rank) if kind != "embed" or tied else [rank], kind)
+              for kind in GROUP_KINDS}
     return ParallelGroups(dims=dims, coords=dims.coords(rank), **groups)

@@ -37,6 +37,12 @@ def mark_kv_copy(param: Parameter, copies: int) -> None:
     param.kv_copies = copies
 
 
+def mark_tied_copy(param: Parameter) -> None:
+    """Tag the last pipeline stage's copy of a tied embedding (lm_head): its gradient is summed with the
+    embedding's (parallelize.TelechatParallel), it is not counted in the gradient norm and not saved."""
+    param.tied_copy = True
+
+
 class ColumnParallelLinear(nn.Cell):
     """y_local = x @ W_local^T (+ b_local): W [out, in] and its bias (Qwen2's q/k/v) split on `out`; x is already
     replicated in the tp region (see RegionEntryNorm), so no communication here. x [..., in] -> [..., out/tp]."""

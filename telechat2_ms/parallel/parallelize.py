@@ -4,7 +4,8 @@ contain no parallel code; this module rewrites the model in place).
 `parallelize_telechat2(model, dims)` applies, in order:
 1. pipeline split: layers outside this stage's range, and the embedding (not first stage) or the final
    norm and lm_head (not last stage), are replaced by empty placeholders; parameter names keep their
-   global layer index (`model.layers.{i}...`) on every stage;
+   global layer index (`model.layers.{i}...`) on every stage; with tied embeddings over several stages the
+   last stage's lm_head holds a copy of the embedding (kept equal through the embed group, never saved);
 2. tensor (+ sequence) parallel, by parallel/plan.TP_PLAN over the decoder-layer cells: column-parallel
    wq, wk_v, w1, w3; row-parallel wo, w2; region-entry norms; vocab-parallel embedding and lm_head. Each
    new cell gets this rank's slice from `weights.shard(name, tp, tp_rank)` (checkpoint.Weights: read slice by
@@ -31,13 +32,15 @@ from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.data_parallel import global_grad_norm, reduce_gradients
 from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
-                                          VocabParallelEmbedding, VocabParallelHead, mark_kv_copy,
+                                          VocabParallelEmbedding, VocabParallelHead, mark_kv_copy, mark_tied_copy,
                                           vocab_parallel_cross_entropy)
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
 from telechat2_ms.parallel.plan import TP_PLAN, kv_replicas
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
 from telechat2_ms.model import layer_masks, mask_tensors
 from telechat2_ms.rope import rope_inputs
+
+EMBEDDING = "model.tok_embeddings.embedding_weight"
 
 
 class Absent(nn.Cell):
@@ -99,7 +102,7 @@ def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: T
         return weights.shard(name, tp, tp_rank, kv_heads)
 
     if not isinstance(model.model.tok_embeddings, Absent):
-        model.model.tok_embeddings = VocabParallelEmbedding(shard("model.tok_embeddings.embedding_weight"),
+        model.model.tok_embeddings = VocabParallelEmbedding(shard(EMBEDDING),
                                                             tp_group, sp, dtype)
     for i in range(*layer_range):
         layer, prefix = model.model.layers[i], f"model.layers.{i}."
@@ -127,8 +130,14 @@ def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: T
         norm = model.model.norm_out
         model.model.norm_out = RegionEntryNorm(shard("model.norm_out.weight"), norm.eps, tp_group, sp,
                                                norm.use_fused)
-        if model.config.tie_word_embeddings:  # the same Parameter as the embedding (pp = 1: the same stage)
+        if model.config.tie_word_embeddings and not isinstance(model.model.tok_embeddings, Absent):
+            # pp = 1: the embedding's own Parameter serves as the head
             model.lm_head = VocabParallelHead(None, tp_group, dtype, tied_to=model.model.tok_embeddings)
+        elif model.config.tie_word_embeddings:
+            # the last of several stages: a copy of the embedding's shard (Megatron's word-embedding copy), read
+            # from the same weights, its gradient summed with the embedding's over the embed group, so both stay equal
+            model.lm_head = VocabParallelHead(shard(EMBEDDING), tp_group, dtype)
+            mark_tied_copy(model.lm_head.weight)
         else:
             model.lm_head = VocabParallelHead(shard("lm_head.weight"), tp_group, dtype)
 
@@ -163,7 +172,7 @@ def parallelize_telechat2(model, dims: ParallelDims, weights=None,
     from telechat2_ms.checkpoint import ArrayWeights, Weights, check_state_matches
 
     dims.check_model(model.config)
-    groups = groups or build_groups(dims)
+    groups = groups or build_groups(dims, tied=model.config.tie_word_embeddings)
     if weights is None:
         weights = ArrayWeights(dict(model.parameters_and_names()), "the model's own weights")
     elif not isinstance(weights, Weights):
@@ -252,7 +261,17 @@ class TelechatParallel:
         stage_fns = StageFunctions(forward, self.params, (micro, act_seq, cfg.hidden_size))
         loss, grads = run_pipeline(stage_fns, groups.pp, dims.micro_batch_num)
         grads = reduce_gradients(self.params, grads, groups.grad, groups.tp)
+        self._sum_tied_gradients(grads)
         return self._global_loss(loss), grads
+
+    def _sum_tied_gradients(self, grads) -> None:
+        """Tied embeddings over several stages: the embedding (first stage) and its copy in lm_head (last stage)
+        each get the sum of both gradients, so the two stay equal after every update."""
+        if self.groups.embed.size == 1:
+            return
+        for i, p in enumerate(self.params):
+            if p.name == EMBEDDING or getattr(p, "tied_copy", False):
+                grads[i] = comm.all_reduce(grads[i], self.groups.embed)
 
     def _global_loss(self, local_loss) -> float:
         """Sum the replicas' loss shares and hand the value from the last stage to every stage."""
@@ -266,5 +285,7 @@ class TelechatParallel:
         return global_grad_norm(self.params, grads, self.groups)
 
     def local_state(self) -> Dict[str, np.ndarray]:
-        """name -> this rank's (sharded) parameter values."""
-        return {name: p.asnumpy() for name, p in self.model.parameters_and_names()}
+        """name -> this rank's (sharded) parameter values (what its checkpoint file holds: no tied copy)."""
+        from telechat2_ms.checkpoint import model_state
+
+        return {name: p.asnumpy() for name, p in model_state(self.model).items()}

@@ -26,7 +26,8 @@ gives back `w` bit for bit, and resharding between layouts is a pure tensor oper
 
 Pipeline parallel: `stage_layer_ranges` gives each stage a contiguous block of layers (even split by
 default, the first `num_layers % pp` stages taking one more; or explicit per-stage counts). The embedding
-lives on the first stage, norm_out and lm_head on the last. Parameter names keep their global layer index
+lives on the first stage, norm_out and lm_head on the last; a tied lm_head (Qwen2-0.5B/1.5B) is a copy of the
+embedding on the last stage, which checkpoints do not hold (`param_stages`). Parameter names keep their global layer index
 on every stage (as MindFormers' pipeline checkpoints do), so merging needs no renumbering.
 
 Rank order for a (tp, pp) layout: rank = pp_stage * tp + tp_rank (tp fastest, as in parallel/dims.py).
@@ -286,3 +287,12 @@ def param_stage(name: str, ranges: Sequence[Tuple[int, int]]) -> int:
         if first <= layer < end:
             return stage
     raise ValueError(f"parameter {name}: layer {layer} is outside the stage ranges {list(ranges)}")
+
+
+def param_stages(name: str, ranges: Sequence[Tuple[int, int]], tied: bool = False) -> Tuple[int, ...]:
+    """Pipeline stages holding a copy of parameter `name`: its `param_stage`, and with tied embeddings
+    (`tied`) over several stages the last stage too, whose lm_head holds a copy of the embedding."""
+    stage = param_stage(name, ranges)
+    if tied and stage == 0 and len(ranges) > 1 and name.startswith("model.tok_embeddings."):
+        return (0, len(ranges) - 1)
+    return (stage,)

@@ -48,21 +48,30 @@ CHAT_INPUT = "hello\nhow are you\n/exit\n"
 # predict under dp2 (worker task predict:dp2: replicas split the prompts) and in one process (the test)
 PREDICT_ARGS = ["--seq_length=128", "--generate.max_new_tokens=6", "--jit=false",
                 '--predict_data=["What is 3 plus 4?", "hi", "Tell me a story"]']
-# the train run mode under tp2 (worker task trainer:tp2) and in one process (the test): run settings
+# the train run mode under a layout (worker task trainer:LAYOUT) and in one process (the test): run settings
 TRAIN_ARGS = ["--train.train_dataset=demo:64", "--seq_length=64", "--train.truncation=truncate",
               "--train.batch_size=2", "--train.total_steps=2", "--train.learning_rate=1e-2",
               "--train.min_learning_rate=1e-3", "--train.eps=1e-6", "--train.grad_clip=0.5", "--jit=false"]
+# layout -> (settings of both runs, the layout's parallel_config under msrun): the same global batch in both
+TRAINER_LAYOUTS = {
+    "tp2": ([], ["--parallel_config.model_parallel=2"]),
+    "qwen2_tied_pp2": (["--model=qwen2_tiny", "--parallel_config.micro_batch_num=2"],
+                       ["--parallel_config.pipeline_stage=2"]),
+}
 
 
 # layouts of another family: layout name -> model (MODELS); the rest use "tiny"
-LAYOUT_MODELS = {"qwen2_tp2": "qwen2", "qwen2_pp2": "qwen2", "qwen2_kv1_tp2": "qwen2_kv1", "qwen2_tied_tp2": "qwen2_tiny"}
+LAYOUT_MODELS = {"qwen2_tp2": "qwen2", "qwen2_pp2": "qwen2", "qwen2_kv1_tp2": "qwen2_kv1", "qwen2_tied_tp2": "qwen2_tiny",
+                 "qwen2_tied_pp2": "qwen2_tiny", "qwen2_tied_tp2_pp2": "qwen2_tiny"}
 LAYOUTS.update({"qwen2_tp2": dict(tp=2), "qwen2_pp2": dict(pp=2, micro_batch_num=4), "qwen2_kv1_tp2": dict(tp=2),
-                "qwen2_tied_tp2": dict(tp=2)})
+                "qwen2_tied_tp2": dict(tp=2), "qwen2_tied_pp2": dict(pp=2, micro_batch_num=4),
+                "qwen2_tied_tp2_pp2": dict(tp=2, pp=2, micro_batch_num=4)})
+GENERATE_LAYOUTS["qwen2_tied_pp2"] = dict(pp=2, micro_batch_num=2)  # the head on stage 1 is the embedding's copy
 
 
 def model_config(model: str = "tiny"):
     """"tiny" (TeleChat2), "qwen2_tiny" (tied embeddings), or "qwen2": tiny Qwen2 (q/k/v biases, separate k/v, GQA
-    with 2 kv heads, so 1 per rank under tp2; a sliding-window layer) with untied embeddings (pp needs them)."""
+    with 2 kv heads, so 1 per rank under tp2; a sliding-window layer) with untied embeddings."""
     import dataclasses
 
     if model in ("qwen2", "qwen2_kv1"):  # qwen2_kv1: one kv head, so both tp2 ranks hold a copy of it

@@ -8,8 +8,9 @@ Usage: python worker_parallel.py OUT_DIR TASK [TASK ...], TASK one of
   train:LAYOUT      one clipped SGD step (or, for parallel_cases.ADAMW_LAYOUTS, the clipped AdamW steps
                     with dp-sharded states) under a layout of parallel_cases.LAYOUTS; each rank dumps its
                     loss, global gradient norm and local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz}
-  trainer:tp2       the train run mode (the one Trainer, parallel engine) under tp2 for parallel_cases.TRAIN_ARGS;
-                    OUT_DIR/trainer_tp2/ (its output dir) and OUT_DIR/trainer/rank{r}.json (its summary)
+  trainer:LAYOUT    the train run mode (the one Trainer, parallel engine) under a layout of
+                    parallel_cases.TRAINER_LAYOUTS; OUT_DIR/trainer_LAYOUT/ (its output dir) and
+                    OUT_DIR/trainer/LAYOUT/rank{r}.json (its summary)
   predict:dp2       run_predict (predict.py) under dp2: replica r answers prompts r, r+2, ..., rank 0 prints
                     them all in order; OUT_DIR/predict/rank{r}.json
   chat:tp2          run_chat (predict.py) under tp2 with typed lines on rank 0, plus the object
@@ -85,19 +86,26 @@ def task_train(out_dir: str, rank: int, layout: str) -> None:
         norm = parallel.grad_norm(grads)
         pc.sgd_step(parallel.params, pc.clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
         extra = {"norms": [norm]}
+    if parallel.groups.embed.size > 1:  # tied embeddings over stages: the bytes of the embedding or of its copy
+        import hashlib
+
+        held = [p for p in parallel.model.get_parameters()
+                if p.name == "model.tok_embeddings.embedding_weight" or getattr(p, "tied_copy", False)]
+        extra["tied_sha256"] = hashlib.sha256(held[0].asnumpy().tobytes()).hexdigest()
     pc.save_rank_result(out_dir, layout, rank, parallel.groups.coords, loss, parallel.local_state(),
                         time.monotonic() - start, **extra)
 
 
-def task_trainer(out_dir: str, rank: int) -> None:
+def task_trainer(out_dir: str, rank: int, layout: str) -> None:
     from telechat2_ms.settings import load_settings
     from telechat2_ms.train import run_train
 
-    settings = load_settings(None, pc.TRAIN_ARGS + ["--parallel_config.model_parallel=2",
-                                                    f"--output_dir={os.path.join(out_dir, 'trainer_tp2')}"])
+    both, parallel = pc.TRAINER_LAYOUTS[layout]
+    settings = load_settings(None, pc.TRAIN_ARGS + both + parallel +
+                             [f"--output_dir={os.path.join(out_dir, f'trainer_{layout}')}"])
     summary = run_train(settings)
-    os.makedirs(os.path.join(out_dir, "trainer"), exist_ok=True)
-    with open(os.path.join(out_dir, "trainer", f"rank{rank}.json"), "w", encoding="utf-8") as f:
+    os.makedirs(os.path.join(out_dir, "trainer", layout), exist_ok=True)
+    with open(os.path.join(out_dir, "trainer", layout, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f)
 
 
@@ -195,7 +203,7 @@ def main(out_dir: str, tasks) -> None:
             elif kind == "generate":
                 task_generate(out_dir, rank, arg)
             elif kind == "trainer":
-                task_trainer(out_dir, rank)
+                task_trainer(out_dir, rank, arg)
             elif kind == "predict":
                 task_predict(out_dir, rank)
             elif kind == "chat":
