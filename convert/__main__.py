@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", parents=[common], help="layout directory -> one full .safetensors")
     p.add_argument("src", help="layout directory (with layout.json)")
     p.add_argument("output", help="NAME.safetensors")
+    p.add_argument("--file", default="model.safetensors",
+                   help="which per-rank file to merge: model.safetensors (the weights, default), or "
+                        "exp_avg.safetensors / exp_avg_sq.safetensors of a checkpoint written by training under "
+                        "msrun (AdamW's moments, under the parameters' names)")
     return parser
 
 
@@ -73,7 +77,7 @@ def _run(args) -> int:
         out = reshard(args.src, args.output, args.tp, args.pp, args.layer_counts, args.config, args.dtype,
                       args.overwrite, progress)
     else:
-        out = merge(args.src, args.output, args.overwrite, progress)
+        out = merge(args.src, args.output, args.overwrite, progress, args.file)
     print(f"wrote {out}")
     return 0
 

@@ -29,7 +29,7 @@ from convert.stream import TensorPlan, check_all_consumed, run_plans
 from telechat2_ms.config import ModelConfig
 from telechat2_ms.formats.atomic import atomic_dir, atomic_file, check_output_path
 from telechat2_ms.formats.dtypes import target_code
-from telechat2_ms.formats.layout import layout_dict, rank_file, shard_metadata, write_layout
+from telechat2_ms.formats.layout import SHARD_FILE, layout_dict, rank_file, shard_metadata, write_layout
 from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
 from telechat2_ms.parallel.plan import check_tp, param_stage, shard_shape, shard_tensor, stage_layer_ranges
 
@@ -91,15 +91,17 @@ def _write_layout(source: TensorSource, plans: List[TensorPlan], cfg: ModelConfi
 
 def reshard(src: str, output: str, tp: int = 1, pp: int = 1, layer_counts: Optional[Sequence[int]] = None,
             config: Union[None, str, ModelConfig] = None, dtype: str = "keep", overwrite: bool = False,
-            progress: bool = True) -> str:
+            progress: bool = True, file: str = SHARD_FILE) -> str:
     """Write `src` (a full .safetensors/.ckpt checkpoint or a layout directory) as a (tp, pp) layout
-    directory, or as one full `.safetensors` file when `output` ends in .safetensors (needs tp = pp = 1)."""
+    directory, or as one full `.safetensors` file when `output` ends in .safetensors (needs tp = pp = 1).
+    `file`: which per-rank file of a layout directory to read (a training checkpoint's `exp_avg.safetensors` or
+    `exp_avg_sq.safetensors`: AdamW's moments, under the parameters' names)."""
     to_file = output.endswith(".safetensors")
     if to_file and (tp, pp) != (1, 1):
         raise ConversionError(f"output {output} is a single file, which holds the full checkpoint (tp=1, pp=1); "
                               f"got tp={tp}, pp={pp}: give a directory instead")
     check_output_path(output, overwrite, is_dir=not to_file)
-    source = open_ms_checkpoint(src)
+    source = open_ms_checkpoint(src, file)
     cfg = resolve_config(source, config)
     check_tp(cfg, tp)
     ranges = stage_layer_ranges(cfg.num_layers, pp, layer_counts)
@@ -111,8 +113,8 @@ def reshard(src: str, output: str, tp: int = 1, pp: int = 1, layer_counts: Optio
     return output
 
 
-def merge(src_dir: str, output: str, overwrite: bool = False, progress: bool = True) -> str:
-    """A layout directory back to one full `.safetensors` checkpoint."""
+def merge(src_dir: str, output: str, overwrite: bool = False, progress: bool = True, file: str = SHARD_FILE) -> str:
+    """A layout directory back to one full `.safetensors` checkpoint (`file`: see reshard)."""
     if not output.endswith(".safetensors"):
         raise ConversionError(f"merge output {output} must end in .safetensors")
-    return reshard(src_dir, output, 1, 1, overwrite=overwrite, progress=progress)
+    return reshard(src_dir, output, 1, 1, overwrite=overwrite, progress=progress, file=file)

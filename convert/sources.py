@@ -23,7 +23,7 @@ import numpy as np
 
 from telechat2_ms.formats.dtypes import STORAGE, check_code
 from convert.errors import ConversionError
-from telechat2_ms.formats.layout import LAYOUT_NAME, open_rank_file, read_layout
+from telechat2_ms.formats.layout import LAYOUT_NAME, SHARD_FILE, open_rank_file, read_layout
 from telechat2_ms.formats.safetensors_io import SafetensorsFile, TensorInfo
 from telechat2_ms.parallel.plan import full_shape, merge_shards, param_stage, stage_layer_ranges
 from telechat2_ms.checkpoint import CONFIG_METADATA_KEY
@@ -198,10 +198,11 @@ def open_hf_dir(directory: str) -> "tuple[TensorSource, ModelConfig]":
                           f"model.safetensors, or pytorch_model*.bin)")
 
 
-def open_ms_checkpoint(path: str) -> TensorSource:
-    """A MindSpore checkpoint: `.safetensors` file, `.ckpt` file, or a sharded directory with layout.json."""
+def open_ms_checkpoint(path: str, file: str = SHARD_FILE) -> TensorSource:
+    """A MindSpore checkpoint: `.safetensors` file, `.ckpt` file, or a sharded directory with layout.json (`file`:
+    which per-rank file of it; a training checkpoint's optimizer moments sit beside the weights)."""
     if os.path.isdir(path):
-        return ShardedSource(path)
+        return ShardedSource(path, file)
     if not os.path.isfile(path):
         raise ConversionError(f"MindSpore checkpoint {path} does not exist")
     if path.endswith(".safetensors"):
@@ -246,9 +247,10 @@ def resolve_config(source: TensorSource, given: Union[None, str, ModelConfig]) -
 
 
 class ShardedSource(TensorSource):
-    """A layout directory read as a full checkpoint: `read(name)` merges the tp slices of one parameter."""
+    """A layout directory read as a full checkpoint: `read(name)` merges the tp slices of one parameter (of the
+    per-rank `file`s: the weights, or a training checkpoint's moments stored under the same names)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, file: str = SHARD_FILE):
         self.path = directory
         layout = read_layout(directory)
         layout_path = os.path.join(directory, LAYOUT_NAME)
@@ -262,7 +264,8 @@ class ShardedSource(TensorSource):
         self.metadata = {CONFIG_METADATA_KEY: json.dumps(layout["model_config"])}
         layout["layer_ranges"] = [list(r) for r in self.ranges]
         self._files: Dict[Tuple[int, int], SafetensorsFile] = {
-            (t, stage): open_rank_file(directory, layout, t, stage) for stage in range(self.pp) for t in range(self.tp)}
+            (t, stage): open_rank_file(directory, layout, t, stage, file) for stage in range(self.pp)
+            for t in range(self.tp)}
         self._stage: Dict[str, int] = {}
         self._infos: Dict[str, TensorInfo] = {}
         for stage in range(self.pp):

@@ -113,8 +113,9 @@ def comm_rank() -> int:
     return comm.get_rank()
 
 
-def build_model(plan: RunPlan, groups=None):
-    """-> (model, TelechatParallel or None) for this rank; see the module docstring."""
+def build_model(plan: RunPlan, groups=None, weights=None):
+    """-> (model, TelechatParallel or None) for this rank; see the module docstring. `weights` (msrun): read
+    them from there instead of the run's load_checkpoint (a resumed training checkpoint)."""
     from telechat2_ms.checkpoint import load_weights
     from telechat2_ms.config import TELECHAT_DEFAULT_THETA
     from telechat2_ms.rope import describe_rope
@@ -132,8 +133,9 @@ def build_model(plan: RunPlan, groups=None):
     from telechat2_ms.parallel.parallelize import parallelize_telechat2
 
     skeleton = build_skeleton(plan, lazy=True)
-    weights = (RandomWeights(skeleton, plan.settings.train.seed) if plan.ref.kind == "none"
-               else open_weights(plan.ref, plan.dims))
+    if weights is None:
+        weights = (RandomWeights(skeleton, plan.settings.train.seed) if plan.ref.kind == "none"
+                   else open_weights(plan.ref, plan.dims))
     parallel = parallelize_telechat2(skeleton, plan.dims, weights=weights, groups=groups)
     return parallel.model, parallel
 

@@ -40,7 +40,7 @@ from telechat2_ms.formats.atomic import atomic_file, write_text_atomic
 from telechat2_ms.formats.dtypes import cast
 from telechat2_ms.formats.errors import CheckpointError
 from telechat2_ms.formats.json_file import read_json_object
-from telechat2_ms.formats.layout import is_layout_dir, layout_ranges, open_rank_file, read_layout
+from telechat2_ms.formats.layout import SHARD_FILE, is_layout_dir, layout_ranges, open_rank_file, read_layout
 from telechat2_ms.formats.safetensors_io import SafetensorsFile, write_arrays
 from telechat2_ms.parallel import plan
 
@@ -302,10 +302,13 @@ class CkptWeights(Weights):
 
 class LayoutWeights(Weights):
     """A per-rank layout directory: `shard(name, tp, t)` reads the slice stored in rank file tp{t}_pp{stage}
-    (the layout must have this run's tp and stage layer ranges, checked by `open_weights`)."""
+    when the directory has this tp; under another tp (a run resumed or loaded onto a new layout) the tensor is
+    merged from the stored slices and cut again (parallel/plan.py). The stage of a tensor is the stored
+    layout's, so any pipeline split reads it. `file`: the weights, or another per-rank file of the same names
+    (a training checkpoint's optimizer moments)."""
 
-    def __init__(self, ref: CheckpointRef):
-        self.path, self.layout = ref.path, ref.layout
+    def __init__(self, ref: CheckpointRef, file: str = SHARD_FILE):
+        self.path, self.layout, self.file = ref.path, ref.layout, file
         self.tp, self.ranges = self.layout["tp"], [tuple(r) for r in layout_ranges(self.layout)]
         self.kv_heads = ref.config.num_kv_heads if ref.config is not None else 0
         self._files: Dict[Tuple[int, int], SafetensorsFile] = {}
@@ -316,7 +319,7 @@ class LayoutWeights(Weights):
 
     def _file(self, tp_rank: int, stage: int) -> SafetensorsFile:
         if (tp_rank, stage) not in self._files:
-            self._files[(tp_rank, stage)] = open_rank_file(self.path, self.layout, tp_rank, stage)
+            self._files[(tp_rank, stage)] = open_rank_file(self.path, self.layout, tp_rank, stage, self.file)
         return self._files[(tp_rank, stage)]
 
     def shapes(self):
@@ -328,8 +331,8 @@ class LayoutWeights(Weights):
         return plan.merge_shards(name, [self.shard(name, self.tp, t) for t in range(self.tp)], self.kv_heads)
 
     def shard(self, name, tp, tp_rank, kv_heads=0):
-        if tp != self.tp:
-            raise CheckpointError(f"{self.path} holds tp={self.tp} slices, this run asks for tp={tp}")
+        if tp != self.tp:  # another layout: the whole tensor, then this rank's slice of it
+            return plan.shard_tensor(name, self.full(name), tp, tp_rank, kv_heads or self.kv_heads)
         file = self._file(tp_rank, plan.param_stage(name, self.ranges))
         info = file.info(name)
         return cast(file.read(name), info.code, "F32")
@@ -386,13 +389,7 @@ def open_weights(ref: CheckpointRef, dims=None) -> Weights:
     if ref.kind == "layout":
         if dims is None:
             raise CheckpointError(f"{ref.path} is a per-rank layout directory; it loads under msrun only")
-        ranges = [list(r) for r in dims.stage_layer_ranges(ref.config.num_layers)]
-        layout = ref.layout
-        if (layout["tp"], layout["pp"], layout["layer_ranges"]) != (dims.tp, dims.pp, ranges):
-            raise ConfigError(f"{ref.path} holds tp={layout['tp']} pp={layout['pp']} layer ranges "
-                              f"{layout['layer_ranges']}, but this run is tp={dims.tp} pp={dims.pp} layer ranges "
-                              f"{ranges}; reshard it with `python -m convert reshard`")
-        return LayoutWeights(ref)
+        return LayoutWeights(ref)  # another tp or pipeline split than the run's: tensors are merged and cut again
     if ref.weights.endswith(".safetensors"):
         return SafetensorsWeights(ref.weights)
     return CkptWeights(ref.weights)

@@ -34,7 +34,7 @@ LOCK_FILE = ".lock"
 RUN_FORMAT = "telechat2_ms.run/1"
 # what a fresh run would mix with: a previous run's results in the output directory (a run.json alone, of
 # a run that stopped before writing any, is replaced without asking)
-RESULT_ENTRIES = ("checkpoints", "metrics.jsonl", "loss_curve.png")
+RESULT_ENTRIES = ("checkpoints", "metrics.jsonl", "loss_curve.png", "training_curves.png")
 
 
 class OutputBusy(ConfigError):
@@ -142,6 +142,9 @@ class RunClaim:
     replaced: List[str]
 
 
+# identity keys a resumed run may change (the global batch may not): the parallel layout and the rows per
+# micro-batch (a checkpoint resumes under another layout)
+RESHARDABLE = ("layout:", "batch_size:")
 # what trainer states written before run identities existed recorded (compared when resuming those)
 _LEGACY_KEYS = ("model", "seed", "batch_size", "grad_accum_steps", "seq_length", "lora")
 
@@ -161,7 +164,8 @@ def claim_run(directory: str, identity: Dict[str, Any], resumed_state: Optional[
     if resumed_state is not None:
         mine = identity if isinstance(resumed_state.get("identity"), dict) else \
             {k: identity.get(k) for k in _LEGACY_KEYS}
-        differences = identity_differences(recorded_identity(resumed_state), mine)
+        differences = [d for d in identity_differences(recorded_identity(resumed_state), mine)
+                       if not d.startswith(RESHARDABLE)]
         if differences:
             raise ConfigError(f"cannot resume from {resumed_from or directory}: this run is not the one recorded "
                               f"there ({'; '.join(differences)}); resume with the recorded settings (its "

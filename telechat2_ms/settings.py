@@ -414,7 +414,7 @@ def _check_train(settings: RunSettings, world: int) -> None:
     if t.lora_rank and bad:
         raise ConfigError(f"train.lora_targets: unknown {bad}; choose from {list(LORA_TARGET_NAMES)}")
     if world > 1:
-        unsupported = {"train.resume": t.resume or bool(t.resume_from), "train.lora_rank": t.lora_rank > 0,
+        unsupported = {"train.lora_rank": t.lora_rank > 0,
                        "train.recompute selective": t.recompute == "selective",
                        "compute_dtype float16": settings.compute_dtype == "float16"}
         on = [name for name, flag in unsupported.items() if flag]

@@ -6,9 +6,9 @@
   temporary, leaves no temporary behind, and writes the same bytes as an uninterrupted conversion.
 - Training under msrun (tp2, a checkpoint every step, keep_checkpoint_max 2): killed at 5 points, the
   first while a checkpoint is being written (its `.tmp-step_*` directory exists). After every kill each
-  listed checkpoint merges (rank files verified) and loads; each next run (--overwrite: multi-process
-  training cannot resume yet) starts clean; the last one runs to the end and leaves exactly the newest 2
-  checkpoints and no temporary.
+  listed checkpoint merges (rank files verified) and loads; each next run (--overwrite) starts clean; the
+  last one runs to the end and leaves exactly the newest 2 checkpoints and no temporary (resuming after such
+  kills: tests/test_parallel_resume.py).
 """
 import hashlib
 import os

@@ -58,7 +58,8 @@ def test_fresh_run_into_a_longer_runs_directory_is_refused_then_overwrite_replac
     assert steps_in(out) == [2, 4, 6]
     before = {name: os.path.getmtime(os.path.join(out, "checkpoints", name)) for name in os.listdir(out / "checkpoints")}
     with pytest.raises(ConfigError, match=r"output_dir .*out holds run [0-9a-f]{8} .*'s results \(checkpoints, "
-                                          r"metrics.jsonl, loss_curve.png\); continue it with --train.resume=true"):
+                                          r"metrics.jsonl, loss_curve.png, training_curves.png\); continue it with "
+                                          r"--train.resume=true"):
         train(out, steps=2, save=1, keep=1)
     assert {n: os.path.getmtime(os.path.join(out, "checkpoints", n)) for n in os.listdir(out / "checkpoints")} == before
     summary = train(out, "--overwrite", steps=2, save=1, keep=1)

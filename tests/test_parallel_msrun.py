@@ -270,6 +270,7 @@ def test_train_run_mode_equals_single_process_trainer(job2, tmp_path, layout):
         for got, want in zip(info["losses"], summary["losses"], strict=True):
             assert abs(got - want) / abs(want) <= LOSS_TOL, (got, want)
     assert os.path.getsize(infos[0]["loss_curve"]) > 0 and infos[1]["loss_curve"] is None  # rank 0 plots
+    assert os.path.getsize(os.path.join(infos[0]["output_dir"], "training_curves.png")) > 0
     with open(infos[0]["metrics_file"], encoding="utf-8") as f:
         norms = [json.loads(line)["grad_norm"] for line in f if line.strip()]
     for got, want in zip(norms, single_norms, strict=True):

@@ -49,6 +49,8 @@ def test_tiny_demo_loss_drops_and_step_compiles_once():
     assert records[4]["lr"] == pytest.approx(5e-3) and records[-1]["lr"] == pytest.approx(5e-4)
     with Image.open("out/loss_curve.png") as image:
         assert (image.format, image.size) == ("PNG", (640, 400))
+    with Image.open("out/training_curves.png") as image:  # loss, lr, grad norm, tokens/s: 2 x 2 panels
+        assert (image.format, image.size) == ("PNG", (1000, 700))
     assert os.path.isfile(os.path.join(summary["checkpoint"], "model.safetensors"))
     assert summary["checkpoint"].endswith("step_00000030")
 

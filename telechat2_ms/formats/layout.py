@@ -4,6 +4,9 @@ training, read by the converters and by the parallel build:
     layout.json                    format, tp, pp, layer_counts, layer_ranges, rank order, fused flag,
                                    model_config (the HF config.json dict), optional training info
     tp{t}_pp{p}/model.safetensors  the parameters of pipeline stage p, tensor-parallel slice t
+    tp{t}_pp{p}/exp_avg.safetensors, exp_avg_sq.safetensors
+                                   training checkpoints: AdamW's moments of the same slices, under the
+                                   parameters' names (so they reshard and merge by the same rules)
 
 Parameter names keep their global layer index on every stage; rank = p * tp + t. Each rank file also records
 its own (tp, tp_rank, pp, pp_stage, layer_range) in its safetensors metadata under `telechat2_shard`.
@@ -22,9 +25,9 @@ SHARD_FILE = "model.safetensors"
 SHARD_METADATA_KEY = "telechat2_shard"
 
 
-def rank_file(tp_rank: int, stage: int) -> str:
-    """Path of one rank's file inside a layout directory."""
-    return os.path.join(f"tp{tp_rank}_pp{stage}", SHARD_FILE)
+def rank_file(tp_rank: int, stage: int, file: str = SHARD_FILE) -> str:
+    """Path of one rank's file inside a layout directory (`file`: the weights, or another per-rank file)."""
+    return os.path.join(f"tp{tp_rank}_pp{stage}", file)
 
 
 def is_layout_dir(path: str) -> bool:
@@ -79,14 +82,14 @@ def read_layout(directory: str) -> Dict[str, Any]:
     return layout
 
 
-def open_rank_file(directory: str, layout: Dict[str, Any], tp_rank: int, stage: int):
+def open_rank_file(directory: str, layout: Dict[str, Any], tp_rank: int, stage: int, file: str = SHARD_FILE):
     """The SafetensorsFile of rank (tp_rank, stage) of a layout directory, after checking that the
     position it records in its metadata (`telechat2_shard`: tp, tp_rank, pp, pp_stage, layer_range) is that
     one: a file copied or renamed into another rank's place is refused, naming both, instead of being read
     as the wrong slice. CheckpointError for a missing, unreadable or misplaced file."""
     from telechat2_ms.formats.safetensors_io import SafetensorsFile
 
-    name = rank_file(tp_rank, stage)
+    name = rank_file(tp_rank, stage, file)
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: rank file {name} is missing")

@@ -18,9 +18,13 @@ lora.safetensors.
 ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.TelechatParallel's
 forward_backward per accumulation step (1F1B over micro_batch_num micro-batches, gradients reduced over
 replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard).
-Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files), so
-it loads under msrun with the same tp x pp and merges with `python -m convert merge`. Activations are always
-recomputed there (each stage's backward reruns its forward).
+Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files): each
+(tp, stage) file of weights, and of AdamW's two moments under the same names and in the same slices (sharded
+states are gathered over the replicas while they are written), so it merges with `python -m convert merge`,
+loads under msrun with any layout, and resumes under any layout: the weights are read through
+checkpoint.LayoutWeights (merged and cut again when the tp or the pipeline split differ) and so are the
+moments, each replica then keeping its slice when optimizer_shard is on. Activations are always recomputed
+there (each stage's backward reruns its forward).
 """
 from __future__ import annotations
 
@@ -156,12 +160,14 @@ def next_token_batch(ids: np.ndarray, mask: np.ndarray):
 class ParallelEngine:
     """This rank's shard of a dp x tp(+sp) x pp x cp layout; see the module docstring."""
 
-    def __init__(self, plan):
+    def __init__(self, plan, resume_path: str = ""):
         from telechat2_ms.build import build_model
 
         self.settings, self.plan = plan.settings, plan
         t = self.settings.train
-        self.model, self.parallel = build_model(plan)  # only this rank's stage and shards
+        # only this rank's stage and shards; a resumed run reads them from its checkpoint (any layout)
+        weights = ckpt.LayoutWeights(_layout_ref(resume_path)) if resume_path else None
+        self.model, self.parallel = build_model(plan, weights=weights)
         self.params = self.parallel.params
         self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
                                        t.beta2, t.eps, t.weight_decay)
@@ -200,32 +206,81 @@ class ParallelEngine:
 
         dims, coords = self.plan.dims, self.parallel.groups.coords
         ranges = dims.stage_layer_ranges(self.plan.config.num_layers)
-        if coords.dp == 0 and coords.cp == 0:
+        writes = coords.dp == 0 and coords.cp == 0
+        meta = dict(shard_metadata(dims.tp, coords.tp, dims.pp, coords.pp, ranges[coords.pp]),
+                    **{ckpt.CONFIG_METADATA_KEY: _config_json(self.plan.config)})
+        if writes:
             path = os.path.join(directory, rank_file(coords.tp, coords.pp))
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            meta = dict(shard_metadata(dims.tp, coords.tp, dims.pp, coords.pp, ranges[coords.pp]),
-                        **{ckpt.CONFIG_METADATA_KEY: _config_json(self.plan.config)})
             with atomic_file(path, overwrite=True) as tmp:  # one tensor on the host at a time
                 write_arrays(tmp, ckpt.model_state(self.parallel.model), meta)
+        for which in ParallelAdamW.MOMENTS:  # every replica takes part (sharded states are gathered)
+            path = os.path.join(directory, rank_file(coords.tp, coords.pp, moment_file(which)))
+            self._write_moments(which, path if writes else None, meta)
         if self.parallel.groups.coords == (0, 0, 0, 0):
             write_layout(directory, layout_dict(dims.tp, ranges, self.plan.config.to_hf_config(), False,
                                                 {"layout": dims.describe()}))
 
+    def _write_moments(self, which: str, path, meta) -> None:
+        """AdamW moment `which` of this rank's parameters under their names (the tied copy of an embedding
+        has the embedding's, which its first stage writes), one tensor on the host at a time; `path` None: only
+        take part in the gathers of sharded states."""
+        from telechat2_ms.formats.atomic import atomic_file
+        from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
+
+        saved = [(i, p) for i, p in enumerate(self.params) if not getattr(p, "tied_copy", False)]
+        if path is None:
+            for i, _ in saved:
+                self.optimizer.full_moment(which, i)
+            return
+        with atomic_file(path, overwrite=True) as tmp:
+            writer = SafetensorsWriter(tmp, [(p.name, TensorInfo("F32", tuple(p.shape))) for _, p in saved], meta)
+            try:
+                for i, p in saved:
+                    writer.write(p.name, self.optimizer.full_moment(which, i).asnumpy())
+                writer.close()
+            finally:
+                writer.abort()
+
     def check_files(self, directory: str) -> None:
         """Every (tp, stage) rank file and layout.json are in place (a rank killed during the save leaves its file
         missing; the barrier before this does not always notice a dead peer on CPU)."""
-        from telechat2_ms.formats.layout import LAYOUT_NAME, rank_file
+        from telechat2_ms.formats.layout import LAYOUT_NAME, SHARD_FILE, rank_file
 
         dims = self.plan.dims
-        wanted = [LAYOUT_NAME] + [rank_file(t, s) for s in range(dims.pp) for t in range(dims.tp)]
+        files = (SHARD_FILE,) + tuple(moment_file(which) for which in ParallelAdamW.MOMENTS)
+        wanted = [LAYOUT_NAME] + [rank_file(t, s, f) for s in range(dims.pp) for t in range(dims.tp) for f in files]
         missing = [name for name in wanted if not os.path.isfile(os.path.join(directory, name))]
         if missing:
             raise ckpt.CheckpointError(f"{directory}: {', '.join(missing)} not written (a rank failed during the "
                                        "save); the checkpoint is not published")
 
     def restore(self, path: str, state: Dict[str, Any]) -> None:
-        raise ckpt.CheckpointError("multi-process training cannot resume yet (its checkpoints hold the weights, "
-                                   "not the optimizer states)")
+        """The optimizer moments of checkpoint `path` (its weights were read when the model was built), from
+        any layout: each parameter's moments are read as its weights are (checkpoint.LayoutWeights)."""
+        from telechat2_ms.parallel.parallelize import EMBEDDING
+
+        ref, dims, coords = _layout_ref(path), self.plan.dims, self.parallel.groups.coords
+        for which in ParallelAdamW.MOMENTS:
+            source = ckpt.LayoutWeights(ref, moment_file(which))
+            for i, p in enumerate(self.params):
+                name = EMBEDDING if getattr(p, "tied_copy", False) else p.name
+                self.optimizer.load_moment(which, i, source.shard(name, dims.tp, coords.tp,
+                                                                  self.plan.config.num_kv_heads))
+
+
+def moment_file(which: str) -> str:
+    """The per-rank file of AdamW moment `which` in a parallel training checkpoint."""
+    return f"{which}.safetensors"
+
+
+def _layout_ref(path: str):
+    """The layout checkpoint at `path` (a training checkpoint written under msrun), resolved."""
+    ref = ckpt.resolve_checkpoint(path)
+    if ref.kind != "layout":
+        raise ckpt.CheckpointError(f"{path} was written by a one-process run (no per-rank layout.json); a run under "
+                                   "msrun resumes from checkpoints written under msrun")
+    return ref
 
 
 def _config_json(cfg) -> str:

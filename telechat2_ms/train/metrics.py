@@ -1,4 +1,5 @@
-"""Training progress: one line per step on stdout, a metrics jsonl, and the loss-curve PNG at the end.
+"""Training progress: one line per step on stdout, a metrics jsonl, and at the end two PNGs: the loss curve
+and the training curves (loss, learning rate, gradient norm, tokens/s against step).
 
 Progress line (every `log_steps` steps):
     step 40/300 | loss 2.4113 | lr 2.87e-03 | grad_norm 0.812 | 12450 tok/s | 0.21 s/step | ETA 0:00:54
@@ -10,7 +11,7 @@ metrics.jsonl: one JSON object per step {"step", "loss", "lr", "grad_norm", "tok
 "step_time_s", "loss_scale", "skipped", "consumed_samples"}. On resume, lines after the resumed step (written
 by the interrupted run after its last checkpoint) are dropped, so the file describes one clean run. A torn
 last line (what a kill or a full disk mid-append leaves) is dropped with a warning; a bad line anywhere else
-is an error naming the file and line. The loss curve is drawn with matplotlib.
+is an error naming the file and line. The curves are drawn with matplotlib (rank 0 under msrun).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from telechat2_ms.formats.atomic import atomic_file, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
+CURVES_FILE = "training_curves.png"  # loss, learning rate, gradient norm, tokens/s
 
 
 class MetricsError(ValueError):
@@ -97,7 +99,8 @@ class MetricsLogger:
         return line
 
     def plot(self, output_dir: str) -> str:
-        """Write loss_curve.png (raw loss and its moving average) from metrics.jsonl; returns its path."""
+        """Write loss_curve.png (raw loss and its moving average) and training_curves.png from metrics.jsonl;
+        returns the loss curve's path."""
         records = read_metrics(self.path)
         steps = [r["step"] for r in records]
         losses = [r["loss"] if r["loss"] is not None and math.isfinite(r["loss"]) else float("nan")
@@ -119,7 +122,35 @@ class MetricsLogger:
         axes.legend()
         with atomic_file(path, overwrite=True, suffix=".png") as tmp:
             figure.savefig(tmp)
+        self._plot_curves(records, steps, losses, smooth, window, os.path.join(output_dir, CURVES_FILE))
         return path
+
+    @staticmethod
+    def _plot_curves(records, steps, losses, smooth, window, path: str) -> None:
+        """training_curves.png: loss, learning rate, gradient norm and tokens/s against step (2 x 2 panels)."""
+        from matplotlib.figure import Figure
+
+        def column(key):
+            return [r.get(key) if r.get(key) is not None and math.isfinite(r.get(key)) else float("nan")
+                    for r in records]
+
+        figure = Figure(figsize=(10.0, 7.0), dpi=100)
+        (loss_ax, lr_ax), (norm_ax, speed_ax) = figure.subplots(2, 2, sharex=True)
+        loss_ax.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
+        loss_ax.plot(steps, smooth, linewidth=1.6, label=f"moving average ({window} steps)")
+        loss_ax.legend()
+        lr_ax.plot(steps, column("lr"))
+        norm_ax.plot(steps, column("grad_norm"))
+        speed_ax.plot(steps, column("tokens_per_s"))
+        for axes, label in ((loss_ax, "loss"), (lr_ax, "learning rate"), (norm_ax, "gradient norm (before clipping)"),
+                            (speed_ax, "tokens / s (this process)")):
+            axes.set(ylabel=label, title=f"{label} vs step")
+            axes.grid(alpha=0.3)
+        for axes in (norm_ax, speed_ax):
+            axes.set(xlabel="step")
+        figure.tight_layout()
+        with atomic_file(path, overwrite=True, suffix=".png") as tmp:
+            figure.savefig(tmp)
 
 
 def moving_average(values: List[float], window: int) -> List[float]:

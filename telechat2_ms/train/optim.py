@@ -185,6 +185,35 @@ class ParallelAdamW:
         """Moment elements kept by this rank (2 x its slice of every parameter)."""
         return 2 * sum(self.chunks)
 
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def full_moment(self, which: str, i: int) -> Tensor:
+        """Moment `which` (exp_avg | exp_avg_sq) of parameter i in that parameter's shape (this rank's tensor-
+        parallel slice): with sharded states the replicas' slices are all-gathered, so every replica of the group
+        must ask for the same moments in the same order."""
+        state = getattr(self, which)[i]
+        if not self.shard:
+            return state
+        return ops.reshape(comm.all_gather(state.value(), self.group, 0)[:self.sizes[i]], self.params[i].shape)
+
+    def load_moment(self, which: str, i: int, array: np.ndarray) -> None:
+        """Set moment `which` of parameter i from an array in the parameter's shape (a checkpoint's, possibly of
+        another layout); with sharded states this replica keeps its zero-padded slice."""
+        from telechat2_ms.layers import fill_parameter
+
+        flat = np.asarray(array, np.float32).reshape(-1)
+        if flat.size != self.sizes[i]:
+            raise ValueError(f"{which} of parameter {self.params[i].name}: {flat.size} values for a parameter of "
+                             f"{self.sizes[i]}")
+        if self.shard:
+            chunk, lo = self.chunks[i], self.rank * self.chunks[i]
+            piece = np.zeros(chunk, np.float32)
+            mine = flat[lo:min(lo + chunk, self.sizes[i])]
+            piece[:mine.size] = mine
+            fill_parameter(getattr(self, which)[i], piece)
+        else:
+            fill_parameter(getattr(self, which)[i], flat.reshape(tuple(self.params[i].shape)))
+
     def _my_slice(self, tensor, i: int) -> Tensor:
         """This rank's zero-padded slice [chunk] of parameter i's flat values."""
         flat = ops.reshape(kernels.cast_to(tensor, ms.float32), (-1,))

@@ -15,9 +15,11 @@ replica its block. The learning rate is warmup + cosine (train/optim.py).
 Checkpoints (every save_steps and at the end): `<output_dir>/checkpoints/step_XXXXXXXX/` with the engine's
 files, trainer_state.json (step, data position, loss-scaler state, seed, ...), config.json and
 run_settings.yaml, written to a temporary sibling and renamed into place (train/checkpointing.py), then all
-but the newest keep_checkpoint_max are removed. A one-process run resumes from one exactly: there are no
-random ops in a step (no dropout; LoRA dropout is not implemented) and the data order is a pure function of
-(seed, position), so a resumed run repeats the uninterrupted run bit for bit on the same machine.
+but the newest keep_checkpoint_max are removed. A run resumes from one exactly: there are no random ops in a
+step (no dropout; LoRA dropout is not implemented) and the data order is a pure function of (seed,
+position), so a resumed run repeats the uninterrupted run bit for bit on the same machine, in one process
+and under msrun. A checkpoint written under msrun also resumes under another layout (the same global batch;
+its weights and optimizer states are resharded as they are read, train/engine.py).
 
 Precision: parameters, gradients and optimizer state are fp32; `compute_dtype` float16 (CPU or Ascend) or
 bfloat16 (Ascend only) casts the matmuls, with dynamic loss scaling for float16 (one process).
@@ -88,7 +90,7 @@ class Trainer:
         self.dataset = self._prepare_data()
         self.sampler = ShardedSampler(len(self.dataset), global_batch(settings) // t.grad_accum_steps, rank=0,
                                       world=1, seed=t.seed)
-        self.engine = (ParallelEngine(self.plan) if self.world > 1
+        self.engine = (ParallelEngine(self.plan, self.resume_path or "") if self.world > 1
                        else LocalEngine(self.plan, from_resume=bool(self.resume_path)))
         self.step = 0
         self.tokens_seen = 0
@@ -179,6 +181,10 @@ class Trainer:
         """The engine's weights and optimizer state and the data position of checkpoint `path` (whose run
         identity _claim_output_dir has compared)."""
         state = ckpts.read_trainer_state(path)
+        written_under = state.get("layout")
+        if self.world > 1 and written_under and written_under != self.plan.dims.describe():
+            self.printer(f"resuming a checkpoint written under {written_under} on {self.plan.dims.describe()}: "
+                         "weights and optimizer states are resharded as they are read")
         self.engine.restore(path, state)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
