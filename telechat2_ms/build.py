@@ -7,10 +7,12 @@ A checkpoint path travels: `--load_checkpoint` -> `checkpoint.resolve_checkpoint
 kind, the weights file or layout directory, the stored config, the tokenizer directory) -> `plan_run`
 (the config decides the architecture; `settings.validate` checks the layout against it) -> `build_run`:
 a lazy skeleton of the model (parameters without storage, layers.ParamInit(zeros=True)), then
-- one process: every parameter filled from `checkpoint.open_weights(ref)`, tensor by tensor;
+- one process: every parameter filled from `checkpoint.open_weights(ref)`, tensor by tensor (a layout
+  directory's slices merged as they are read);
 - under msrun: `parallel.parallelize_telechat2(skeleton, dims, weights)` keeps this pipeline stage's layers
   and creates this rank's tensor-parallel cells from the reader's slices (a full .safetensors file is read
-  slice by slice; a layout directory gives this rank's own file), so no rank ever holds the full model;
+  slice by slice; a layout directory of the same layout gives this rank its own file, one of another layout
+  is merged and cut again tensor by tensor), so no rank ever holds the full model;
 - no checkpoint: the seeded random initialisation of one process (under msrun replayed tensor by tensor,
   each rank keeping only its slices, so every layout starts from the single-process weights).
 """
@@ -54,10 +56,6 @@ def plan_run(settings: RunSettings, world: int, purpose: Optional[str] = None) -
     """Resolve the checkpoint (headers and config files only) and validate the settings against it, for
     `purpose` (train | generate | eval; default the run mode's)."""
     ref = resolve_checkpoint(settings.load_checkpoint)
-    if ref.kind == "layout" and world == 1:
-        raise ConfigError(f"load_checkpoint {ref.path} is a per-rank layout directory (tp {ref.layout['tp']}, pp "
-                          f"{ref.layout['pp']}); run it under msrun with that layout, or merge it into one file "
-                          "with `python -m convert merge`")
     cfg = model_config(settings, ref)
     if ref.missing:
         raise ConfigError(ref.missing)
@@ -135,7 +133,7 @@ def build_model(plan: RunPlan, groups=None, weights=None):
     skeleton = build_skeleton(plan, lazy=True)
     if weights is None:
         weights = (RandomWeights(skeleton, plan.settings.train.seed) if plan.ref.kind == "none"
-                   else open_weights(plan.ref, plan.dims))
+                   else open_weights(plan.ref))
     parallel = parallelize_telechat2(skeleton, plan.dims, weights=weights, groups=groups)
     return parallel.model, parallel
 

@@ -300,6 +300,21 @@ class CkptWeights(Weights):
         return (value if value.dtype == ms.float32 else ops.cast(value, ms.float32)).asnumpy()
 
 
+class PrefixedWeights(Weights):
+    """The tensors of `inner` whose names start with `prefix`, under the rest of their names (a one-process
+    training checkpoint's optimizer.safetensors holds `exp_avg.<parameter>`: read as the parameter's own name,
+    it is sharded by the parameter's rule)."""
+
+    def __init__(self, inner: Weights, prefix: str):
+        self.inner, self.prefix, self.path = inner, prefix, f"{inner.path} ({prefix}*)"
+
+    def shapes(self):
+        return {n[len(self.prefix):]: s for n, s in self.inner.shapes().items() if n.startswith(self.prefix)}
+
+    def full(self, name):
+        return self.inner.full(self.prefix + name)
+
+
 class LayoutWeights(Weights):
     """A per-rank layout directory: `shard(name, tp, t)` reads the slice stored in rank file tp{t}_pp{stage}
     when the directory has this tp; under another tp (a run resumed or loaded onto a new layout) the tensor is
@@ -382,14 +397,12 @@ class RandomWeights(Weights):
                 return array
 
 
-def open_weights(ref: CheckpointRef, dims=None) -> Weights:
-    """The weights of a resolved checkpoint; a layout directory is checked against `dims` (tp, stage ranges)."""
+def open_weights(ref: CheckpointRef) -> Weights:
+    """The weights of a resolved checkpoint (a layout directory is read under any layout, or in one process)."""
     if ref.missing:
         raise CheckpointError(ref.missing)
-    if ref.kind == "layout":
-        if dims is None:
-            raise CheckpointError(f"{ref.path} is a per-rank layout directory; it loads under msrun only")
-        return LayoutWeights(ref)  # another tp or pipeline split than the run's: tensors are merged and cut again
+    if ref.kind == "layout":  # another tp or pipeline split than the run's (one process: tp 1): merged and cut again
+        return LayoutWeights(ref)
     if ref.weights.endswith(".safetensors"):
         return SafetensorsWeights(ref.weights)
     return CkptWeights(ref.weights)

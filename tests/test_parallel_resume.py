@@ -13,6 +13,8 @@ after every step): only the layout and how often it is killed differ.
   within 1e-5 (another reduction order), and the final weights and moments, merged from either layout's rank
   files by `convert merge` (`--file exp_avg.safetensors` for a moment), agree within 1e-4 of each tensor's
   largest value.
+- Across world sizes: tp2's checkpoint 2 continues in one process, and a one-process run's checkpoint 2 under tp2,
+  with the same criteria.
 """
 import json
 import os
@@ -151,3 +153,62 @@ def test_resume_onto_a_new_layout_continues_the_old_run(old, new, uninterrupted,
         for name in a:
             scale = max(float(np.max(np.abs(a[name]))), 1e-30)
             assert float(np.max(np.abs(a[name] - b[name]))) <= STATE_TOL * scale, (file, name)
+
+
+def _one_process_run(out, *extra):
+    from telechat2_ms.settings import load_settings
+    from telechat2_ms.train import run_train
+
+    return run_train(load_settings(None, ARGS + ["--parallel_config.micro_batch_num=2", f"--output_dir={out}",
+                                                 *extra]))
+
+
+def _one_process_state(checkpoint):
+    """{file kind: {name: tensor}} of a one-process training checkpoint, read with safetensors itself."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(os.path.join(checkpoint, "model.safetensors"))
+    optimizer = load_file(os.path.join(checkpoint, "optimizer.safetensors"))
+    state = {"model.safetensors": weights}
+    for which in ("exp_avg", "exp_avg_sq"):
+        state[f"{which}.safetensors"] = {n[len(which) + 1:]: a for n, a in optimizer.items()
+                                         if n.startswith(which + ".")}
+    return state
+
+
+def _assert_close_states(a, b):
+    for file in FILES:
+        assert sorted(a[file]) == sorted(b[file]), file
+        for name in a[file]:
+            scale = max(float(np.max(np.abs(a[file][name]))), 1e-30)
+            assert float(np.max(np.abs(a[file][name] - b[file][name]))) <= STATE_TOL * scale, (file, name)
+
+
+def _layout_state(checkpoint, tmp):
+    tmp.mkdir()
+    return {file: _merged(checkpoint, file, tmp / f"merged_{file}") for file in FILES}
+
+
+def test_a_tp2_checkpoint_resumes_in_one_process_and_a_one_process_checkpoint_under_tp2(uninterrupted, tmp_path):
+    """The world size changes too: checkpoint 2 of the tp2 run continues in one process, and checkpoint 2 of a
+    one-process run continues under tp2 (msrun); each gives the losses of steps 3..5 of the run it came from
+    within 1e-5, and final weights and moments within 1e-4."""
+    reference = uninterrupted("tp2")
+    start = dict(ckpt.list_checkpoints(os.path.join(reference, "checkpoints")))[2]
+    summary = _one_process_run(tmp_path / "one", f"--train.resume_from={start}")
+    want = _losses(reference)
+    assert sorted(_losses(tmp_path / "one")) == [3, 4, 5]
+    for step, got in _losses(tmp_path / "one").items():
+        assert abs(got - want[step]) <= LOSS_TOL * abs(want[step]), (step, got, want[step])
+    _assert_close_states(_layout_state(_final(reference), tmp_path / "a"), _one_process_state(summary["checkpoint"]))
+
+    single = _one_process_run(tmp_path / "single")
+    start = dict(ckpt.list_checkpoints(os.path.join(tmp_path / "single", "checkpoints")))[2]
+    result = _run("tp2", tmp_path / "tp2", tmp_path / "w", f"--train.resume_from={start}")
+    assert result.rc == 0, result.all_logs()[-4000:]
+    assert "resuming a checkpoint written under dp1 tp1 pp1" in result.worker_log(0)
+    want, got = _losses(tmp_path / "single"), _losses(tmp_path / "tp2")
+    assert sorted(got) == [3, 4, 5]
+    for step in got:
+        assert abs(got[step] - want[step]) <= LOSS_TOL * abs(want[step]), (step, got[step], want[step])
+    _assert_close_states(_one_process_state(single["checkpoint"]), _layout_state(_final(tmp_path / "tp2"), tmp_path / "b"))

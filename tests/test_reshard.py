@@ -150,3 +150,19 @@ def test_reshard_command_line(tmp_path):
                      "--layer-counts", "2,1", "--no-progress"]) == 0
     assert cli_main(["merge", str(tmp_path / "l4"), str(tmp_path / "m.safetensors"), "--no-progress"]) == 0
     assert_same_tensors(read_all(full), read_all(str(tmp_path / "m.safetensors")))
+
+
+def test_a_layout_directory_loads_in_one_process_as_the_full_checkpoint(tmp_path):
+    """`--load_checkpoint` of a tp2 x pp2 layout directory in one process: every parameter merged as it is read
+    equals the full checkpoint's (fp32 here, so bit for bit)."""
+    from telechat2_ms.build import from_settings
+    from telechat2_ms.settings import load_settings
+
+    full = full_checkpoint(tmp_path, code="F32")
+    layout = reshard(full, str(tmp_path / "tp2_pp2"), tp=2, pp=2, progress=False)
+    from_layout = from_settings(load_settings(None, [f"--load_checkpoint={layout}"]), world=1, tokenizer=False)
+    want = read_all(full)
+    got = {name: p.asnumpy() for name, p in from_layout.model.parameters_and_names()}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name

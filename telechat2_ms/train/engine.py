@@ -78,7 +78,7 @@ class LocalEngine:
 
         settings = plan.settings
         t = settings.train
-        self.settings = settings
+        self.settings, self.plan = settings, plan
         # weights: a resumed full fine-tune reads them from its checkpoint (restore), else the build layer
         self.model = build_skeleton(plan, lazy=True) if from_resume and not t.lora_rank else build_model(plan)[0]
         self.lora_names: List[str] = []
@@ -123,7 +123,7 @@ class LocalEngine:
         return record
 
     def state(self) -> Dict[str, Any]:
-        return {"loss_scaler": self.scaler.state_dict()}
+        return {"loss_scaler": self.scaler.state_dict(), "layout": self.plan.dims.describe()}
 
     def write_files(self, directory: str) -> None:
         from telechat2_ms.train.lora import lora_state, merged_state
@@ -138,14 +138,24 @@ class LocalEngine:
             raise ckpt.CheckpointError(f"{directory}: {ckpt.MODEL_FILE} was not written")
 
     def restore(self, path: str, state: Dict[str, Any]) -> None:
+        """Weights, moments and loss scale of checkpoint `path`, written by this engine or under msrun (its
+        tensors merged as they are read)."""
+        from telechat2_ms.layers import fill_parameter
         from telechat2_ms.train.lora import lora_state
 
         if self.lora_names:  # base weights come from load_checkpoint (or the seed) as in the original run
             _load_named(lora_state(self.model), os.path.join(path, LORA_FILE))
+            _load_named(self.optimizer.state_tensors(), os.path.join(path, OPTIMIZER_FILE))
         else:
-            ckpt.load_checkpoint_into(self.model, os.path.join(path, ckpt.MODEL_FILE))
-        _load_named(self.optimizer.state_tensors(), os.path.join(path, OPTIMIZER_FILE))
-        self.scaler.load_state_dict(state["loss_scaler"])
+            weights, moments = training_checkpoint(path)
+            ckpt.load_weights(self.model, weights)
+            shapes = {name: tuple(p.shape) for name, p in zip(self.param_names, self.params)}
+            for which, source in moments.items():
+                ckpt.check_state_matches(shapes, source.shapes(), source.path)
+                for name, moment in zip(self.param_names, getattr(self.optimizer, which)):
+                    fill_parameter(moment, source.full(name))
+        if "loss_scaler" in state:  # (absent in a checkpoint written under msrun: fp32 there)
+            self.scaler.load_state_dict(state["loss_scaler"])
 
 
 def next_token_batch(ids: np.ndarray, mask: np.ndarray):
@@ -166,7 +176,7 @@ class ParallelEngine:
         self.settings, self.plan = plan.settings, plan
         t = self.settings.train
         # only this rank's stage and shards; a resumed run reads them from its checkpoint (any layout)
-        weights = ckpt.LayoutWeights(_layout_ref(resume_path)) if resume_path else None
+        weights = training_checkpoint(resume_path)[0] if resume_path else None
         self.model, self.parallel = build_model(plan, weights=weights)
         self.params = self.parallel.params
         self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
@@ -260,9 +270,8 @@ class ParallelEngine:
         any layout: each parameter's moments are read as its weights are (checkpoint.LayoutWeights)."""
         from telechat2_ms.parallel.parallelize import EMBEDDING
 
-        ref, dims, coords = _layout_ref(path), self.plan.dims, self.parallel.groups.coords
-        for which in ParallelAdamW.MOMENTS:
-            source = ckpt.LayoutWeights(ref, moment_file(which))
+        dims, coords = self.plan.dims, self.parallel.groups.coords
+        for which, source in training_checkpoint(path)[1].items():
             for i, p in enumerate(self.params):
                 name = EMBEDDING if getattr(p, "tied_copy", False) else p.name
                 self.optimizer.load_moment(which, i, source.shard(name, dims.tp, coords.tp,
@@ -274,13 +283,17 @@ def moment_file(which: str) -> str:
     return f"{which}.safetensors"
 
 
-def _layout_ref(path: str):
-    """The layout checkpoint at `path` (a training checkpoint written under msrun), resolved."""
+def training_checkpoint(path: str):
+    """(weights, {moment: its tensors under the parameters' names}) of a training checkpoint written by either
+    engine: a per-rank layout (model / exp_avg / exp_avg_sq rank files) or one process's model.safetensors and
+    optimizer.safetensors (`exp_avg.<name>`). Both read whole tensors or one rank's slices (checkpoint.Weights)."""
     ref = ckpt.resolve_checkpoint(path)
-    if ref.kind != "layout":
-        raise ckpt.CheckpointError(f"{path} was written by a one-process run (no per-rank layout.json); a run under "
-                                   "msrun resumes from checkpoints written under msrun")
-    return ref
+    if ref.kind == "layout":
+        return ckpt.LayoutWeights(ref), {w: ckpt.LayoutWeights(ref, moment_file(w)) for w in ParallelAdamW.MOMENTS}
+    optimizer = ckpt.SafetensorsWeights(os.path.join(path, OPTIMIZER_FILE))
+    return (ckpt.SafetensorsWeights(os.path.join(path, ckpt.MODEL_FILE)),
+            {w: ckpt.PrefixedWeights(optimizer, w + ".") for w in ParallelAdamW.MOMENTS})
+
 
 
 def _config_json(cfg) -> str:

@@ -182,7 +182,7 @@ class Trainer:
         identity _claim_output_dir has compared)."""
         state = ckpts.read_trainer_state(path)
         written_under = state.get("layout")
-        if self.world > 1 and written_under and written_under != self.plan.dims.describe():
+        if written_under and written_under != self.plan.dims.describe():
             self.printer(f"resuming a checkpoint written under {written_under} on {self.plan.dims.describe()}: "
                          "weights and optimizer states are resharded as they are read")
         self.engine.restore(path, state)

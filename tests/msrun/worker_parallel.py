@@ -171,7 +171,7 @@ def task_load(out_dir: str, rank: int) -> None:
     comm.all_reduce(ms.Tensor(np.zeros(1, np.float32)), comm.world_group())  # barrier: files written
     want = parallelize_telechat2(pc.build_model(), dims).local_state()
     from_layout = parallelize_telechat2(pc.build_zero_model(), dims,
-                                        weights=open_weights(resolve_checkpoint(layout_dir), dims)).local_state()
+                                        weights=open_weights(resolve_checkpoint(layout_dir))).local_state()
     from_full = parallelize_telechat2(pc.build_zero_model(), dims,
                                       weights=SafetensorsWeights(full_path)).local_state()
     skeleton = pc.build_zero_model()  # the seeded initialisation replayed tensor by tensor (build.py, no checkpoint)
