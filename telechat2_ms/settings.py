@@ -106,8 +106,9 @@ class ParallelSettings:
 class TrainSettings:
     """Training / fine-tuning (train and finetune run modes)."""
 
-    train_dataset: str = key("", "jsonl file(s), a directory of jsonl, a data-mix .json, a preprocessed dataset "
-                                 "directory, or demo / demo:N (N generated demo dialogs, data/demo_corpus.py)")
+    train_dataset: str = key("", "jsonl file(s), a directory of jsonl, a data-mix .json, a MindFormers .mindrecord "
+                                 "(input_ids + labels rows, data/mindrecord.py), a preprocessed dataset directory, "
+                                 "or demo / demo:N (N generated demo dialogs, data/demo_corpus.py)")
     data_format: str = key("sft", "sft: TeleChat2 dialogs with the official loss mask; pretrain: plain text packed",
                            ("sft", "pretrain"))
     batch_size: int = key(1, "sequences per micro-batch per data-parallel replica (global batch: module doc)")

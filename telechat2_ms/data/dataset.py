@@ -14,7 +14,7 @@ cycling through seeded permutations of its samples (the newer OFF-DS `sample_dat
 keeps every sample once, in order.
 
 `prepare_dataset` turns `train.train_dataset` into a TokenDataset: a directory holding index.json is opened
-as is; jsonl / mix sources are preprocessed into `<cache_root>/<kind>-<fingerprint>/` and reused while the
+as is; jsonl / MindRecord (data/mindrecord.py) / mix sources are preprocessed into `<cache_root>/<kind>-<fingerprint>/` and reused while the
 files (path, size, mtime), tokenizer, seq_length, truncation policy and mix seed are unchanged. Building
 writes a temporary directory and renames it into place, so concurrent builders (several data-parallel ranks)
 and interrupted builds never leave a half-written dataset behind.
@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from telechat2_ms.data.mindrecord import read_mindrecord
 from telechat2_ms.data.pretrain import encode_pretrain_file
 from telechat2_ms.data.sft import SftEncoder, encode_sft_file
 from telechat2_ms.data.sources import DataError, Source, resolve_sources
@@ -163,8 +164,12 @@ def build_dataset(sources: Sequence[Source], out_dir: str, tokenizer, seq_length
         try:
             for source in sources:
                 before = writer.count
-                samples = (encode_sft_file(source.path, encoder) if encoder is not None
-                           else encode_pretrain_file(source.path, tokenizer, seq_length))
+                if source.path.endswith(".mindrecord"):  # MindFormers' rows, tokenized already
+                    samples = read_mindrecord(source.path, seq_length, tokenizer.vocab_size, tokenizer.pad_id)
+                elif encoder is not None:
+                    samples = encode_sft_file(source.path, encoder)
+                else:
+                    samples = encode_pretrain_file(source.path, tokenizer, seq_length)
                 for sample in samples:
                     writer.add(sample.ids, sample.mask)
                 counts.append(writer.count - before)

@@ -1,7 +1,8 @@
 """Reading training data files: jsonl records with file:line errors, and data-mix configs.
 
 A training source is one of
-- a `.jsonl` file (one JSON object per line; blank lines are skipped),
+- a `.jsonl` file (one JSON object per line; blank lines are skipped), or a MindFormers `.mindrecord` file
+  (data/mindrecord.py: rows of input_ids and labels, already tokenized),
 - a directory: every `*.jsonl` in it, sorted by name, each with weight 1,
 - a data-mix `.json` file {path: weight, ...} as in the official DeepSpeed recipe (spec 6.1); relative paths
   are resolved against the mix file's directory,
@@ -69,8 +70,8 @@ def _mix_sources(path: str) -> List[Source]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise DataError(f"data-mix file {path}: weight of {name!r} must be a positive number, got {weight!r}")
         full = name if os.path.isabs(name) else os.path.join(base, name)
-        if not full.endswith(".jsonl") or not os.path.isfile(full):
-            raise DataError(f"data-mix file {path}: {name!r} is not an existing .jsonl file")
+        if not full.endswith((".jsonl", ".mindrecord")) or not os.path.isfile(full):
+            raise DataError(f"data-mix file {path}: {name!r} is not an existing .jsonl or .mindrecord file")
         sources.append(Source(os.path.abspath(full), float(weight)))
     return sources
 
