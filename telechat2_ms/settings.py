@@ -416,8 +416,7 @@ def _check_train(settings: RunSettings, world: int) -> None:
         raise ConfigError(f"train.lora_targets: unknown {bad}; choose from {list(LORA_TARGET_NAMES)}")
     if world > 1:
         unsupported = {"train.lora_rank": t.lora_rank > 0,
-                       "train.recompute selective": t.recompute == "selective",
-                       "compute_dtype float16": settings.compute_dtype == "float16"}
+                       "train.recompute selective": t.recompute == "selective"}
         on = [name for name, flag in unsupported.items() if flag]
         if on:
             raise ConfigError(f"multi-process training does not support {', '.join(on)} yet; run it in one process "

@@ -42,7 +42,7 @@ JOBS = {
     2: ["reference", "reference:qwen2", "reference:qwen2_kv1", "reference:qwen2_tiny", "train:qwen2_tp2",
         "train:qwen2_pp2", "train:qwen2_kv1_tp2", "train:qwen2_tied_tp2", "train:qwen2_tied_pp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
         "generate:tp2", "generate:pp2", "generate:qwen2_kv1_tp2", "generate:qwen2_tied_pp2", "load:tp2", "chat:tp2", "predict:dp2",
-        "trainer:tp2", "trainer:qwen2_tied_pp2"],
+        "trainer:tp2", "trainer:qwen2_tied_pp2", "trainer:fp16_tp2", "trainer:fp16_pp2"],
     4: ["comm", "reference", "reference:qwen2_tiny", "train:tp2_pp2", "train:qwen2_tied_tp2_pp2",
         "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
 }
@@ -242,7 +242,7 @@ def test_predict_dp2_splits_prompts_and_equals_single_process(job2):
         assert info["printed"] == (printed.getvalue() if rank == 0 else "")
 
 
-@pytest.mark.parametrize("layout", list(pc.TRAINER_LAYOUTS))
+@pytest.mark.parametrize("layout", [name for name in pc.TRAINER_LAYOUTS if name not in pc.FP16_TRAINER_LAYOUTS])
 def test_train_run_mode_equals_single_process_trainer(job2, tmp_path, layout):
     """The train run mode under tp2 (tiny TeleChat2) and pp2 (tiny Qwen2 with tied embeddings: the last stage's
     copy of the embedding is not saved, so the layout checkpoint merges to the single-process names)."""
@@ -286,3 +286,40 @@ def test_train_run_mode_equals_single_process_trainer(job2, tmp_path, layout):
         assert pc.max_rel_diff(merged[name], want[name]) <= PARAM_TOL, name
         update_diff = pc.max_rel_diff(merged[name] - initial[name], want[name] - initial[name])
         assert update_diff <= ADAMW_UPDATE_TOL, (name, update_diff)
+
+
+def _metrics(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("layout", pc.FP16_TRAINER_LAYOUTS)
+def test_fp16_loss_scaling_under_msrun_skips_what_one_process_skips(job2, tmp_path, layout):
+    """float16 compute under tp2 and pp2 with a loss scale that overflows fp16: the same steps are skipped on every
+    rank as in the single-process trainer (the global gradient norm decides), the scale halves the same way, and
+    the steps taken give the single-process loss and norm within float16 rounding (2e-3, 1e-2: the row-parallel
+    partial sums and their all-reduce round in float16)."""
+    from telechat2_ms.settings import load_settings
+    from telechat2_ms.train import run_train
+
+    out, result = job2
+    both, _ = pc.TRAINER_LAYOUTS[layout]
+    single = _metrics(run_train(load_settings(None, pc.TRAIN_ARGS + both + [f"--output_dir={tmp_path / 'single'}"]))
+                      ["metrics_file"])
+    skipped = [r["skipped"] for r in single]
+    assert skipped[0] and not skipped[-1]  # both branches are exercised
+    path = os.path.join(out, "trainer", layout, "rank0.json")
+    assert os.path.exists(path), _explain(result, out)
+    with open(path, encoding="utf-8") as f:
+        parallel = _metrics(json.load(f)["metrics_file"])
+    assert [r["skipped"] for r in parallel] == [r["skipped"] for r in single]
+    assert [r["loss_scale"] for r in parallel] == [r["loss_scale"] for r in single]
+    assert single[0]["loss_scale"] == 262144.0 and single[1]["loss_scale"] == 131072.0  # halved after the overflow
+    for got, want in zip(parallel, single):
+        assert abs(got["loss"] - want["loss"]) <= 2e-3 * abs(want["loss"]), (got, want)
+        if not want["skipped"]:
+            assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-2 * want["grad_norm"], (got, want)
+        else:
+            assert got["grad_norm"] is None
+    with open(os.path.join(out, "trainer", layout, "rank1.json"), encoding="utf-8") as f:
+        assert json.load(f)["steps"] == 4  # the other rank ran (and skipped) the same steps

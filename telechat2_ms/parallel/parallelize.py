@@ -258,7 +258,7 @@ class TelechatParallel:
             return (ce * mask_mb[i]).sum() / tokens
 
         act_seq = local_seq // dims.tp if dims.seq_parallel else local_seq
-        stage_fns = StageFunctions(forward, self.params, (micro, act_seq, cfg.hidden_size))
+        stage_fns = StageFunctions(forward, self.params, (micro, act_seq, cfg.hidden_size), self.model.compute_dtype)
         loss, grads = run_pipeline(stage_fns, groups.pp, dims.micro_batch_num)
         grads = reduce_gradients(self.params, grads, groups.grad, groups.tp)
         self._sum_tied_gradients(grads)

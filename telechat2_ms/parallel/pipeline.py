@@ -146,7 +146,7 @@ def _anyone_sends(row: List[Optional[Step]], pp: int) -> bool:
 def _exchange(to_next, to_prev, zeros, group: comm.Group):
     """One collective per tick: every stage contributes [to_next, to_prev] (zeros when idle) and picks
     (activation from stage-1, gradient from stage+1)."""
-    mine = ops.stack([zeros if to_next is None else to_next, zeros if to_prev is None else to_prev], 0)
+    mine = ops.stack([zeros if t is None else ops.cast(t, zeros.dtype) for t in (to_next, to_prev)], 0)
     everyone = comm.all_gather(ops.expand_dims(mine, 0), group, dim=0)  # [pp, 2, *shape]
     stage, pp = group.rank, group.size
     from_prev = everyone[stage - 1][0] if stage > 0 else zeros

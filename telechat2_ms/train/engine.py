@@ -17,7 +17,9 @@ for float16, LoRA, recompute. Checkpoint: model.safetensors (LoRA merged in), op
 lora.safetensors.
 ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.TelechatParallel's
 forward_backward per accumulation step (1F1B over micro_batch_num micro-batches, gradients reduced over
-replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard).
+replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), and
+for float16 the same dynamic loss scaling (the loss divided by targets / scale; the global norm decides, so an
+overflow on any rank skips the step on every rank).
 Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files): each
 (tp, stage) file of weights, and of AdamW's two moments under the same names and in the same slices (sharded
 states are gathered over the replicas while they are written), so it merges with `python -m convert merge`,
@@ -154,8 +156,7 @@ class LocalEngine:
                 ckpt.check_state_matches(shapes, source.shapes(), source.path)
                 for name, moment in zip(self.param_names, getattr(self.optimizer, which)):
                     fill_parameter(moment, source.full(name))
-        if "loss_scaler" in state:  # (absent in a checkpoint written under msrun: fp32 there)
-            self.scaler.load_state_dict(state["loss_scaler"])
+        self.scaler.load_state_dict(state["loss_scaler"])
 
 
 def next_token_batch(ids: np.ndarray, mask: np.ndarray):
@@ -181,6 +182,7 @@ class ParallelEngine:
         self.params = self.parallel.params
         self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
                                        t.beta2, t.eps, t.weight_decay)
+        self.scaler = DynamicLossScaler(self.settings.compute_dtype == "float16", t.loss_scale, t.loss_scale_window)
 
     @property
     def trainable_parameters(self) -> int:
@@ -193,20 +195,25 @@ class ParallelEngine:
         shifted = [next_token_batch(ids, mask) for ids, mask in batches]
         # the whole step, every replica; a step without targets (truncated before its answer) has loss 0, not 0/0
         targets = max(float(sum(loss_mask.sum() for _, _, loss_mask in shifted)), 1.0)
+        scale = self.scaler.scale  # float16: the loss (so every gradient) is scaled by it; 1 otherwise
         loss, grads = 0.0, []
         for batch in shifted:
-            part, part_grads = self.parallel.forward_backward(*batch, tokens=targets)
-            loss += part
+            part, part_grads = self.parallel.forward_backward(*batch, tokens=targets / scale)
+            loss += part / scale
             accumulate(grads, part_grads)
             del part_grads
-        norm = self.parallel.grad_norm(grads)
+        # the norm is global (all-reduced over tp and pp; replicas hold the same reduced gradients), so an
+        # overflow on any rank makes it non-finite on every rank and every rank skips the step
+        norm = self.parallel.grad_norm(grads) / scale
         finite = math.isfinite(norm) and math.isfinite(loss)
         if finite:
-            self.optimizer.step(grads, lr, step, clip_coefficient(norm, self.settings.train.grad_clip))
-        return {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": 1.0}
+            self.optimizer.step(grads, lr, step, clip_coefficient(norm, self.settings.train.grad_clip) / scale)
+        record = {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": scale}
+        self.scaler.update(finite)
+        return record
 
     def state(self) -> Dict[str, Any]:
-        return {"layout": self.plan.dims.describe()}
+        return {"layout": self.plan.dims.describe(), "loss_scaler": self.scaler.state_dict()}
 
     def write_files(self, directory: str) -> None:
         """The dp = cp = 0 ranks write their rank file; rank 0 the layout.json."""
@@ -270,6 +277,8 @@ class ParallelEngine:
         any layout: each parameter's moments are read as its weights are (checkpoint.LayoutWeights)."""
         from telechat2_ms.parallel.parallelize import EMBEDDING
 
+        if "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
         dims, coords = self.plan.dims, self.parallel.groups.coords
         for which, source in training_checkpoint(path)[1].items():
             for i, p in enumerate(self.params):

@@ -57,7 +57,13 @@ TRAINER_LAYOUTS = {
     "tp2": ([], ["--parallel_config.model_parallel=2"]),
     "qwen2_tied_pp2": (["--model=qwen2_tiny", "--parallel_config.micro_batch_num=2"],
                        ["--parallel_config.pipeline_stage=2"]),
+    # float16 with a loss scale that overflows the first steps (test_fp16_loss_scaling_...)
+    "fp16_tp2": (["--compute_dtype=float16", "--train.loss_scale=262144", "--train.total_steps=4"],
+                 ["--parallel_config.model_parallel=2"]),
+    "fp16_pp2": (["--compute_dtype=float16", "--train.loss_scale=262144", "--train.total_steps=4",
+                  "--parallel_config.micro_batch_num=2"], ["--parallel_config.pipeline_stage=2"]),
 }
+FP16_TRAINER_LAYOUTS = ("fp16_tp2", "fp16_pp2")
 
 
 # layouts of another family: layout name -> model (MODELS); the rest use "tiny"
