@@ -193,7 +193,9 @@ def test_parallel_engine_step_without_targets_is_finite():
     ms.runtime.launch_blocking()
     parallel = parallelize_telechat2(pc.build_model(), ParallelDims())
     before = parallel.local_state()
-    engine = SimpleNamespace(parallel=parallel, optimizer=pc.make_adamw(parallel),
+    from telechat2_ms.train.optim import DynamicLossScaler
+
+    engine = SimpleNamespace(parallel=parallel, optimizer=pc.make_adamw(parallel), scaler=DynamicLossScaler(False),
                              settings=SimpleNamespace(train=SimpleNamespace(grad_clip=1.0)))
     ids = pc.make_batch()[0]
     record = ParallelEngine.step(engine, [(ids, np.zeros(ids.shape, np.float32))], 1, 1e-2)

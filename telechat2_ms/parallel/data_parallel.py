@@ -24,7 +24,7 @@ from mindspore import ops
 
 from telechat2_ms.kernels import cast_to, squared_sum
 from telechat2_ms.parallel import comm
-from telechat2_ms.parallel.plan import REPLICATE, split_rule
+from telechat2_ms.parallel.plan import split_rule
 
 
 BUCKET_ELEMENTS = 1 << 26  # 256 MiB of fp32 per collective: a bucket's temporaries stay bounded at any size
@@ -75,7 +75,7 @@ def reduce_gradients(params: Sequence, grads: Sequence, grad_group: comm.Group, 
 
 def is_tp_replicated(name: str) -> bool:
     """True for parameters every tp rank holds whole (their gradient is counted once in the norm)."""
-    return split_rule(name) is REPLICATE
+    return split_rule(name).kind == "replicate"
 
 
 def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:

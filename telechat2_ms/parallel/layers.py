@@ -43,7 +43,32 @@ def mark_tied_copy(param: Parameter) -> None:
     param.tied_copy = True
 
 
-class ColumnParallelLinear(nn.Cell):
+class _LoRA:
+    """LoRA on a tensor-parallel projection (train/lora.py's update y += (alpha / r) (x A^T) B^T), sharded with it:
+    column-parallel W [out/tp, in]: A [r, in] whole, B [out/tp, r]; row-parallel W [out, in/tp]: A [r, in/tp],
+    B [out, r] whole, its term added to the partial sums before their reduction. The whole factor gets only this
+    rank's part of its gradient (its output slice, or its input slice), so it is tagged for the sum over tp."""
+
+    has_lora = False
+
+    def add_lora(self, lora_a: np.ndarray, lora_b: np.ndarray, scaling: float) -> None:
+        self.lora_a, self.lora_b = _param(lora_a, "lora_a"), _param(lora_b, "lora_b")
+        mark_sequence_parallel_partial(self.lora_b if isinstance(self, RowParallelLinear) else self.lora_a)
+        self.lora_scaling = float(scaling)
+        self.lora_matmul = ops.MatMul(transpose_b=True)
+        self.has_lora = True
+
+    def _lora_term(self, x2d):
+        low = self.lora_matmul(x2d, ops.cast(self.lora_a, self.compute_dtype))  # [N, r]
+        return self.lora_matmul(low, ops.cast(self.lora_b, self.compute_dtype)) * self.lora_scaling  # [N, out(/tp)]
+
+    def merged_weight(self) -> np.ndarray:
+        """This rank's W + scaling * B A in fp32 [out(/tp), in(/tp)] (its slice of the merged weight)."""
+        delta = self.lora_b.asnumpy().astype(np.float64) @ self.lora_a.asnumpy().astype(np.float64)
+        return (self.weight.asnumpy().astype(np.float64) + self.lora_scaling * delta).astype(np.float32)
+
+
+class ColumnParallelLinear(_LoRA, nn.Cell):
     """y_local = x @ W_local^T (+ b_local): W [out, in] and its bias (Qwen2's q/k/v) split on `out`; x is already
     replicated in the tp region (see RegionEntryNorm), so no communication here. x [..., in] -> [..., out/tp]."""
 
@@ -62,10 +87,12 @@ class ColumnParallelLinear(nn.Cell):
         y = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [N, out/tp]
         if self.has_bias:
             y = y + ops.cast(self.bias, self.compute_dtype)
+        if self.has_lora:
+            y = y + self._lora_term(x2d)
         return ops.reshape(y, lead + (self.out_features,))
 
 
-class RowParallelLinear(nn.Cell):
+class RowParallelLinear(_LoRA, nn.Cell):
     """y = sum_tp(x_local @ W_local^T) + b: W [out, in] split on `in`, x [..., in/tp] (head/ffn-sharded).
     The partial sums are all-reduced, or reduce-scattered on the sequence with sequence parallelism;
     the bias is added once, after the reduction. -> [B, S, out] (or [B, S/tp, out])."""
@@ -87,8 +114,10 @@ class RowParallelLinear(nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in/tp]
-        partial = ops.reshape(self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype)),
-                              lead + (self.out_features,))  # [B, S, out], partial over tp
+        partial = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [N, out], partial over tp
+        if self.has_lora:
+            partial = partial + self._lora_term(x2d)
+        partial = ops.reshape(partial, lead + (self.out_features,))  # [B, S, out]
         y = self.reduce(partial)
         if self.has_bias:
             y = y + ops.cast(self.bias, self.compute_dtype)

@@ -35,8 +35,9 @@ from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm,
                                           VocabParallelEmbedding, VocabParallelHead, mark_kv_copy, mark_tied_copy,
                                           vocab_parallel_cross_entropy)
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
-from telechat2_ms.parallel.plan import TP_PLAN, kv_replicas
+from telechat2_ms.parallel.plan import TP_PLAN, kv_replicas, shard_tensor
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
+from telechat2_ms.config import ConfigError
 from telechat2_ms.model import layer_masks, mask_tensors
 from telechat2_ms.rope import rope_inputs
 
@@ -186,6 +187,46 @@ def parallelize_telechat2(model, dims: ParallelDims, weights=None,
         apply_context_parallel(model, groups, layer_range)
     _rename_parameters(model)
     return TelechatParallel(model, groups, layer_range)
+
+
+def apply_lora_adapters(parallel: "TelechatParallel", draws, rank: int, alpha: float) -> List[str]:
+    """LoRA on this rank's projections (parallel/layers._LoRA), the rest frozen; returns the adapter names.
+    `draws`: (projection path, initial A [r, in]) for every layer and target in order (train/lora.lora_a_draws,
+    the single-process initialisation); this stage keeps its layers' draws and this tp rank its slice of them."""
+    model, dims, tp_rank = parallel.model, parallel.dims, parallel.groups.coords.tp
+    first, end = parallel.layer_range
+    for path, lora_a in draws:
+        layer = int(path.split(".")[2])
+        if not first <= layer < end:
+            continue
+        if kv_replicas(path + ".weight", dims.tp, model.config.num_kv_heads) > 1:
+            raise ConfigError(f"LoRA on {path}: its kv heads are copied over tp={dims.tp} ranks, which LoRA under "
+                              "msrun does not support; leave wk_v out of train.lora_targets")
+        cell = _get_submodule(model.model.layers[layer], path.split(".", 3)[3])
+        a = lora_a if isinstance(cell, ColumnParallelLinear) else shard_tensor(path + ".lora_a", lora_a, dims.tp,
+                                                                               tp_rank)
+        cell.add_lora(a, np.zeros((cell.out_features, rank), np.float32), alpha / rank)
+    _rename_parameters(model)
+    names = []
+    for name, param in model.parameters_and_names():
+        param.requires_grad = name.endswith((".lora_a", ".lora_b"))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def merged_state(model) -> Dict[str, object]:
+    """This rank's checkpoint tensors with every LoRA adapter folded into its projection's slice (the names of
+    the plain model, as train/lora.merged_state gives in one process)."""
+    from telechat2_ms.checkpoint import model_state
+
+    state = {}
+    for name, param in model_state(model).items():
+        if name.endswith((".lora_a", ".lora_b")):
+            continue
+        cell = _find_submodule(model, name[:-len(".weight")]) if name.endswith(".weight") else None
+        state[name] = cell.merged_weight() if getattr(cell, "has_lora", False) else param
+    return state
 
 
 class TelechatParallel:

@@ -18,6 +18,9 @@ Tensor parallel follows Megatron (all weights are [out, in]):
   all-reduce).
 - vocab-parallel (vocab rows split): tok_embeddings.embedding_weight and lm_head (needs V % tp == 0).
 - replicated: the RMSNorm weights.
+- LoRA adapters (training under msrun, train/lora.py's A [r, in] and B [out, r]) follow their projection: of a
+  column-parallel one B is split on its rows and A whole, of a row-parallel one A is split on its columns and B
+  whole (parallel/layers._LoRA).
 - fused inference layouts (spec 3.3, pitfall 10.18): rank r holds [q_r; K_r; V_r] of w_qkv and
   [w1_r; w3_r] of w_gate_hidden, i.e. the fused rows of its own column slices, never a slice of the
   global concatenation.
@@ -64,6 +67,10 @@ KV_SEPARATE = SplitRule("rows", "[kd, H] -> [kd/tp, H]: whole kv heads (Qwen2's 
 KV_BIAS = SplitRule("rows", "[kd] -> [kd/tp]: the bias of wk / wv, whole kv heads")
 FUSED_QKV = SplitRule("fused_rows", "[H+2kd, H] = [q; K; V] -> [q_r; K_r; V_r] of [(H+2kd)/tp, H]")
 FUSED_GATE_HIDDEN = SplitRule("fused_rows", "[2F, H] = [w1; w3] -> [w1_r; w3_r] of [2F/tp, H]")
+LORA_A_OF_COLUMN = SplitRule("replicate", "[r, in] on every rank: LoRA A of a column-parallel projection")
+LORA_B_OF_COLUMN = SplitRule("rows", "[out, r] -> [out/tp, r]: LoRA B of a column-parallel projection")
+LORA_A_OF_ROW = SplitRule("cols", "[r, in] -> [r, in/tp]: LoRA A of a row-parallel projection")
+LORA_B_OF_ROW = SplitRule("replicate", "[out, r] on every rank: LoRA B of a row-parallel projection")
 
 # (parameter name, rule): the whole tensor-parallel plan; `{i}` stands for a decoder layer index
 SHARD_TABLE: Tuple[Tuple[str, SplitRule], ...] = (
@@ -87,6 +94,19 @@ SHARD_TABLE: Tuple[Tuple[str, SplitRule], ...] = (
     ("model.layers.{i}.feed_forward.w2.bias", REPLICATE),
     ("model.norm_out.weight", REPLICATE),
     ("lm_head.weight", VOCAB),
+    # LoRA adapters (training under msrun): they follow their projection
+    ("model.layers.{i}.attention.wq.lora_a", LORA_A_OF_COLUMN),
+    ("model.layers.{i}.attention.wq.lora_b", LORA_B_OF_COLUMN),
+    ("model.layers.{i}.attention.wk_v.lora_a", LORA_A_OF_COLUMN),
+    ("model.layers.{i}.attention.wk_v.lora_b", LORA_B_OF_COLUMN),
+    ("model.layers.{i}.attention.wo.lora_a", LORA_A_OF_ROW),
+    ("model.layers.{i}.attention.wo.lora_b", LORA_B_OF_ROW),
+    ("model.layers.{i}.feed_forward.w1.lora_a", LORA_A_OF_COLUMN),
+    ("model.layers.{i}.feed_forward.w1.lora_b", LORA_B_OF_COLUMN),
+    ("model.layers.{i}.feed_forward.w3.lora_a", LORA_A_OF_COLUMN),
+    ("model.layers.{i}.feed_forward.w3.lora_b", LORA_B_OF_COLUMN),
+    ("model.layers.{i}.feed_forward.w2.lora_a", LORA_A_OF_ROW),
+    ("model.layers.{i}.feed_forward.w2.lora_b", LORA_B_OF_ROW),
 )
 _COMPILED = tuple((re.compile(re.escape(p).replace(r"\{i\}", r"\d+") + r"\Z"), rule) for p, rule in SHARD_TABLE)
 _LAYER_PREFIX = "model.layers.{i}."

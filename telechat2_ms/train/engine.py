@@ -17,7 +17,9 @@ for float16, LoRA, recompute. Checkpoint: model.safetensors (LoRA merged in), op
 lora.safetensors.
 ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.TelechatParallel's
 forward_backward per accumulation step (1F1B over micro_batch_num micro-batches, gradients reduced over
-replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), and
+replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), LoRA
+with the adapters sharded with their projections (checkpoints hold the merged weights and the adapters'
+moments; such a run does not resume yet), and
 for float16 the same dynamic loss scaling (the loss divided by targets / scale; the global norm decides, so an
 overflow on any rank skips the step on every rank).
 Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files): each
@@ -179,6 +181,14 @@ class ParallelEngine:
         # only this rank's stage and shards; a resumed run reads them from its checkpoint (any layout)
         weights = training_checkpoint(resume_path)[0] if resume_path else None
         self.model, self.parallel = build_model(plan, weights=weights)
+        self.lora_names: List[str] = []
+        if t.lora_rank:  # adapters sharded with their projections, the single-process initialisation
+            from telechat2_ms.parallel.parallelize import apply_lora_adapters
+            from telechat2_ms.train.lora import lora_a_draws
+
+            self.lora_names = apply_lora_adapters(self.parallel, lora_a_draws(plan.config, t.lora_rank,
+                                                                              t.lora_targets, t.seed),
+                                                  t.lora_rank, t.lora_alpha)
         self.params = self.parallel.params
         self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
                                        t.beta2, t.eps, t.weight_decay)
@@ -227,10 +237,12 @@ class ParallelEngine:
         meta = dict(shard_metadata(dims.tp, coords.tp, dims.pp, coords.pp, ranges[coords.pp]),
                     **{ckpt.CONFIG_METADATA_KEY: _config_json(self.plan.config)})
         if writes:
+            from telechat2_ms.parallel.parallelize import merged_state
+
             path = os.path.join(directory, rank_file(coords.tp, coords.pp))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with atomic_file(path, overwrite=True) as tmp:  # one tensor on the host at a time
-                write_arrays(tmp, ckpt.model_state(self.parallel.model), meta)
+                write_arrays(tmp, merged_state(self.parallel.model), meta)  # LoRA folded in, as in one process
         for which in ParallelAdamW.MOMENTS:  # every replica takes part (sharded states are gathered)
             path = os.path.join(directory, rank_file(coords.tp, coords.pp, moment_file(which)))
             self._write_moments(which, path if writes else None, meta)

@@ -16,7 +16,7 @@ state; set it aside here and the adapters train deterministically.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -32,7 +32,7 @@ LORA_TARGETS = {"wq": "attention", "wk_v": "attention", "wo": "attention",
 class LoRALinear(nn.Cell):
     """A frozen `Linear` plus a trainable low-rank update; x [..., in] -> [..., out]."""
 
-    def __init__(self, base: Linear, rank: int, alpha: float, rng: np.random.Generator):
+    def __init__(self, base: Linear, rank: int, alpha: float, lora_a: np.ndarray):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.has_bias, self.compute_dtype = base.has_bias, base.compute_dtype
@@ -41,9 +41,7 @@ class LoRALinear(nn.Cell):
         self.matmul = base.matmul  # the named primitive a parallel plan may shard
         self.rank, self.alpha = rank, alpha
         self.scaling = float(alpha) / rank
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.lora_a = Parameter(Tensor(rng.uniform(-bound, bound, (rank, self.in_features)).astype(np.float32)),
-                                name="lora_a")  # [r, in]
+        self.lora_a = Parameter(Tensor(lora_a), name="lora_a")  # [r, in] (lora_a_draws)
         self.lora_b = Parameter(Tensor(np.zeros((self.out_features, rank), np.float32)), name="lora_b")  # [out, r]
         self.lora_matmul = ops.MatMul(transpose_b=True)
 
@@ -64,11 +62,20 @@ class LoRALinear(nn.Cell):
         return (self.weight.asnumpy().astype(np.float64) + self.scaling * delta).astype(np.float32)
 
 
-def _projection_paths(model, targets: Sequence[str]) -> List[str]:
+def lora_a_draws(cfg, rank: int, targets: Sequence[str], seed: int = 0) -> Iterator[Tuple[str, np.ndarray]]:
+    """(projection path, its initial A [r, in] fp32) for every decoder layer and target in order, from one
+    seeded generator: uniform in +-1/sqrt(in). One process and every parallel layout (which keeps its slices of
+    its own layers' draws) start from the same adapters."""
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown:
         raise ValueError(f"unknown LoRA target(s) {unknown}; choose from {sorted(LORA_TARGETS)}")
-    return [f"model.layers.{i}.{LORA_TARGETS[t]}.{t}" for i in range(len(model.model.layers)) for t in targets]
+    rng = np.random.default_rng(seed)
+    in_features = {"wo": cfg.num_heads * cfg.head_dim, "w2": cfg.ffn_hidden_size}
+    for i in range(cfg.num_layers):
+        for t in targets:
+            n = in_features.get(t, cfg.hidden_size)
+            bound = 1.0 / math.sqrt(n)
+            yield f"model.layers.{i}.{LORA_TARGETS[t]}.{t}", rng.uniform(-bound, bound, (rank, n)).astype(np.float32)
 
 
 def _get(root: nn.Cell, path: str) -> nn.Cell:
@@ -94,14 +101,13 @@ def apply_lora(model, rank: int, alpha: float, targets: Sequence[str], seed: int
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     if not targets:
         raise ValueError("LoRA needs at least one target projection (train.lora_targets)")
-    rng = np.random.default_rng(seed)
-    for path in _projection_paths(model, targets):
+    for path, lora_a in lora_a_draws(model.config, rank, targets, seed):
         base = _get(model, path)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{path} already has a LoRA adapter")
         if not isinstance(base, Linear):
             raise ValueError(f"{path} is a {type(base).__name__}, LoRA wraps plain Linear layers only")
-        _set(model, path, LoRALinear(base, rank, alpha, rng))
+        _set(model, path, LoRALinear(base, rank, alpha, lora_a))
     sync_parameter_names(model)
     names = []
     for name, param in model.parameters_and_names():
@@ -154,4 +160,5 @@ def merge_lora(model) -> int:
     return len(cells)
 
 
-__all__ = ["LoRALinear", "apply_lora", "lora_state", "merge_lora", "merged_state", "sync_parameter_names"]
+__all__ = ["LoRALinear", "apply_lora", "lora_a_draws", "lora_state", "merge_lora", "merged_state",
+           "sync_parameter_names"]

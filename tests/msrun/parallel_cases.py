@@ -57,6 +57,12 @@ TRAINER_LAYOUTS = {
     "tp2": ([], ["--parallel_config.model_parallel=2"]),
     "qwen2_tied_pp2": (["--model=qwen2_tiny", "--parallel_config.micro_batch_num=2"],
                        ["--parallel_config.pipeline_stage=2"]),
+    # LoRA (rank 4 on every projection; the adapters sharded with their projections). AdamW's eps 1e-3: at 1e-6
+    # it turns the reduction-order noise of gradient elements near eps into update noise (module docstring of
+    # test_parallel_msrun.py), which the 1e-6 check of the merged weights would see
+    "lora_tp2": (["--train.lora_rank=4", "--train.eps=1e-3"], ["--parallel_config.model_parallel=2"]),
+    "lora_pp2": (["--train.lora_rank=4", "--train.eps=1e-3", "--parallel_config.micro_batch_num=2"],
+                 ["--parallel_config.pipeline_stage=2"]),
     # float16 with a loss scale that overflows the first steps (test_fp16_loss_scaling_...)
     "fp16_tp2": (["--compute_dtype=float16", "--train.loss_scale=262144", "--train.total_steps=4"],
                  ["--parallel_config.model_parallel=2"]),
