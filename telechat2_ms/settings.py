@@ -128,7 +128,8 @@ class TrainSettings:
     log_steps: int = key(1, "print a progress line every N steps (metrics.jsonl gets every step)")
     seed: int = key(1234, "seed of the data order and of the random initialisation")
     recompute: str = key("none", "recompute activations in backward: none, full (every layer) or selective "
-                                 "(attention only)", ("none", "full", "selective"))
+                                 "(attention only); with pipeline_stage > 1 every stage reruns its whole forward in "
+                                 "backward whatever this says", ("none", "full", "selective"))
     lora_rank: int = key(0, "LoRA rank; 0: full fine-tune")
     lora_alpha: float = key(16.0, "LoRA scaling alpha (scale = alpha / rank)")
     lora_targets: List[str] = key(list(LORA_TARGET_NAMES), "projections that get LoRA adapters")
@@ -415,8 +416,7 @@ def _check_train(settings: RunSettings, world: int) -> None:
     if t.lora_rank and bad:
         raise ConfigError(f"train.lora_targets: unknown {bad}; choose from {list(LORA_TARGET_NAMES)}")
     if world > 1:
-        unsupported = {"train.recompute selective": t.recompute == "selective",
-                       "train.resume with train.lora_rank": t.lora_rank > 0 and (t.resume or bool(t.resume_from))}
+        unsupported = {"train.resume with train.lora_rank": t.lora_rank > 0 and (t.resume or bool(t.resume_from))}
         on = [name for name, flag in unsupported.items() if flag]
         if on:
             raise ConfigError(f"multi-process training does not support {', '.join(on)} yet; run it in one process "

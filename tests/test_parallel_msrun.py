@@ -42,8 +42,8 @@ JOBS = {
     2: ["reference", "reference:qwen2", "reference:qwen2_kv1", "reference:qwen2_tiny", "train:qwen2_tp2",
         "train:qwen2_pp2", "train:qwen2_kv1_tp2", "train:qwen2_tied_tp2", "train:qwen2_tied_pp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
         "generate:tp2", "generate:pp2", "generate:qwen2_kv1_tp2", "generate:qwen2_tied_pp2", "load:tp2", "chat:tp2", "predict:dp2",
-        "trainer:tp2", "trainer:qwen2_tied_pp2", "trainer:lora_tp2", "trainer:lora_pp2", "trainer:fp16_tp2",
-        "trainer:fp16_pp2"],
+        "trainer:tp2", "trainer:qwen2_tied_pp2", "trainer:lora_tp2", "trainer:lora_pp2", "trainer:selective_tp2",
+        "trainer:fp16_tp2", "trainer:fp16_pp2"],
     4: ["comm", "reference", "reference:qwen2_tiny", "train:tp2_pp2", "train:qwen2_tied_tp2_pp2",
         "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
 }
@@ -248,7 +248,7 @@ def test_train_run_mode_equals_single_process_trainer(job2, tmp_path, layout):
     """The train run mode under tp2 (tiny TeleChat2) and pp2 (tiny Qwen2 with tied embeddings: the last stage's
     copy of the embedding is not saved, so the layout checkpoint merges to the single-process names), and LoRA
     under tp2 and pp2 (adapters sharded with their projections; the merged checkpoint equals the single-process
-    LoRA merge within 1e-6)."""
+    LoRA merge within 1e-6), and selective recompute under tp2 (one stage: train.recompute as in one process)."""
     from safetensors.numpy import load_file
 
     from convert.reshard import merge

@@ -11,7 +11,9 @@ the pipeline group does one exchange: activations go to the next stage, gradient
 (comm.all_gather of [to_next, to_prev], then each stage picks its neighbours' blocks; on CPU that is the
 AllReduce emulation, there being no Send/Recv). A stage's forward runs without autograd; its backward
 recomputes the forward under `ms.grad` of sum(output * incoming gradient) (full activation recompute:
-MindSpore PyNative cannot keep several pending vjp closures alive at once, measured).
+MindSpore PyNative cannot keep several pending vjp closures alive at once, measured). A single stage (no
+pipeline) needs no such split: each micro-batch's loss and gradients come from one value_and_grad pass, so
+train.recompute (none / selective / full, Cell.recompute on the layers) decides there as in one process.
 """
 from __future__ import annotations
 
@@ -84,7 +86,10 @@ class StageFunctions:
 
 def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: int):
     """Run this stage's 1F1B steps. Returns (sum of micro-batch losses on the last stage else None,
-    gradients of the stage parameters summed over micro-batches)."""
+    gradients of the stage parameters summed over micro-batches). A single stage takes each micro-batch's loss
+    and gradients in one pass (activations kept, or recomputed as the layers' Cell.recompute marks say)."""
+    if group.size == 1:
+        return _single_stage(stage_fns, micro_batches)
     pp, stage = group.size, max(group.rank, 0)
     first, last = stage == 0, stage == pp - 1
     grads: List = []  # summed over micro-batches; the first micro-batch's gradients start it
@@ -125,6 +130,18 @@ def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: in
                 inputs[previous[1]] = from_prev
             if following is not None and following[0] == "B":
                 grads_in[following[1]] = from_next
+    return total_loss, grads
+
+
+def _single_stage(stage_fns: StageFunctions, micro_batches: int):
+    total_loss, grads = None, []
+    for i in range(micro_batches):
+        def loss_of(i=i):
+            return ops.cast(stage_fns.forward(i, None), ms.float32)
+
+        loss, weight_grads = ms.value_and_grad(loss_of, None, weights=stage_fns.params)()
+        total_loss = loss if total_loss is None else total_loss + loss
+        accumulate(grads, weight_grads)
     return total_loss, grads
 
 

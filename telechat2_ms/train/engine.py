@@ -19,7 +19,8 @@ ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.
 forward_backward per accumulation step (1F1B over micro_batch_num micro-batches, gradients reduced over
 replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), LoRA
 with the adapters sharded with their projections (checkpoints hold the merged weights and the adapters'
-moments; such a run does not resume yet), and
+moments; such a run does not resume yet), train.recompute as in one process when there is one pipeline stage
+(several stages always rerun each stage's forward in its backward), and
 for float16 the same dynamic loss scaling (the loss divided by targets / scale; the global norm decides, so an
 overflow on any rank skips the step on every rank).
 Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files): each
@@ -28,7 +29,7 @@ states are gathered over the replicas while they are written), so it merges with
 loads under msrun with any layout, and resumes under any layout: the weights are read through
 checkpoint.LayoutWeights (merged and cut again when the tp or the pipeline split differ) and so are the
 moments, each replica then keeping its slice when optimizer_shard is on. Activations are always recomputed
-there (each stage's backward reruns its forward).
+there under pipeline parallelism (each stage's backward reruns its forward).
 """
 from __future__ import annotations
 
@@ -189,6 +190,8 @@ class ParallelEngine:
             self.lora_names = apply_lora_adapters(self.parallel, lora_a_draws(plan.config, t.lora_rank,
                                                                               t.lora_targets, t.seed),
                                                   t.lora_rank, t.lora_alpha)
+        if plan.dims.pp == 1:  # pipeline stages always rerun their forward in backward (parallel/pipeline.py)
+            apply_recompute(self.model, t.recompute)
         self.params = self.parallel.params
         self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
                                        t.beta2, t.eps, t.weight_decay)

@@ -63,6 +63,8 @@ TRAINER_LAYOUTS = {
     "lora_tp2": (["--train.lora_rank=4", "--train.eps=1e-3"], ["--parallel_config.model_parallel=2"]),
     "lora_pp2": (["--train.lora_rank=4", "--train.eps=1e-3", "--parallel_config.micro_batch_num=2"],
                  ["--parallel_config.pipeline_stage=2"]),
+    # selective recompute (attention blocks recomputed) with one pipeline stage
+    "selective_tp2": (["--train.recompute=selective"], ["--parallel_config.model_parallel=2"]),
     # float16 with a loss scale that overflows the first steps (test_fp16_loss_scaling_...)
     "fp16_tp2": (["--compute_dtype=float16", "--train.loss_scale=262144", "--train.total_steps=4"],
                  ["--parallel_config.model_parallel=2"]),
