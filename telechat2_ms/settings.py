@@ -415,12 +415,6 @@ def _check_train(settings: RunSettings, world: int) -> None:
     bad = sorted(set(t.lora_targets) - set(LORA_TARGET_NAMES))
     if t.lora_rank and bad:
         raise ConfigError(f"train.lora_targets: unknown {bad}; choose from {list(LORA_TARGET_NAMES)}")
-    if world > 1:
-        unsupported = {"train.resume with train.lora_rank": t.lora_rank > 0 and (t.resume or bool(t.resume_from))}
-        on = [name for name, flag in unsupported.items() if flag]
-        if on:
-            raise ConfigError(f"multi-process training does not support {', '.join(on)} yet; run it in one process "
-                              "or leave these at their defaults")
 
 
 def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optional[str] = None):

@@ -15,6 +15,8 @@ after every step): only the layout and how often it is killed differ.
   largest value.
 - Across world sizes: tp2's checkpoint 2 continues in one process, and a one-process run's checkpoint 2 under tp2,
   with the same criteria.
+- A LoRA run under tp2 resumes bit for bit. Bad resumes (a checkpoint missing one rank's file, a checkpoint of
+  another model) end in one error line and write nothing.
 """
 import json
 import os
@@ -212,3 +214,49 @@ def test_a_tp2_checkpoint_resumes_in_one_process_and_a_one_process_checkpoint_un
     for step in got:
         assert abs(got[step] - want[step]) <= LOSS_TOL * abs(want[step]), (step, got[step], want[step])
     _assert_close_states(_one_process_state(single["checkpoint"]), _layout_state(_final(tmp_path / "tp2"), tmp_path / "b"))
+
+
+def test_bad_resumes_are_refused_with_one_line_and_nothing_written(uninterrupted, tmp_path, capsys):
+    """A checkpoint missing one rank's file, and a checkpoint of another model, are refused naming the file or
+    what differs; the refused run leaves no checkpoint behind. (A layout that does not divide the model is refused
+    by the settings check before anything: tests/test_settings_validation.py.)"""
+    import shutil
+
+    import run_telechat2
+
+    start = dict(ckpt.list_checkpoints(os.path.join(uninterrupted("tp2"), "checkpoints")))[2]
+    broken = tmp_path / "broken_step"
+    shutil.copytree(start, broken)
+    os.remove(broken / "tp1_pp0" / "exp_avg.safetensors")
+    args = ARGS + ["--parallel_config.micro_batch_num=2", f"--train.resume_from={broken}"]
+    assert run_telechat2.main(args + [f"--output_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "tp1_pp0/exp_avg.safetensors is missing" in err
+    assert not os.path.exists(tmp_path / "a" / "checkpoints") or not os.listdir(tmp_path / "a" / "checkpoints")
+
+    assert run_telechat2.main(ARGS + ["--model=qwen2_tiny", "--parallel_config.micro_batch_num=2",
+                                      f"--train.resume_from={start}", f"--output_dir={tmp_path / 'b'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "cannot resume from" in err and "model: recorded 'tiny', now 'qwen2_tiny'" in err
+    assert not os.path.exists(tmp_path / "b" / "checkpoints")
+
+
+def test_a_lora_run_resumes_exactly_under_msrun(tmp_path):
+    """LoRA under tp2: checkpoint 2 resumed (base weights from the seed as in the original run, the adapters and
+    their moments from the checkpoint's per-rank lora / moment files) repeats steps 3..5 of the uninterrupted
+    run bit for bit, every final rank file included (merged weights, adapters, moments)."""
+    lora = "--train.lora_rank=4"
+    full = _run("tp2", tmp_path / "full", tmp_path / "w1", lora)
+    assert full.rc == 0, full.all_logs()[-4000:]
+    start = dict(ckpt.list_checkpoints(os.path.join(tmp_path / "full", "checkpoints")))[2]
+    part = _run("tp2", tmp_path / "part", tmp_path / "w2", lora, f"--train.resume_from={start}")
+    assert part.rc == 0, part.all_logs()[-4000:]
+    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert sorted(got) == [3, 4, 5] and all(got[step] == want[step] for step in got)
+    expected, final = _final(tmp_path / "full"), _final(tmp_path / "part")
+    for rank_dir in ("tp0_pp0", "tp1_pp0"):
+        for name in FILES + ("lora.safetensors",):
+            with open(os.path.join(expected, rank_dir, name), "rb") as a, \
+                    open(os.path.join(final, rank_dir, name), "rb") as b:
+                assert a.read() == b.read(), (rank_dir, name)

@@ -179,8 +179,9 @@ class ParallelEngine:
 
         self.settings, self.plan = plan.settings, plan
         t = self.settings.train
-        # only this rank's stage and shards; a resumed run reads them from its checkpoint (any layout)
-        weights = training_checkpoint(resume_path)[0] if resume_path else None
+        # only this rank's stage and shards; a resumed run reads them from its checkpoint (any layout), but a
+        # resumed LoRA run its base weights as the original run did (the checkpoint's are merged)
+        weights = training_checkpoint(resume_path)[0] if resume_path and not t.lora_rank else None
         self.model, self.parallel = build_model(plan, weights=weights)
         self.lora_names: List[str] = []
         if t.lora_rank:  # adapters sharded with their projections, the single-process initialisation
@@ -249,6 +250,11 @@ class ParallelEngine:
         for which in ParallelAdamW.MOMENTS:  # every replica takes part (sharded states are gathered)
             path = os.path.join(directory, rank_file(coords.tp, coords.pp, moment_file(which)))
             self._write_moments(which, path if writes else None, meta)
+        if writes and self.lora_names:  # the adapters themselves, to resume (model.safetensors is merged)
+            params = dict(self.parallel.model.parameters_and_names())
+            path = os.path.join(directory, rank_file(coords.tp, coords.pp, LORA_FILE))
+            with atomic_file(path, overwrite=True) as tmp:
+                write_arrays(tmp, {name: params[name] for name in self.lora_names}, meta)
         if self.parallel.groups.coords == (0, 0, 0, 0):
             write_layout(directory, layout_dict(dims.tp, ranges, self.plan.config.to_hf_config(), False,
                                                 {"layout": dims.describe()}))
@@ -280,7 +286,8 @@ class ParallelEngine:
         from telechat2_ms.formats.layout import LAYOUT_NAME, SHARD_FILE, rank_file
 
         dims = self.plan.dims
-        files = (SHARD_FILE,) + tuple(moment_file(which) for which in ParallelAdamW.MOMENTS)
+        files = (SHARD_FILE,) + tuple(moment_file(which) for which in ParallelAdamW.MOMENTS) + \
+            ((LORA_FILE,) if self.lora_names else ())
         wanted = [LAYOUT_NAME] + [rank_file(t, s, f) for s in range(dims.pp) for t in range(dims.tp) for f in files]
         missing = [name for name in wanted if not os.path.isfile(os.path.join(directory, name))]
         if missing:
@@ -292,9 +299,18 @@ class ParallelEngine:
         any layout: each parameter's moments are read as its weights are (checkpoint.LayoutWeights)."""
         from telechat2_ms.parallel.parallelize import EMBEDDING
 
+        from telechat2_ms.layers import fill_parameter
+
         if "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
         dims, coords = self.plan.dims, self.parallel.groups.coords
+        if self.lora_names:  # the adapters of a LoRA run (its base weights came from load_checkpoint or the seed)
+            ref = ckpt.resolve_checkpoint(path)
+            if ref.kind != "layout":
+                raise ckpt.CheckpointError(f"{path} holds a one-process LoRA run's adapters; resume it in one process")
+            adapters = ckpt.LayoutWeights(ref, LORA_FILE)
+            for p in self.params:
+                fill_parameter(p, adapters.shard(p.name, dims.tp, coords.tp, self.plan.config.num_kv_heads))
         for which, source in training_checkpoint(path)[1].items():
             for i, p in enumerate(self.params):
                 name = EMBEDDING if getattr(p, "tied_copy", False) else p.name
