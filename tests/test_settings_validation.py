@@ -75,6 +75,8 @@ BAD_LAYOUTS = [
     (["--parallel_config.model_parallel=2", "--parallel_config.use_seq_parallel=true", "--seq_length=65"], 2,
      r"seq_length 65 must be divisible by model_parallel 2 with use_seq_parallel"),
     (["--train.batch_size=0"], 1, r"train.batch_size must be at least 1"),
+    (["--parallel_config.model_parallel=4", "--train.lora_rank=4"], 4,
+     r"train.lora_targets: LoRA on wk_v with kv heads copied over tensor-parallel ranks"),
     (["--run_mode=serve", "--parallel_config.data_parallel=2"], 2, r"serve runs tensor parallel only"),
     (["--run_mode=serve", "--parallel_config.pipeline_stage=2"], 2, r"serve runs tensor parallel only"),
     (["--run_mode=serve", "--serve.max_batch=0"], 1, r"serve.max_batch must be at least 1"),

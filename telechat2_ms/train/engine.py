@@ -17,19 +17,18 @@ for float16, LoRA, recompute. Checkpoint: model.safetensors (LoRA merged in), op
 lora.safetensors.
 ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.TelechatParallel's
 forward_backward per accumulation step (1F1B over micro_batch_num micro-batches, gradients reduced over
-replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), LoRA
-with the adapters sharded with their projections (checkpoints hold the merged weights and the adapters'
-moments; such a run does not resume yet), train.recompute as in one process when there is one pipeline stage
-(several stages always rerun each stage's forward in its backward), and
-for float16 the same dynamic loss scaling (the loss divided by targets / scale; the global norm decides, so an
-overflow on any rank skips the step on every rank).
-Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files): each
-(tp, stage) file of weights, and of AdamW's two moments under the same names and in the same slices (sharded
-states are gathered over the replicas while they are written), so it merges with `python -m convert merge`,
-loads under msrun with any layout, and resumes under any layout: the weights are read through
-checkpoint.LayoutWeights (merged and cut again when the tp or the pipeline split differ) and so are the
-moments, each replica then keeping its slice when optimizer_shard is on. Activations are always recomputed
-there under pipeline parallelism (each stage's backward reruns its forward).
+replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), the
+same dynamic loss scaling for float16 (the global norm decides, so an overflow on any rank skips the step on
+every rank), LoRA with the adapters sharded with their projections, and train.recompute as in one process when
+there is one pipeline stage (several stages always rerun each stage's forward in its backward).
+Checkpoint: a per-rank layout directory (formats/layout.py; the dp = cp = 0 ranks write their files): per
+(tp, stage) the weights (LoRA merged in), AdamW's two moments under the parameters' names and in the same slices
+(sharded states are gathered over the replicas while they are written) and a LoRA run's adapters. So it merges
+with `python -m convert merge`, loads in one process or under any layout, and resumes under any layout with the
+same global batch: weights and moments are read through checkpoint.LayoutWeights (merged and cut again when tp
+or the pipeline split differ), each replica keeping its slice of the moments with optimizer_shard; a resumed
+LoRA run takes its base weights from load_checkpoint as the original run did. `training_checkpoint` reads a
+checkpoint of either engine, so a run also resumes across world sizes.
 """
 from __future__ import annotations
 
@@ -295,14 +294,12 @@ class ParallelEngine:
                                        "save); the checkpoint is not published")
 
     def restore(self, path: str, state: Dict[str, Any]) -> None:
-        """The optimizer moments of checkpoint `path` (its weights were read when the model was built), from
-        any layout: each parameter's moments are read as its weights are (checkpoint.LayoutWeights)."""
+        """The loss scale, a LoRA run's adapters and the optimizer moments of checkpoint `path` (its weights were
+        read when the model was built), from any layout: each tensor is read as the weights are."""
+        from telechat2_ms.layers import fill_parameter
         from telechat2_ms.parallel.parallelize import EMBEDDING
 
-        from telechat2_ms.layers import fill_parameter
-
-        if "loss_scaler" in state:
-            self.scaler.load_state_dict(state["loss_scaler"])
+        self.scaler.load_state_dict(state["loss_scaler"])
         dims, coords = self.plan.dims, self.parallel.groups.coords
         if self.lora_names:  # the adapters of a LoRA run (its base weights came from load_checkpoint or the seed)
             ref = ckpt.resolve_checkpoint(path)
@@ -333,7 +330,6 @@ def training_checkpoint(path: str):
     optimizer = ckpt.SafetensorsWeights(os.path.join(path, OPTIMIZER_FILE))
     return (ckpt.SafetensorsWeights(os.path.join(path, ckpt.MODEL_FILE)),
             {w: ckpt.PrefixedWeights(optimizer, w + ".") for w in ParallelAdamW.MOMENTS})
-
 
 
 def _config_json(cfg) -> str:
