@@ -464,6 +464,6 @@ def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optio
         t = settings.train
         if t.lora_rank and "wk_v" in t.lora_targets and cfg.num_kv_heads < p.model_parallel:
             raise ConfigError(f"train.lora_targets: LoRA on wk_v with kv heads copied over tensor-parallel ranks "
-                              f"(num_kv_heads {cfg.num_kv_heads} < model_parallel {p.model_parallel}) is not supported; "
-                              "leave wk_v out of train.lora_targets")
+                              f"(num_kv_heads {cfg.num_kv_heads} < model_parallel {p.model_parallel}) is not "
+                              "supported; leave wk_v out of train.lora_targets")
     return dims

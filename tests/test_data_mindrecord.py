@@ -30,7 +30,7 @@ def _mindformers_file(path, rows, schema=None):
     writer.add_schema(schema or {"input_ids": {"type": "int32", "shape": [-1]},
                                  "labels": {"type": "int32", "shape": [-1]}}, SCHEMA_NAME)
     for ids, labels in rows:
-        writer.write_raw_data([{name: np.asarray(v, np.int32) for name, v in zip(("input_ids", "labels"), (ids, labels))}])
+        writer.write_raw_data([{"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32)}])
     writer.commit()
     return str(path)
 
@@ -68,6 +68,9 @@ def test_jsonl_to_mindrecord_and_back_trains_the_same(tmp_path, capsys):
     assert main(["--input", jsonl, "--output", record, "--seq_length", "64", "--truncation", "truncate"]) == 0
     assert f"wrote {record}:" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["demo.jsonl", "demo.mindrecord", "demo.mindrecord.db"]
+    assert main(["--input", jsonl, "--output", record, "--seq_length", "64", "--truncation", "truncate"]) == 2
+    err = capsys.readouterr().err  # an existing output is refused before any work, in one line
+    assert err == f"error: output {record} exists; pass --overwrite to replace it\n"
     tok = Telechat2Tokenizer.demo()
     from_jsonl = prepare_dataset(jsonl, tok, 64, "sft", "truncate", cache_root=str(tmp_path / "c1"))
     from_record = prepare_dataset(record, tok, 64, "sft", cache_root=str(tmp_path / "c2"))

@@ -44,10 +44,9 @@ def _run(args) -> int:
     if args.output.endswith(".mindrecord"):
         import tempfile
 
-        from telechat2_ms.data.mindrecord import write_mindrecord
-        from telechat2_ms.formats.atomic import check_output_path
+        from telechat2_ms.data.mindrecord import check_mindrecord_output, write_mindrecord
 
-        check_output_path(args.output, args.overwrite, is_dir=False)  # before any tokenizing
+        check_mindrecord_output(args.output, args.overwrite)  # before any tokenizing
         with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.output))) as scratch:
             dataset = build_dataset(resolve_sources(args.input), os.path.join(scratch, "dataset"), tokenizer,
                                     args.seq_length, args.format, args.truncation, args.seed)

@@ -14,8 +14,9 @@ cycling through seeded permutations of its samples (the newer OFF-DS `sample_dat
 keeps every sample once, in order.
 
 `prepare_dataset` turns `train.train_dataset` into a TokenDataset: a directory holding index.json is opened
-as is; jsonl / MindRecord (data/mindrecord.py) / mix sources are preprocessed into `<cache_root>/<kind>-<fingerprint>/` and reused while the
-files (path, size, mtime), tokenizer, seq_length, truncation policy and mix seed are unchanged. Building
+as is; jsonl / MindRecord (data/mindrecord.py) / mix sources are preprocessed into
+`<cache_root>/<kind>-<fingerprint>/` and reused while the files (path, size, mtime), tokenizer, seq_length,
+truncation policy and mix seed are unchanged. Building
 writes a temporary directory and renames it into place, so concurrent builders (several data-parallel ranks)
 and interrupted builds never leave a half-written dataset behind.
 """

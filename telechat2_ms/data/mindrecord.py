@@ -67,27 +67,36 @@ def read_mindrecord(path: str, seq_length: int, vocab_size: int, pad_id: int) ->
             wrong = np.flatnonzero(targets & (labels != ids))
             if wrong.size:
                 p = int(wrong[0])
-                raise DataError(f"{where}: labels[{p}] = {int(labels[p])} is neither input_ids[{p}] = {int(ids[p])} nor "
-                                f"{IGNORE_TOKEN_ID}; only unshifted labels (MindFormers' layout) can be read")
-            kept = ids.size
-            while kept and ids[kept - 1] == pad_id and not targets[kept - 1]:
-                kept -= 1
+                raise DataError(f"{where}: labels[{p}] = {int(labels[p])} is neither input_ids[{p}] = {int(ids[p])} "
+                                f"nor {IGNORE_TOKEN_ID}; only unshifted labels (MindFormers' layout) can be read")
+            content = np.flatnonzero((ids != pad_id) | targets)  # the trailing rest is padding
+            kept = int(content[-1]) + 1 if content.size else 0
             yield Sample(ids[:kept].astype(np.int32), targets[:kept].astype(np.uint8), where)
     finally:
         reader.close()
+
+
+def check_mindrecord_output(path: str, overwrite: bool) -> None:
+    """Refuse a MindRecord output path that is not `*.mindrecord`, has no parent directory, or whose file or .db
+    index exists already."""
+    if not path.endswith(".mindrecord"):
+        raise DataError(f"{path}: a MindRecord output must end in .mindrecord")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise DataError(f"output {path}: parent directory {parent} does not exist")
+    for existing in (path, path + ".db"):
+        if os.path.lexists(existing) and (not overwrite or os.path.isdir(existing)):
+            raise DataError(f"output {existing} exists" + ("" if os.path.isdir(existing) else
+                                                            "; pass --overwrite to replace it"))
 
 
 def write_mindrecord(dataset, path: str, overwrite: bool = False) -> int:
     """Write a TokenDataset's order entries as MindFormers rows (module docstring); returns the row count."""
     from mindspore.mindrecord import FileWriter
 
-    from telechat2_ms.formats.atomic import check_output_path, make_temp_dir
+    from telechat2_ms.formats.atomic import make_temp_dir
 
-    if not path.endswith(".mindrecord"):
-        raise DataError(f"{path}: a MindRecord output must end in .mindrecord")
-    check_output_path(path, overwrite, is_dir=False)
-    if os.path.exists(path + ".db") and not overwrite:
-        raise DataError(f"{path}.db exists; pass --overwrite to replace it")
+    check_mindrecord_output(path, overwrite)
     tmp = make_temp_dir(path)
     try:
         inside = os.path.join(tmp, os.path.basename(path))

@@ -30,8 +30,8 @@ gives back `w` bit for bit, and resharding between layouts is a pure tensor oper
 Pipeline parallel: `stage_layer_ranges` gives each stage a contiguous block of layers (even split by
 default, the first `num_layers % pp` stages taking one more; or explicit per-stage counts). The embedding
 lives on the first stage, norm_out and lm_head on the last; a tied lm_head (Qwen2-0.5B/1.5B) is a copy of the
-embedding on the last stage, which checkpoints do not hold (`param_stages`). Parameter names keep their global layer index
-on every stage (as MindFormers' pipeline checkpoints do), so merging needs no renumbering.
+embedding on the last stage, which checkpoints do not hold (`param_stages`). Parameter names keep their global
+layer index on every stage (as MindFormers' pipeline checkpoints do), so merging needs no renumbering.
 
 Rank order for a (tp, pp) layout: rank = pp_stage * tp + tp_rank (tp fastest, as in parallel/dims.py).
 """

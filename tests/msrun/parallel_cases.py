@@ -75,8 +75,8 @@ FP16_TRAINER_LAYOUTS = ("fp16_tp2", "fp16_pp2")
 
 
 # layouts of another family: layout name -> model (MODELS); the rest use "tiny"
-LAYOUT_MODELS = {"qwen2_tp2": "qwen2", "qwen2_pp2": "qwen2", "qwen2_kv1_tp2": "qwen2_kv1", "qwen2_tied_tp2": "qwen2_tiny",
-                 "qwen2_tied_pp2": "qwen2_tiny", "qwen2_tied_tp2_pp2": "qwen2_tiny"}
+LAYOUT_MODELS = {"qwen2_tp2": "qwen2", "qwen2_pp2": "qwen2", "qwen2_kv1_tp2": "qwen2_kv1",
+                 "qwen2_tied_tp2": "qwen2_tiny", "qwen2_tied_pp2": "qwen2_tiny", "qwen2_tied_tp2_pp2": "qwen2_tiny"}
 LAYOUTS.update({"qwen2_tp2": dict(tp=2), "qwen2_pp2": dict(pp=2, micro_batch_num=4), "qwen2_kv1_tp2": dict(tp=2),
                 "qwen2_tied_tp2": dict(tp=2), "qwen2_tied_pp2": dict(pp=2, micro_batch_num=4),
                 "qwen2_tied_tp2_pp2": dict(tp=2, pp=2, micro_batch_num=4)})
