@@ -100,6 +100,17 @@ OVERHEAD_FRAGMENTATION = 0.05
 # (https://www.mindspore.cn/docs/en/stable/api_python/ops/mindspore.ops.flash_attention_score.html):
 # 2 * 8 * 4 = 64 bytes per (token, head).
 FA_STATS_BYTES_PER_TOKEN_HEAD = 64
+# Activation bytes per decoder layer measured on the CPU (research/bench_recompute_memory.py, 2026-12-04, AMD EPYC,
+# MindSpore 2.10 PyNative, fp32, plain kernels): hidden 256, 4 heads, ffn 768, batch 2, seq 1024; slope of peak
+# RSS over 2 -> 10 layers less the layer's weights, gradient accumulators and AdamW moments (4 x 3149824 bytes;
+# up to one more copy, the gradients being produced, may remain in). Under ms.jit the CPU runtime reuses no
+# buffers, so there recompute saves nothing: 527392768 / 712345088 / 713286144 bytes per layer.
+MEASURED_CPU_LAYER_ACTIVATION = {
+    "shapes": {"hidden_size": 256, "num_heads": 4, "ffn_hidden_size": 768, "vocab_size": 512,
+               "micro_batch_size": 2, "seq_length": 1024},
+    "layer_param_bytes": 3149824,
+    "none": 80624128, "selective": 33594880, "full": 586752,
+}
 
 
 # ---- layout -----------------------------------------------------------------------------------------
@@ -120,6 +131,7 @@ class Layout:
     recompute: str = "none"  # none | selective | full
     optimizer_shard: bool = False  # shard fp32 master weights + AdamW m, v over dp*cp (ZeRO-1)
     compute_dtype: str = "bfloat16"
+    fused_kernels: bool = True  # use_fused_kernels: FlashAttentionScore etc. (Ascend); False: the plain kernels
     layer_counts: Tuple[int, ...] = ()  # layers per pipeline stage; empty = even split
     pp_interleave: int = 1  # virtual stages per device (MindFormers pp_interleave_num; ours has none)
     mode: str = "train"  # train | infer
@@ -198,7 +210,7 @@ def layout_from_settings(settings: RunSettings) -> Layout:
         grad_accum=settings.train.grad_accum_steps if train else 1,
         seq_length=settings.seq_length, recompute=settings.train.recompute if train else "none",
         optimizer_shard=pc.optimizer_shard, compute_dtype=settings.compute_dtype,
-        layer_counts=tuple(pc.pipeline_layer_counts), mode="train" if train else "infer",
+        fused_kernels=settings.use_fused_kernels, layer_counts=tuple(pc.pipeline_layer_counts), mode="train" if train else "infer",
         infer_batch=settings.serve.max_batch if settings.run_mode == "serve" else 1,
         prefill_batch=1,
     )
@@ -263,16 +275,25 @@ class MemoryReport:
 
 
 def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str) -> float:
-    """Bytes one layer keeps for backward, per micro-batch, on one device.
+    """Bytes one layer keeps for backward, per micro-batch, on one device, as this project's layers and
+    train.recompute do it (train/engine.apply_recompute).
 
     Korthikanti et al. count 34·sbh (+5·a·s²b for the score matrix) for a GPT layer. Our layer instead keeps,
     with T = b·s/cp tokens, a = compute-dtype bytes, fp32 residual stream (as MindFormers' res_dtype):
-      TP-split region: Q, O (a·T·H each), K, V (a·T·kv each), FlashAttention softmax stats (64 bytes per
-      token and head; no s² term), SwiGLU gate, up, silu(gate) and their product (a·T·F each);
+      attention (TP-split): Q, O (a·T·H each), K, V (a·T·kv each) and, with the fused kernels (Ascend),
+      FlashAttentionScore's softmax statistics (64 bytes per token and head; no s² term); with the plain
+      kernels (the CPU) instead the fp32 probabilities [b, n, s, s], q/sqrt(d), and RoPE's inputs and rotated
+      halves of q and k;
+      SwiGLU (TP-split): gate, up, silu(gate) and their product (a·T·F each);
       norm region: the two fp32 residual inputs of the RMSNorms (4·T·H each) and the two norm outputs
       (a·T·H each); split over tp only with sequence parallelism.
-    selective: the norm outputs and silu(gate), gate*up are recomputed (not stored).
+    selective: the attention block is recomputed in backward, so the layer keeps none of its attention
+      tensors (its input, the first norm output, is counted in the norm region). This is not MindFormers'
+      select_recompute, which recomputes the norms and the SwiGLU product and keeps the attention.
     full: only the fp32 layer input is stored (split over tp with sequence parallelism).
+    Checked against the CPU in PyNative, plain kernels, fp32 (research/bench_recompute_memory.py: the slope
+    of peak RSS over the layer count; MEASURED_CPU_LAYER_ACTIVATION holds its figures, and
+    tests/test_cost_model.py holds this formula to them).
     """
     H, F, tp = cfg.hidden_size, cfg.ffn_hidden_size, lay.tp
     a = DTYPE_BYTES[lay.compute_dtype]
@@ -280,11 +301,16 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str) -> flo
     seq_split = tp if lay.sp else 1
     if recompute == "full":
         return 4 * T * H / seq_split
-    kv = kv_local_dim(cfg, tp)
-    tp_region = T * (2 * a * H / tp + 2 * a * kv + FA_STATS_BYTES_PER_TOKEN_HEAD * cfg.num_heads / tp)
-    mlp_kept = 2 if recompute == "selective" else 4  # gate, up (+ silu(gate), gate*up)
-    tp_region += mlp_kept * a * T * F / tp
-    norm_region = 2 * 4 * T * H + (0 if recompute == "selective" else 2 * a * T * H)
+    norm_region = 2 * 4 * T * H + 2 * a * T * H
+    tp_region = 4 * a * T * F / tp
+    if recompute == "none":
+        kv = kv_local_dim(cfg, tp)
+        tp_region += T * (2 * a * H / tp + 2 * a * kv)
+        if lay.fused_kernels:
+            tp_region += T * FA_STATS_BYTES_PER_TOKEN_HEAD * cfg.num_heads / tp
+        else:
+            keys = lay.seq_length / lay.cp
+            tp_region += T * (4 * keys * cfg.num_heads / tp + 3 * a * H / tp + 2 * a * kv)
     return tp_region + norm_region / seq_split
 
 

@@ -75,13 +75,29 @@ def test_activation_terms_by_hand():
     # Q, O, K, V (bf16) + FA stats (64 B/token/head) + 4 SwiGLU tensors + 2 fp32 residuals + 2 norm outputs
     assert none == S * (2 * H + 2 * H + 2 * 2 * H + 64 * a + 4 * 2 * F + 2 * 4 * H + 2 * 2 * H)
     sel = cm.layer_activation_bytes(cfg, cm.Layout(), "selective")
-    assert none - sel == S * (2 * 2 * H + 2 * 2 * F)
+    assert none - sel == S * (2 * H + 2 * H + 2 * 2 * H + 64 * a)  # the attention block is recomputed
+    # the plain kernels (CPU) keep the fp32 probabilities, q/sqrt(d) and RoPE's inputs and rotated halves
+    plain = cm.layer_activation_bytes(cfg, cm.Layout(fused_kernels=False), "none")
+    assert plain - none == S * (4 * S * a - 64 * a + 3 * 2 * H + 2 * 2 * H)
+    assert cm.layer_activation_bytes(cfg, cm.Layout(fused_kernels=False), "selective") == sel
     assert cm.layer_activation_bytes(cfg, cm.Layout(tp=4, sp=True), "full") == 4 * S * H / 4
     # with SP everything is split over tp; without it the norm region (12 bytes per token and H) is replicated
     sp = cm.layer_activation_bytes(cfg, cm.Layout(tp=4, sp=True), "none")
     no_sp = cm.layer_activation_bytes(cfg, cm.Layout(tp=4, sp=False), "none")
     assert sp == pytest.approx(none / 4)
     assert no_sp - sp == pytest.approx(S * 12 * H * (1 - 1 / 4))
+
+
+@pytest.mark.parametrize("recompute", cm.RECOMPUTE_MODES)
+def test_activation_per_layer_matches_the_cpu_measurement(recompute):
+    """The formula at the shapes research/bench_recompute_memory.py measured (PyNative, plain kernels, fp32):
+    within 5% or one layer's parameter bytes (the gradients being produced may be in the measured figure)."""
+    measured = cm.MEASURED_CPU_LAYER_ACTIVATION
+    shapes = dict(measured["shapes"])
+    lay = cm.Layout(micro_batch_size=shapes.pop("micro_batch_size"), seq_length=shapes.pop("seq_length"),
+                    compute_dtype="float32", fused_kernels=False)
+    model = cm.layer_activation_bytes(get_config("tiny", **shapes), lay, recompute)
+    assert abs(model - measured[recompute]) <= max(0.05 * measured[recompute], measured["layer_param_bytes"])
 
 
 def test_in_flight_micro_batches_1f1b():
