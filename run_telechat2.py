@@ -126,4 +126,7 @@ def _main(args, given) -> int:
 
 
 if __name__ == "__main__":
+    # progress lines reach msrun's worker logs (a file, so block-buffered by default) as they are printed, and
+    # survive a kill of the job
+    sys.stdout.reconfigure(line_buffering=True)
     sys.exit(main())
