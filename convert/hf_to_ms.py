@@ -16,7 +16,7 @@ The file appears atomically (temp file beside it + os.replace).
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -34,28 +34,36 @@ def _fused(fusion: Fusion, cfg: ModelConfig, arrays: Sequence[np.ndarray]) -> np
     return fusion.fuse(cfg, *arrays)
 
 
+def stack_experts(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """E experts' HF tensors, in expert order -> the stacked MindSpore tensor [E, ...]."""
+    return np.stack(arrays)
+
+
 def plan_hf_to_ms(source: TensorSource, cfg: ModelConfig, dtype: str = "keep",
                   fused_qkv: bool = False) -> List[TensorPlan]:
     """Validate the HF tensors against `cfg` and list the MindSpore tensors to produce, in canonical order."""
     infos = source.infos()
-    to_ms: Dict[str, str] = {}
+    to_ms: Dict[str, Dict[Optional[int], str]] = {}  # MindSpore name -> {expert index or None: HF name}
     unknown = []
     for name in infos:
-        known, ms_name = hf_to_ms_name(name, cfg)
-        if not known:
+        match = hf_to_ms_name(name, cfg)
+        if match is None:
             unknown.append(name)
-        elif ms_name is not None:  # None: a deliberate drop (rotary buffers)
-            to_ms[ms_name] = name
-    found = {name: infos[name].shape for name in to_ms.values()}
+        elif match.name is not None:  # None: a deliberate drop (rotary buffers)
+            to_ms.setdefault(match.name, {})[match.expert] = name
+    found = {name: infos[name].shape for parts in to_ms.values() for name in parts.values()}
     check_names_and_shapes(found, expected_hf(cfg), f"HF checkpoint {source.path}", cfg, unknown)
     plans = []
     for ms_name, shape in expected_ms(cfg, fused_qkv).items():
         fused = fusion_of(ms_name)
-        if fused is None:
-            sources, build = (to_ms[ms_name],), None
+        parts = to_ms.get(ms_name, {})
+        if None not in parts and fused is None:  # one expert's tensor each: stacked in expert order
+            sources, build = tuple(parts[e] for e in range(cfg.num_experts)), stack_experts
+        elif fused is None:
+            sources, build = (parts[None],), None
         else:
             fusion, layer = fused
-            sources = tuple(to_ms[part.format(layer=layer)] for part in fusion.parts)
+            sources = tuple(to_ms[part.format(layer=layer)][None] for part in fusion.parts)
             build = functools.partial(_fused, fusion, cfg)
         codes = sorted({target_code(infos[s].code, dtype) for s in sources})
         if len(codes) > 1:

@@ -4,9 +4,15 @@
 optional condition on the config); `{layer}` stands for the decoder layer index. `KEY_MAP` is TeleChat2's;
 Qwen2's maps transformers' names (`model.layers.N.self_attn.q_proj`, ...) to the names MindFormers'
 research/qwen2 uses (`wq`/`wk`/`wv` with biases, `wo`, `feed_forward.w1/w2/w3`); with tied embeddings its
-`lm_head.weight` is absent on both sides (HF's save_pretrained writes the shared matrix once). Both directions read this table: `hf_to_ms_name` matches
-the HF side and formats the MindSpore side, `ms_to_hf_name` does the opposite; there is no second,
-hand-written table. Both frameworks store Linear weights as [out, in], so every mapping is a pure rename
+`lm_head.weight` is absent on both sides (HF's save_pretrained writes the shared matrix once). Both directions
+read this table: `hf_to_ms_name` matches the HF side and formats the MindSpore side, `ms_to_hf_names` does the
+opposite; there is no second, hand-written table.
+
+Mixture of experts: a rule's `layers` condition says which decoder layers hold it (the dense FFN in dense layers,
+the MoE block in sparse ones: ModelConfig.is_sparse). HF stores one tensor per expert (`{expert}` in the
+template: `mlp.local_experts.{e}.gate_proj` for TeleChat2-MoE, `mlp.experts.{e}.gate_proj` for Qwen2-MoE);
+MindSpore stacks them in expert order as MindFormers does (`feed_forward.ffn.w1` [E, F, H], the down bias
+`ffn.w2.bias` [E, H]), so those rules are a rename plus a stack. Both frameworks store Linear weights as [out, in], so every mapping is a pure rename
 (spec 3.2); `wk_v` keeps HF's per-kv-head interleaved [K_h; V_h] row order (spec 3.1, pitfall 10.1).
 
 Optional fused inference layouts (spec 3.3) live on the MindSpore side only, as `FUSIONS`:
@@ -64,12 +70,74 @@ def _untied(c: ModelConfig) -> bool:
     return not c.tie_word_embeddings
 
 
+def _router(c: ModelConfig) -> Shape:
+    return (c.num_experts, c.hidden_size)  # [E, H]
+
+
+def _expert_in(c: ModelConfig) -> Shape:
+    return (c.moe_ffn_hidden_size, c.hidden_size)  # one expert's [Fe, H]
+
+
+def _expert_out(c: ModelConfig) -> Shape:
+    return (c.hidden_size, c.moe_ffn_hidden_size)  # one expert's [H, Fe]
+
+
+def _shared_in(c: ModelConfig) -> Shape:
+    return (c.shared_expert_ffn_hidden_size, c.hidden_size)  # [Fs, H]
+
+
+def _shared_out(c: ModelConfig) -> Shape:
+    return (c.hidden_size, c.shared_expert_ffn_hidden_size)  # [H, Fs]
+
+
+def _shared_gate(c: ModelConfig) -> Shape:
+    return (1, c.hidden_size)  # [1, H]
+
+
+def _shared(c: ModelConfig) -> bool:
+    return c.shared_expert_ffn_hidden_size > 0
+
+
+def _unshared(c: ModelConfig) -> bool:
+    return c.shared_expert_ffn_hidden_size == 0
+
+
+def _dense_layer(c: ModelConfig, layer: int) -> bool:
+    return not c.is_sparse(layer)
+
+
+def _sparse_layer(c: ModelConfig, layer: int) -> bool:
+    return c.is_sparse(layer)
+
+
 @dataclass(frozen=True)
 class KeyRule:
     hf: str
     ms: Optional[str]  # None: a deliberate drop (HF only, recomputed from the config)
     shape: Optional[Callable[[ModelConfig], Shape]]
     when: Optional[Callable[[ModelConfig], bool]] = None  # the parameter exists only for such configs
+    layers: Optional[Callable[[ModelConfig, int], bool]] = None  # ... and only in such decoder layers
+
+    @property
+    def stacked(self) -> bool:
+        """One HF tensor per expert (`{expert}` in the HF template), stacked on the MindSpore side: [E, *shape]."""
+        return "{expert}" in self.hf
+
+
+def _moe_rules(hf_layer: str, mlp: str, router: str, experts: str, ms_moe: str,
+               when: Optional[Callable[[ModelConfig], bool]] = None) -> Tuple[KeyRule, ...]:
+    """The routed experts of a sparse layer: router [E, H] and expert e's gate/up/down (+ down bias when the
+    config has one) <-> `{ms_moe}router.dense.weight` and the stacked `{ms_moe}ffn.w1/w3/w2` [E, ...]."""
+    ms = _MS_L + "feed_forward." + ms_moe
+    expert = hf_layer + mlp + experts + ".{expert}."
+    bias = (lambda c: c.down_bias and (when is None or when(c)))
+    return (
+        KeyRule(hf_layer + mlp + router + ".weight", ms + "router.dense.weight", _router, when, _sparse_layer),
+        KeyRule(expert + "gate_proj.weight", ms + "ffn.w1.weight", _expert_in, when, _sparse_layer),
+        KeyRule(expert + "up_proj.weight", ms + "ffn.w3.weight", _expert_in, when, _sparse_layer),
+        KeyRule(expert + "down_proj.weight", ms + "ffn.w2.weight", _expert_out, when, _sparse_layer),
+        KeyRule(expert + "down_proj.bias", ms + "ffn.w2.bias", _hidden, bias, _sparse_layer),
+    )
 
 
 _HF_L = "transformer.h.{layer}."
@@ -82,10 +150,12 @@ KEY_MAP: Tuple[KeyRule, ...] = (
     KeyRule(_HF_L + "self_attention.dense.weight", _MS_L + "attention.wo.weight", _square),
     KeyRule(_HF_L + "self_attention.dense.bias", _MS_L + "attention.wo.bias", _hidden),
     KeyRule(_HF_L + "post_attention_layernorm.weight", _MS_L + "ffn_norm.weight", _hidden),
-    KeyRule(_HF_L + "mlp.gate_proj.weight", _MS_L + "feed_forward.w1.weight", _ffn_in),
-    KeyRule(_HF_L + "mlp.up_proj.weight", _MS_L + "feed_forward.w3.weight", _ffn_in),
-    KeyRule(_HF_L + "mlp.down_proj.weight", _MS_L + "feed_forward.w2.weight", _ffn_out),
-    KeyRule(_HF_L + "mlp.down_proj.bias", _MS_L + "feed_forward.w2.bias", _hidden),
+    KeyRule(_HF_L + "mlp.gate_proj.weight", _MS_L + "feed_forward.w1.weight", _ffn_in, None, _dense_layer),
+    KeyRule(_HF_L + "mlp.up_proj.weight", _MS_L + "feed_forward.w3.weight", _ffn_in, None, _dense_layer),
+    KeyRule(_HF_L + "mlp.down_proj.weight", _MS_L + "feed_forward.w2.weight", _ffn_out, None, _dense_layer),
+    KeyRule(_HF_L + "mlp.down_proj.bias", _MS_L + "feed_forward.w2.bias", _hidden, None, _dense_layer),
+    # TeleChat2-MoE (39B-A12B): router and local experts, MindFormers' feed_forward.router / stacked ffn
+    *_moe_rules(_HF_L, "mlp.", "router", "local_experts", ""),
     KeyRule("transformer.ln_f.weight", "model.norm_out.weight", _hidden),
     KeyRule("lm_head.weight", "lm_head.weight", _vocab),
     # rotary inverse frequencies that older transformers versions saved as persistent buffers
@@ -103,9 +173,21 @@ QWEN2_KEY_MAP: Tuple[KeyRule, ...] = (
     KeyRule(_Q_L + "self_attn.v_proj.bias", _MS_L + "attention.wv.bias", _kv_bias),
     KeyRule(_Q_L + "self_attn.o_proj.weight", _MS_L + "attention.wo.weight", _square),
     KeyRule(_Q_L + "post_attention_layernorm.weight", _MS_L + "ffn_norm.weight", _hidden),
-    KeyRule(_Q_L + "mlp.gate_proj.weight", _MS_L + "feed_forward.w1.weight", _ffn_in),
-    KeyRule(_Q_L + "mlp.up_proj.weight", _MS_L + "feed_forward.w3.weight", _ffn_in),
-    KeyRule(_Q_L + "mlp.down_proj.weight", _MS_L + "feed_forward.w2.weight", _ffn_out),
+    KeyRule(_Q_L + "mlp.gate_proj.weight", _MS_L + "feed_forward.w1.weight", _ffn_in, None, _dense_layer),
+    KeyRule(_Q_L + "mlp.up_proj.weight", _MS_L + "feed_forward.w3.weight", _ffn_in, None, _dense_layer),
+    KeyRule(_Q_L + "mlp.down_proj.weight", _MS_L + "feed_forward.w2.weight", _ffn_out, None, _dense_layer),
+    # Qwen2-MoE: router `gate` and experts; with a shared expert, MindFormers' qwen2_moe names
+    # (feed_forward.routed_experts.*, feed_forward.shared_experts.*, feed_forward.shared_experts_gate)
+    *_moe_rules(_Q_L, "mlp.", "gate", "experts", "routed_experts.", _shared),
+    *_moe_rules(_Q_L, "mlp.", "gate", "experts", "", _unshared),
+    KeyRule(_Q_L + "mlp.shared_expert.gate_proj.weight", _MS_L + "feed_forward.shared_experts.w1.weight", _shared_in,
+            _shared, _sparse_layer),
+    KeyRule(_Q_L + "mlp.shared_expert.up_proj.weight", _MS_L + "feed_forward.shared_experts.w3.weight", _shared_in,
+            _shared, _sparse_layer),
+    KeyRule(_Q_L + "mlp.shared_expert.down_proj.weight", _MS_L + "feed_forward.shared_experts.w2.weight",
+            _shared_out, _shared, _sparse_layer),
+    KeyRule(_Q_L + "mlp.shared_expert_gate.weight", _MS_L + "feed_forward.shared_experts_gate.weight", _shared_gate,
+            _shared, _sparse_layer),
     KeyRule("model.norm.weight", "model.norm_out.weight", _hidden),
     KeyRule("lm_head.weight", "lm_head.weight", _vocab, _untied),
     KeyRule(_Q_L + "self_attn.rotary_emb.inv_freq", None, None),
@@ -171,48 +253,76 @@ FUSIONS: Tuple[Fusion, ...] = (
 
 # ---- template matching ------------------------------------------------------------------------------------
 def _pattern(template: str) -> "re.Pattern[str]":
-    return re.compile(re.escape(template).replace(re.escape("{layer}"), r"(?P<layer>\d+)") + r"\Z")
+    text = re.escape(template).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+    return re.compile(text.replace(re.escape("{expert}"), r"(?P<expert>\d+)") + r"\Z")
+
+
+@dataclass(frozen=True)
+class Match:
+    """Where a name lands on the other side: `name` (None: a deliberate drop) and, for one expert's HF tensor,
+    its index in the stacked MindSpore tensor."""
+
+    name: Optional[str]
+    expert: Optional[int] = None
 
 
 class _Translator:
-    """Maps names matching one side's templates to the other side; built from (src, dst, when) rules."""
+    """Maps names matching one side's templates to the other side; built from (src, dst, rule) triples. A
+    stacked MindSpore name maps to its HF template with `{expert}` left in (see `ms_to_hf_names`)."""
 
-    def __init__(self, pairs: Iterable[Tuple[str, Optional[str], Optional[Callable[[ModelConfig], bool]]]]):
-        self._rules = [(_pattern(src), dst, when) for src, dst, when in pairs]
+    def __init__(self, triples: Iterable[Tuple[str, Optional[str], KeyRule]]):
+        self._rules = [(_pattern(src), dst, rule) for src, dst, rule in triples]
 
-    def __call__(self, name: str, cfg: ModelConfig) -> Tuple[bool, Optional[str]]:
-        """(known, target name or None for a deliberate drop); layer indices must be < num_layers."""
-        for pattern, dst, when in self._rules:
+    def __call__(self, name: str, cfg: ModelConfig) -> Optional[Match]:
+        """The Match, or None for a name no rule knows (layer and expert indices must exist in `cfg`)."""
+        for pattern, dst, rule in self._rules:
             m = pattern.match(name)
-            if m is None or (when is not None and not when(cfg)):
+            if m is None or (rule.when is not None and not rule.when(cfg)):
                 continue
-            layer = m.groupdict().get("layer")
-            if layer is not None and int(layer) >= cfg.num_layers:
-                return False, None
-            return True, (dst.format(layer=layer) if dst is not None else None)
-        return False, None
+            found = m.groupdict()
+            layer = found.get("layer")
+            if layer is not None and (int(layer) >= cfg.num_layers or
+                                      (rule.layers is not None and not rule.layers(cfg, int(layer)))):
+                return None
+            expert = found.get("expert")
+            if expert is not None and int(expert) >= cfg.num_experts:
+                return None
+            if dst is None:
+                return Match(None)
+            target = dst.replace("{layer}", layer) if layer is not None else dst
+            return Match(target, None if expert is None else int(expert))
+        return None
 
 
 def _check_bijective() -> None:
+    """No template appears twice on one side unless the repeats hold for different configs (`when`)."""
     for family, rules in KEY_MAPS.items():
         for side in ("hf", "ms"):
-            names = [getattr(r, side) for r in rules if getattr(r, side) is not None]
-            if len(names) != len(set(names)):
+            keys = [(getattr(r, side), r.when) for r in rules if getattr(r, side) is not None]
+            if len(keys) != len(set(keys)):
                 raise AssertionError(f"the {family} key map repeats a {side} template")
 
 
 _check_bijective()
-_HF_TO_MS = {f: _Translator((r.hf, r.ms, r.when) for r in rules) for f, rules in KEY_MAPS.items()}
+_HF_TO_MS = {f: _Translator((r.hf, r.ms, r) for r in rules) for f, rules in KEY_MAPS.items()}
 # the derived inverses
-_MS_TO_HF = {f: _Translator((r.ms, r.hf, r.when) for r in rules if r.ms is not None) for f, rules in KEY_MAPS.items()}
+_MS_TO_HF = {f: _Translator((r.ms, r.hf, r) for r in rules if r.ms is not None) for f, rules in KEY_MAPS.items()}
 
 
-def hf_to_ms_name(name: str, cfg: ModelConfig) -> Tuple[bool, Optional[str]]:
+def hf_to_ms_name(name: str, cfg: ModelConfig) -> Optional[Match]:
+    """The MindSpore name an HF tensor goes to (with its expert index when it is one expert's), None if unknown."""
     return _HF_TO_MS[cfg.family](name, cfg)
 
 
-def ms_to_hf_name(name: str, cfg: ModelConfig) -> Tuple[bool, Optional[str]]:
-    return _MS_TO_HF[cfg.family](name, cfg)
+def ms_to_hf_names(name: str, cfg: ModelConfig) -> List[Match]:
+    """The HF tensors a MindSpore tensor holds: one, or one per expert of a stacked tensor (expert index set);
+    empty for a name no rule knows."""
+    found = _MS_TO_HF[cfg.family](name, cfg)
+    if found is None:
+        return []
+    if "{expert}" not in found.name:
+        return [found]
+    return [Match(found.name.replace("{expert}", str(e)), e) for e in range(cfg.num_experts)]
 
 
 def _rules(cfg: ModelConfig) -> List[KeyRule]:
@@ -220,39 +330,52 @@ def _rules(cfg: ModelConfig) -> List[KeyRule]:
 
 
 # ---- expected names and shapes ----------------------------------------------------------------------------
-def _expand(templates: Sequence[Tuple[str, Shape]], num_layers: int) -> Dict[str, Shape]:
-    """Canonical order: leading global names, then layer by layer, then trailing global names."""
+Template = Tuple[str, Shape, Optional[Callable[[ModelConfig, int], bool]]]
+
+
+def _expand(templates: Sequence[Template], cfg: ModelConfig) -> Dict[str, Shape]:
+    """Canonical order: leading global names, then layer by layer (each layer's own names: dense or sparse),
+    then trailing global names; `{expert}` templates expand to experts 0..E-1."""
     out: Dict[str, Shape] = {}
-    per_layer = [(t, s) for t, s in templates if "{layer}" in t]
+    per_layer = [t for t in templates if "{layer}" in t[0]]
     done_layers = False
-    for template, shape in templates:
+    for template, shape, _ in templates:
         if "{layer}" not in template:
             out[template] = shape
         elif not done_layers:
-            for i in range(num_layers):
-                for t, s in per_layer:
-                    out[t.format(layer=i)] = s
+            for i in range(cfg.num_layers):
+                for t, s, layers in per_layer:
+                    if layers is not None and not layers(cfg, i):
+                        continue
+                    name = t.replace("{layer}", str(i))
+                    if "{expert}" in name:
+                        out.update((name.replace("{expert}", str(e)), s) for e in range(cfg.num_experts))
+                    else:
+                        out[name] = s
             done_layers = True
     return out
 
 
 def expected_hf(cfg: ModelConfig) -> Dict[str, Shape]:
     """Every HF name with its shape, in canonical order."""
-    return _expand([(r.hf, r.shape(cfg)) for r in _rules(cfg)], cfg.num_layers)
+    return _expand([(r.hf, r.shape(cfg), r.layers) for r in _rules(cfg)], cfg)
 
 
 def expected_ms(cfg: ModelConfig, fused: bool = False) -> Dict[str, Shape]:
-    """Every MindSpore name with its shape, in canonical order (fused layouts take the first part's place)."""
-    templates: List[Tuple[str, Shape]] = [(r.ms, r.shape(cfg)) for r in _rules(cfg)]
+    """Every MindSpore name with its shape, in canonical order (fused layouts take the first part's place;
+    stacked expert tensors are [E, *one expert's shape])."""
+    templates: List[Template] = [(r.ms, (cfg.num_experts,) + r.shape(cfg) if r.stacked else r.shape(cfg), r.layers)
+                                 for r in _rules(cfg)]
     if fused:
-        if cfg.family != "telechat2":
-            raise ConversionError(f"the fused inference layouts are TeleChat2's; a {cfg.family} checkpoint has none")
+        if cfg.family != "telechat2" or cfg.num_experts:
+            raise ConversionError(f"the fused inference layouts are TeleChat2 dense's; a {cfg.name} checkpoint has "
+                                  f"none")
         for fusion in FUSIONS:
-            names = [t for t, _ in templates]
+            names = [t for t, _, _ in templates]
             first = names.index(fusion.parts[0])
-            templates[first] = (fusion.fused, fusion.shape(cfg))
-            templates = [(t, s) for t, s in templates if t not in fusion.parts[1:]]
-    return _expand(templates, cfg.num_layers)
+            templates[first] = (fusion.fused, fusion.shape(cfg), None)
+            templates = [t for t in templates if t[0] not in fusion.parts[1:]]
+    return _expand(templates, cfg)
 
 
 def is_fused(names: Iterable[str]) -> bool:

@@ -26,7 +26,7 @@ from telechat2_ms.formats.atomic import atomic_dir, check_output_path
 from telechat2_ms.formats.dtypes import target_code
 from convert.errors import ConversionError
 from convert.keymap import Fusion, check_names_and_shapes, expected_hf, expected_ms, fusion_of, is_fused, \
-    ms_to_hf_name
+    ms_to_hf_names
 from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
 from convert.sources import TensorSource, open_ms_checkpoint, resolve_config
 from convert.stream import TensorPlan, check_all_consumed, run_plans
@@ -45,6 +45,16 @@ class _SplitPart:
         return np.ascontiguousarray(self.fusion.split(self.cfg, arrays[0])[self.index])
 
 
+class _Expert:
+    """Build function: expert `index`'s tensor from a stacked [E, ...] MindSpore tensor."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return np.ascontiguousarray(arrays[0][self.index])
+
+
 def plan_ms_to_hf(source: TensorSource, cfg: ModelConfig, dtype: str = "keep") -> List[TensorPlan]:
     """Validate the MindSpore tensors against `cfg` and list the HF tensors to produce, in canonical order."""
     infos = source.infos()
@@ -59,8 +69,8 @@ def plan_ms_to_hf(source: TensorSource, cfg: ModelConfig, dtype: str = "keep") -
             fusion, layer = fused_weight
             parts = [(p.format(layer=layer), _SplitPart(fusion, cfg, i)) for i, p in enumerate(fusion.parts)]
         for part_name, build in parts:
-            _, hf_name = ms_to_hf_name(part_name, cfg)  # the inverse derived from KEY_MAP
-            origin[hf_name] = (ms_name, build)
+            for match in ms_to_hf_names(part_name, cfg):  # the inverse derived from KEY_MAP
+                origin[match.name] = (ms_name, build if match.expert is None else _Expert(match.expert))
     plans = []
     for hf_name, shape in expected_hf(cfg).items():
         ms_name, build = origin[hf_name]

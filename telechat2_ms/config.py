@@ -28,7 +28,10 @@ class ConfigError(ValueError):
 ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
                "rms_norm_eps", "training_seqlen", "base_seqlen", "rope_theta", "rope_scaling", "rope_fp16_tables",
                "qkv_bias", "separate_kv", "out_bias", "down_bias", "tie_word_embeddings", "sliding_window",
-               "sliding_layers")
+               "sliding_layers", "num_experts", "num_experts_per_tok", "moe_ffn_hidden_size",
+               "shared_expert_ffn_hidden_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+               "router_aux_loss_coef", "aux_loss")
+AUX_LOSSES = ("per_layer", "global")
 FAMILIES = ("telechat2", "qwen2")
 ROPE_RULES = ("dynamic_ntk", "none")
 TELECHAT_DEFAULT_THETA = 10000.0  # the official modeling code's hard-coded base
@@ -68,6 +71,18 @@ class ModelConfig:
     tie_word_embeddings: bool = False  # Qwen2-0.5B / 1.5B: lm_head is the embedding matrix
     sliding_window: int = 0  # keys within this many positions (HF: kv > q - window) on sliding layers; 0: none
     sliding_layers: Tuple[int, ...] = ()  # the layers that attend within the window
+    # Mixture of experts (families.md 3); num_experts 0: every layer dense
+    num_experts: int = 0  # routed experts of each sparse layer
+    num_experts_per_tok: int = 0  # top-k
+    moe_ffn_hidden_size: int = 0  # each expert's SwiGLU width (ffn_hidden_size stays the dense layers')
+    shared_expert_ffn_hidden_size: int = 0  # Qwen2-MoE: a shared expert under a sigmoid gate; 0: none
+    norm_topk_prob: bool = False  # renormalise the k routing weights to sum 1 (TeleChat2-MoE yes, Qwen2-57B no)
+    decoder_sparse_step: int = 1  # layer i is sparse iff (i + 1) % step == 0 and i not in mlp_only_layers (HF)
+    mlp_only_layers: Tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss added to the training loss
+    # per_layer: sum over sparse layers of coef * E * sum_i f_i * P_i, f over the k*N assignments (MindFormers,
+    # TeleChat2-MoE); global: transformers' load_balancing_loss_func over every sparse layer's tokens at once
+    aux_loss: str = "per_layer"
     name: str = field(default="custom", compare=False)
     rope_theta_source: str = field(default="the TeleChat2 default (config.json gives no rope_theta)", compare=False)
 
@@ -88,10 +103,32 @@ class ModelConfig:
         if self.rope_scaling not in ROPE_RULES:
             raise ConfigError(f"rope_scaling must be one of {', '.join(ROPE_RULES)}, got {self.rope_scaling!r}")
         object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if self.num_experts < 0:
+            raise ConfigError(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}), got "
+                                  f"{self.num_experts_per_tok}")
+            if self.moe_ffn_hidden_size <= 0:
+                raise ConfigError(f"moe_ffn_hidden_size must be positive with experts, got {self.moe_ffn_hidden_size}")
+            if self.decoder_sparse_step < 1:
+                raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+            if self.aux_loss not in AUX_LOSSES:
+                raise ConfigError(f"aux_loss must be one of {', '.join(AUX_LOSSES)}, got {self.aux_loss!r}")
         if self.sliding_layers and self.sliding_window <= 0:
             raise ConfigError(f"sliding_layers {list(self.sliding_layers)} need a positive sliding_window")
         if any(not 0 <= i < self.num_layers for i in self.sliding_layers):
             raise ConfigError(f"sliding_layers {list(self.sliding_layers)} are not all layers of {self.num_layers}")
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` is an MoE layer (transformers' Qwen2-MoE rule)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def sparse_layers(self) -> Tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_sparse(i))
 
     @property
     def head_dim(self) -> int:
@@ -117,7 +154,13 @@ class ModelConfig:
         biases = (H + 2 * self.kv_dim if self.qkv_bias else 0) + (H if self.out_bias else 0) + \
             (H if self.down_bias else 0)
         per_layer = H * H + 2 * self.kv_dim * H + H * H + 3 * H * F + 2 * H + biases
-        return (1 if self.tie_word_embeddings else 2) * V * H + L * per_layer + H
+        E, Fm, Fs = self.num_experts, self.moe_ffn_hidden_size, self.shared_expert_ffn_hidden_size
+        # a sparse layer swaps the dense SwiGLU for the router, E experts (with their down biases) and the
+        # shared expert with its gate
+        sparse_delta = (E * H + E * (3 * H * Fm + (H if self.down_bias else 0)) + (3 * H * Fs + H if Fs else 0)
+                        - 3 * H * F - (H if self.down_bias else 0))
+        return (1 if self.tie_word_embeddings else 2) * V * H + L * per_layer + H + \
+            len(self.sparse_layers) * sparse_delta
 
     # ---- HF config.json <-> ModelConfig -------------------------------------------------------------
     @classmethod
@@ -140,10 +183,12 @@ class ModelConfig:
 
         pick = _picker(hf, where)
         model_type = hf.get("model_type")
-        if model_type == "qwen2" or "Qwen2ForCausalLM" in (hf.get("architectures") or []):
+        if model_type in ("qwen2", "qwen2_moe") or {"Qwen2ForCausalLM", "Qwen2MoeForCausalLM"} & set(
+                hf.get("architectures") or []):
             return cls._from_qwen2(hf, pick, where, name)
         if model_type not in (None, "telechat", "telechat2"):
-            raise ConfigError(f"{where}: model_type {model_type!r} is not a family this port runs (telechat, qwen2)")
+            raise ConfigError(f"{where}: model_type {model_type!r} is not a family this port runs (telechat, "
+                              f"telechat2, qwen2, qwen2_moe)")
         if hf.get("tie_word_embeddings"):
             raise ConfigError(f"{where}: tie_word_embeddings=true is not a TeleChat2 checkpoint (lm_head is untied)")
         if hf.get("apply_residual_connection_post_layernorm"):
@@ -174,7 +219,7 @@ class ModelConfig:
             bos_token_id=pick("bos_token_id", default=1),
             eos_token_id=pick("eos_token_id", default=2),
             pad_token_id=pick("pad_token_id", default=3),
-            name=name,
+            name=name, **_read_moe(hf, pick, where, pick("n_layer", "num_hidden_layers"), "per_layer", 0.01),
         )
 
     @classmethod
@@ -204,6 +249,7 @@ class ModelConfig:
         if sliding and not window:
             raise ConfigError(f"{where}: layer_types has sliding_attention layers but no sliding_window is in use "
                               "(use_sliding_window false or sliding_window null)")
+        moe = _read_moe(hf, pick, where, layers, "global", 0.001)
         eos = hf.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
         bos = pick("bos_token_id", default=151643, required=False)
@@ -220,7 +266,7 @@ class ModelConfig:
             sliding_layers=sliding if window else (),
             initializer_range=pick("initializer_range", default=0.02, kind=float), bos_token_id=bos,
             eos_token_id=int(eos) if eos is not None else bos,
-            pad_token_id=pick("pad_token_id", default=bos, required=False), name=name)
+            pad_token_id=pick("pad_token_id", default=bos, required=False), name=name, **moe)
 
     def to_hf_config(self) -> Dict[str, Any]:
         """The HF `config.json` dict for this architecture (Telechat2 remote-code field names, or Qwen2's)."""
@@ -252,6 +298,7 @@ class ModelConfig:
             "unk_token_id": 0,
             "flash_attn": False,
             "use_cache": True,
+            **self._moe_fields(),
         }
 
     def _to_qwen2_config(self) -> Dict[str, Any]:
@@ -269,7 +316,22 @@ class ModelConfig:
             "use_sliding_window": bool(self.sliding_layers), "sliding_window": self.sliding_window or None,
             "max_window_layers": first_sliding, "layer_types": layer_types, "attention_dropout": 0.0,
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            **({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "qkv_bias": True}
+               if self.num_experts else {}),
+            **self._moe_fields(),
         }
+
+    def _moe_fields(self) -> Dict[str, Any]:
+        """config.json's MoE fields (transformers' Qwen2-MoE names; TeleChat2-MoE's own config.json was not
+        seen, so a TeleChat2 checkpoint carries the same names, read back by _read_moe)."""
+        if not self.num_experts:
+            return {}
+        return {"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                "moe_intermediate_size": self.moe_ffn_hidden_size,
+                "shared_expert_intermediate_size": self.shared_expert_ffn_hidden_size,
+                "norm_topk_prob": self.norm_topk_prob, "decoder_sparse_step": self.decoder_sparse_step,
+                "mlp_only_layers": list(self.mlp_only_layers), "router_aux_loss_coef": self.router_aux_loss_coef,
+                "aux_loss": self.aux_loss}
 
 
 # The size registry. Sources: OFF README model table, OFF-HF115 config.json, MF yamls (spec 2.2).
@@ -328,6 +390,45 @@ CONFIGS.update({
     "telechat2_5_115b": ModelConfig(hidden_size=8192, num_layers=96, num_heads=64, num_kv_heads=8,
                                     ffn_hidden_size=40960, name="telechat2_5_115b"),
 })
+# Mixture of experts (families.md 3)
+_TELECHAT2_MOE = dict(norm_topk_prob=True, router_aux_loss_coef=0.01, aux_loss="per_layer")
+_QWEN2_MOE = dict(_QWEN2, norm_topk_prob=False, router_aux_loss_coef=0.001, aux_loss="global")
+CONFIGS.update({
+    # CPU-sized MoE of each family (not released models): TeleChat2-MoE's renormalised top-2 of 4 experts with
+    # their down biases; Qwen2-MoE's top-2 of 4 with a shared expert, layer 1 dense (mlp_only_layers)
+    "telechat2_moe_tiny": ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=160,
+                                      vocab_size=1024, num_experts=4, num_experts_per_tok=2, moe_ffn_hidden_size=48,
+                                      name="telechat2_moe_tiny", **_TELECHAT2_MOE),
+    "qwen2_moe_tiny": ModelConfig(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=160,
+                                  vocab_size=1024, num_experts=4, num_experts_per_tok=2, moe_ffn_hidden_size=48,
+                                  shared_expert_ffn_hidden_size=96, mlp_only_layers=(1,), name="qwen2_moe_tiny",
+                                  **dict(_QWEN2_MOE, bos_token_id=1, eos_token_id=2, pad_token_id=3)),
+    # TeleChat2-39B-A12B: every layer MoE, 16 experts, top-4, expert FFN 6144 with down bias
+    "telechat2_39b_a12b": ModelConfig(hidden_size=4096, num_layers=30, num_heads=32, ffn_hidden_size=6144,
+                                      num_experts=16, num_experts_per_tok=4, moe_ffn_hidden_size=6144,
+                                      name="telechat2_39b_a12b", **_TELECHAT2_MOE),
+    # Qwen2-57B-A14B: 64 experts, top-8, shared expert 20480, no renormalisation; its config.json decides
+    "qwen2_57b_a14b": ModelConfig(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                                  ffn_hidden_size=18944, vocab_size=151936, num_experts=64, num_experts_per_tok=8,
+                                  moe_ffn_hidden_size=2560, shared_expert_ffn_hidden_size=20480,
+                                  name="qwen2_57b_a14b", **_QWEN2_MOE),
+})
+
+
+def _read_moe(hf: Dict[str, Any], pick, where: str, layers: int, aux_loss: str, coef: float) -> Dict[str, Any]:
+    """The MoE fields of a config.json (ModelConfig._moe_fields' names); {} without `num_experts`."""
+    if not hf.get("num_experts"):
+        return {}
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(not isinstance(i, int) or not 0 <= i < layers for i in only):
+        raise ConfigError(f"{where}: mlp_only_layers must list layer indices below {layers}, got {only!r}")
+    return dict(num_experts=pick("num_experts"), num_experts_per_tok=pick("num_experts_per_tok"),
+                moe_ffn_hidden_size=pick("moe_intermediate_size"),
+                shared_expert_ffn_hidden_size=pick("shared_expert_intermediate_size", default=0, required=False),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                decoder_sparse_step=pick("decoder_sparse_step", default=1), mlp_only_layers=tuple(only),
+                router_aux_loss_coef=pick("router_aux_loss_coef", default=coef, kind=float),
+                aux_loss=hf.get("aux_loss", aux_loss))
 
 
 def _picker(hf: Dict[str, Any], where: str):

@@ -208,9 +208,9 @@ class FeedForward(nn.Cell):
     """SwiGLU: w2(silu(w1(x)) * w3(x)); x [B,S,H] -> [B,S,H] (w1 = gate, w3 = up, w2 = down; TeleChat2's w2
     has a bias)."""
 
-    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, width: int = 0):
         super().__init__()
-        H, F = cfg.hidden_size, cfg.ffn_hidden_size
+        H, F = cfg.hidden_size, width or cfg.ffn_hidden_size
         self.w1 = Linear(H, F, False, init, compute_dtype)
         self.w3 = Linear(H, F, False, init, compute_dtype)
         self.w2 = Linear(F, H, cfg.down_bias, init, compute_dtype)
@@ -219,23 +219,137 @@ class FeedForward(nn.Cell):
         return self.w2(ops.silu(self.w1(x)) * self.w3(x))
 
 
+class StackedLinear(nn.Cell):
+    """E experts' Linear layers as one stacked weight [E, out, in] (+ bias [E, out]), MindFormers' layout before
+    its convert_gmm transpose; x [E, T, in] -> [E, T, out], expert e applied to x[e]."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, has_bias: bool, init: ParamInit,
+                 compute_dtype=ms.float32):
+        super().__init__()
+        self.weight = init.normal((experts, out_features, in_features), "weight")
+        self.has_bias = has_bias
+        self.bias = ParamInit.constant((experts, out_features), 0.0, "bias") if has_bias else None
+        self.compute_dtype = compute_dtype
+        self.matmul = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x):
+        y = self.matmul(ops.cast(x, self.compute_dtype), kernels.cast_to(self.weight, self.compute_dtype))
+        if self.has_bias:
+            y = y + ops.expand_dims(ops.cast(self.bias, self.compute_dtype), 1)
+        return y
+
+
+class Router(nn.Cell):
+    """x [T,H] -> router logits [T,E] in fp32 (router_dense_type float32: weight and input both fp32)."""
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit):
+        super().__init__()
+        self.dense = Linear(cfg.hidden_size, cfg.num_experts, False, init, ms.float32)
+
+    def construct(self, x):
+        return self.dense(ops.cast(x, ms.float32))
+
+
+class ExpertFFN(nn.Cell):
+    """The E SwiGLU experts: w2(silu(w1 x) * w3 x) (+ w2's bias, TeleChat2) for every expert at once."""
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+        super().__init__()
+        E, H, F = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+        self.w1 = StackedLinear(E, H, F, False, init, compute_dtype)
+        self.w3 = StackedLinear(E, H, F, False, init, compute_dtype)
+        self.w2 = StackedLinear(E, F, H, cfg.down_bias, init, compute_dtype)
+
+    def construct(self, x):
+        """x [E,T,H] -> [E,T,H]."""
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class RoutedExperts(nn.Cell):
+    """Top-k routing over E experts (families.md 3): router logits in fp32, softmax over all E, top-k, the k
+    weights renormalised to sum 1 when `norm_topk_prob`; out = sum over the k chosen experts of weight *
+    expert(x). Dropless: every token reaches its k experts. The plain path runs every expert on every token
+    and weights the unchosen ones by exactly 0 (E/k times the routed work: the reference and CPU path; routed
+    dispatch belongs to a grouped-matmul kernel and to expert parallelism).
+    TeleChat2-MoE's feed_forward is this cell (MindFormers' names `feed_forward.router.dense`,
+    `feed_forward.ffn.w1/w3/w2` [E, ...]). construct: x [B,S,H] -> (out [B,S,H], assignments [E] (tokens routed
+    to each expert; they sum to k*B*S), probability mass [E] (the softmax summed over tokens)): the
+    load-balancing statistics (model.aux_loss)."""
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+        super().__init__()
+        self.router = Router(cfg, init)
+        self.ffn = ExpertFFN(cfg, init, compute_dtype)
+        self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
+
+    def route(self, x):
+        """x [T,H] -> (out [T,H], assignments [E], probability mass [E])."""
+        probs = ops.softmax(self.router(x), -1)  # [T,E] fp32
+        top_p, top_i = ops.topk(probs, self.top_k)  # [T,k]
+        if self.norm_topk_prob:
+            top_p = top_p / ops.sum(top_p, -1, keepdim=True)
+        chosen = ops.one_hot(top_i, self.num_experts, ops.ones((), ms.float32), ops.zeros((), ms.float32))  # [T,k,E]
+        combine = ops.reduce_sum(chosen * ops.expand_dims(top_p, -1), 1)  # [T,E]: 0 for experts not chosen
+        tokens, hidden = x.shape
+        expert_out = self.ffn(ops.broadcast_to(ops.expand_dims(x, 0), (self.num_experts, tokens, hidden)))  # [E,T,H]
+        weights = ops.expand_dims(ops.transpose(ops.cast(combine, expert_out.dtype), (1, 0)), -1)  # [E,T,1]
+        out = ops.reduce_sum(expert_out * weights, 0)  # [T,H]
+        return out, ops.reduce_sum(chosen, (0, 1)), ops.reduce_sum(probs, 0)
+
+    def construct(self, x):
+        batch, seq, hidden = x.shape
+        out, assigned, mass = self.route(ops.reshape(x, (batch * seq, hidden)))
+        return ops.reshape(out, (batch, seq, hidden)), assigned, mass
+
+
+class SharedExpertMoE(nn.Cell):
+    """Qwen2-MoE's feed_forward: routed experts plus a shared expert under a sigmoid gate,
+    out = routed(x) + sigmoid(shared_experts_gate(x)) * shared_experts(x), named as MindFormers' qwen2_moe
+    (`feed_forward.routed_experts.router.dense`, `feed_forward.routed_experts.ffn.*`,
+    `feed_forward.shared_experts.w1/w3/w2`, `feed_forward.shared_experts_gate`). Same outputs as RoutedExperts."""
+
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+        super().__init__()
+        self.routed_experts = RoutedExperts(cfg, init, compute_dtype)
+        self.shared_experts = FeedForward(cfg, init, compute_dtype, cfg.shared_expert_ffn_hidden_size)
+        self.shared_experts_gate = Linear(cfg.hidden_size, 1, False, init, compute_dtype)
+
+    def construct(self, x):
+        batch, seq, hidden = x.shape
+        flat = ops.reshape(x, (batch * seq, hidden))
+        out, assigned, mass = self.routed_experts.route(flat)
+        out = out + ops.sigmoid(self.shared_experts_gate(flat)) * self.shared_experts(flat)
+        return ops.reshape(out, (batch, seq, hidden)), assigned, mass
+
+
 class DecoderLayer(nn.Cell):
     """Pre-norm block: h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h)). A `sliding` layer
-    takes the second mask of the pair `allowed` (model.layer_masks): keys within the sliding window."""
+    takes the second mask of the pair `allowed` (model.layer_masks): keys within the sliding window. A
+    `sparse` layer's feed_forward is the MoE block (RoutedExperts, or SharedExpertMoE with a shared expert);
+    it returns (h, kv, assignments, probability mass), a dense layer (h, kv)."""
 
     def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False,
-                 sliding: bool = False):
+                 sliding: bool = False, sparse: bool = False):
         super().__init__()
         self.sliding = sliding
+        self.sparse = sparse
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
         self.attention = Attention(cfg, init, compute_dtype, use_fused)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
-        self.feed_forward = FeedForward(cfg, init, compute_dtype)
+        if not sparse:
+            self.feed_forward = FeedForward(cfg, init, compute_dtype)
+        elif cfg.shared_expert_ffn_hidden_size:
+            self.feed_forward = SharedExpertMoE(cfg, init, compute_dtype)
+        else:
+            self.feed_forward = RoutedExperts(cfg, init, compute_dtype)
 
     def construct(self, h, cos, sin, allowed, cache=None, write_slots=None):
         if isinstance(allowed, (tuple, list)):
             allowed = allowed[1] if self.sliding else allowed[0]
         attn_out, new_cache = self.attention(self.attention_norm(h), cos, sin, allowed, cache, write_slots)
         h = h + attn_out
+        if self.sparse:
+            ffn_out, assigned, mass = self.feed_forward(self.ffn_norm(h))
+            return h + ffn_out, new_cache, assigned, mass
         h = h + self.feed_forward(self.ffn_norm(h))
         return h, new_cache

@@ -73,23 +73,58 @@ class Telechat2Model(nn.Cell):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, init, compute_dtype)
-        self.layers = nn.CellList([DecoderLayer(cfg, init, compute_dtype, use_fused, sliding=i in cfg.sliding_layers)
-                                   for i in range(cfg.num_layers)])
+        self.layers = nn.CellList([DecoderLayer(cfg, init, compute_dtype, use_fused, sliding=i in cfg.sliding_layers,
+                                                sparse=cfg.is_sparse(i)) for i in range(cfg.num_layers)])
         self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_fused)
         self.rotary = RotaryEmbedding(cfg.rope_fp16_tables)
 
-    def construct(self, input_ids, position_ids, allowed, inv_freq, mscale, caches=None, write_slots=None):
+    def construct(self, input_ids, position_ids, allowed, inv_freq, mscale, caches=None, write_slots=None,
+                  with_aux=False):
         """position_ids [B,S]; allowed [B,1,S,T] (or, with sliding layers, the pair of `layer_masks`);
         inv_freq [d/2]; mscale []; caches: tuple of (k, v) per layer [B,k,T,d] or None. Returns (hidden
-        [B,S,H], tuple of per-layer (k, v))."""
+        [B,S,H], tuple of per-layer (k, v)), and with `with_aux` also the MoE load-balancing loss [] (aux_loss;
+        0 for a dense model)."""
         cos, sin = self.rotary(position_ids, inv_freq, mscale)  # [B,1,S,d]
         h = self.tok_embeddings(input_ids)  # [B,S,H]
         new_caches = ()
+        stats = ()
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
-            h, kv = layer(h, cos, sin, allowed, cache, write_slots)
+            if layer.sparse:
+                h, kv, assigned, mass = layer(h, cos, sin, allowed, cache, write_slots)
+                stats = stats + ((assigned, mass),)
+            else:
+                h, kv = layer(h, cos, sin, allowed, cache, write_slots)
             new_caches = new_caches + (kv,)
+        if with_aux:
+            return self.norm_out(h), new_caches, aux_loss(self.config, stats, input_ids.shape[0] * input_ids.shape[1])
         return self.norm_out(h), new_caches
+
+
+def aux_loss(cfg: ModelConfig, stats, tokens: int):
+    """The MoE load-balancing loss [] fp32 from each sparse layer's (assignments [E], probability mass [E])
+    over `tokens` rows (families.md 3), times cfg.router_aux_loss_coef:
+      per_layer (MindFormers, TeleChat2-MoE): sum over layers of E * sum_i f_i * P_i, f_i = assignments_i / (k*N)
+        (so sum_i f_i = 1), P_i = mass_i / N;
+      global (transformers' load_balancing_loss_func, Qwen2-MoE): E * sum_i F_i * Q_i with F_i and Q_i the
+        assignments and mass summed over the layers and divided by layers * N (F sums to k).
+    Every row counts, padding included (transformers without an attention mask)."""
+    total = ops.zeros((), ms.float32)
+    if not stats:
+        return total
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    if cfg.aux_loss == "per_layer":
+        for assigned, mass in stats:
+            total = total + E * ops.reduce_sum((assigned / (k * tokens)) * (mass / tokens))
+    else:
+        rows = len(stats) * tokens
+        assigned = stats[0][0]
+        mass = stats[0][1]
+        for more_assigned, more_mass in stats[1:]:
+            assigned = assigned + more_assigned
+            mass = mass + more_mass
+        total = E * ops.reduce_sum((assigned / rows) * (mass / rows))
+    return total * cfg.router_aux_loss_coef
 
 
 class Telechat2PreTrainedModel(nn.Cell):

@@ -433,6 +433,10 @@ def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optio
                           f"context_parallel {p.context_parallel}) but this is a single process; launch with "
                           f"`msrun --worker_num={asked} --local_worker_num={asked} run_telechat2.py ...` "
                           f"(or --dry_run --world_size={asked})")
+    if cfg.num_experts and asked > 1:
+        raise ConfigError(f"parallel_config: {cfg.name} is a mixture-of-experts model, which runs in one process "
+                          f"for now (expert parallelism under msrun is not built yet); set every parallel degree to "
+                          f"1 (asked for {asked} processes)")
     purpose = purpose or PURPOSES[settings.run_mode]
     if purpose not in ("train", "generate", "eval", "serve"):
         raise ValueError(f"unknown purpose {purpose!r}")

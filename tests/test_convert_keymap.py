@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from convert.errors import ConversionError
-from convert.keymap import (KEY_MAP, check_names_and_shapes, deinterleave_kv, expected_hf, expected_ms,
-                            fuse_gate_hidden, fuse_qkv, hf_to_ms_name, interleave_kv, ms_to_hf_name,
+from convert.keymap import (KEY_MAP, Match, check_names_and_shapes, deinterleave_kv, expected_hf, expected_ms,
+                            fuse_gate_hidden, fuse_qkv, hf_to_ms_name, interleave_kv, ms_to_hf_names,
                             split_gate_hidden, split_qkv)
 from telechat2_ms.config import ModelConfig, get_config
 
@@ -28,12 +28,12 @@ def test_115b_index_maps_both_ways_with_config_shapes(index_115b):
     assert set(names) == set(hf_shapes)
     mapped = {}
     for name in names:
-        known, ms_name = hf_to_ms_name(name, cfg)
-        assert known and ms_name is not None, name
+        match = hf_to_ms_name(name, cfg)
+        assert match is not None and match.name is not None and match.expert is None, name
+        ms_name = match.name
         assert ms_name in ms_shapes, ms_name
         assert ms_shapes[ms_name] == hf_shapes[name], name  # pure rename, no transposes
-        known, back = ms_to_hf_name(ms_name, cfg)
-        assert known and back == name
+        assert [m.name for m in ms_to_hf_names(ms_name, cfg)] == [name]
         mapped[name] = ms_name
     assert len(set(mapped.values())) == 963 and set(mapped.values()) == set(ms_shapes)
     # spot checks against spec 3.1/3.2 for the real sizes (H=8192, k*d=1024, F=40960, V=131072)
@@ -55,18 +55,18 @@ def test_key_map_is_a_bijection_with_one_deliberate_drop():
     cfg = get_config("tiny")
     hf, ms = expected_hf(cfg), expected_ms(cfg)
     assert len(hf) == len(ms) == 10 * cfg.num_layers + 3
-    assert [ms_to_hf_name(m, cfg)[1] for m in ms] == list(hf)  # same canonical order both ways
+    assert [m.name for n in ms for m in ms_to_hf_names(n, cfg)] == list(hf)  # same canonical order both ways
     dropped = [r.hf for r in KEY_MAP if r.ms is None]
     assert dropped == ["transformer.h.{layer}.self_attention.rotary_emb.inv_freq"]
-    assert hf_to_ms_name("transformer.h.1.self_attention.rotary_emb.inv_freq", cfg) == (True, None)
+    assert hf_to_ms_name("transformer.h.1.self_attention.rotary_emb.inv_freq", cfg) == Match(None)
 
 
 def test_unknown_names_and_out_of_range_layers_are_not_mapped():
     cfg = get_config("tiny")  # 2 layers
-    assert hf_to_ms_name("transformer.h.2.input_layernorm.weight", cfg) == (False, None)
-    assert hf_to_ms_name("transformer.h.0.self_attention.query.bias", cfg) == (False, None)
-    assert hf_to_ms_name("model.layers.0.attention.wq.weight", cfg) == (False, None)  # MS name on the HF side
-    assert ms_to_hf_name("model.layers.0.attention.w_qkv.weight", cfg) == (False, None)  # fused: via FUSIONS only
+    assert hf_to_ms_name("transformer.h.2.input_layernorm.weight", cfg) is None
+    assert hf_to_ms_name("transformer.h.0.self_attention.query.bias", cfg) is None
+    assert hf_to_ms_name("model.layers.0.attention.wq.weight", cfg) is None  # MS name on the HF side
+    assert ms_to_hf_names("model.layers.0.attention.w_qkv.weight", cfg) == []  # fused: via FUSIONS only
 
 
 def test_fused_layout_matches_spec_and_inverts():

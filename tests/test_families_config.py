@@ -68,7 +68,7 @@ def test_qwen2_config_json_loads_with_hf_sliding_window_semantics():
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling .* is not TeleChat2's dynamic NTK"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
     ({"embed_layernorm": True}, "embed_layernorm=true is not supported"),
-    ({"model_type": "qwen2_moe"}, "model_type 'qwen2_moe' is not a family this port runs"),
+    ({"model_type": "qwen3_moe"}, "model_type 'qwen3_moe' is not a family this port runs"),
     ({"n_layer": "thirty"}, "n_layer must be an integer, got 'thirty'"),
 ])
 def test_fields_this_port_cannot_honour_are_refused_by_name(change, message):

@@ -78,6 +78,7 @@ class LocalEngine:
         from telechat2_ms.build import build_model, build_skeleton
         from telechat2_ms.train.loss import CausalLMLoss
         from telechat2_ms.train.lora import apply_lora
+        from telechat2_ms.settings import global_batch
         from telechat2_ms.train.step import TrainStep
 
         settings = plan.settings
@@ -94,8 +95,9 @@ class LocalEngine:
         self.params = [p for _, p in named]
         self.optimizer = AdamW(self.params, t.beta1, t.beta2, t.eps, t.weight_decay, names=self.param_names)
         self.micro_batch = t.batch_size
-        self.step_fns = TrainStep(CausalLMLoss(self.model, t.batch_size, settings.seq_length), self.params,
-                                  self.optimizer, settings.jit)
+        micro_steps = global_batch(settings) // t.batch_size  # micro-batches of one optimizer step
+        self.step_fns = TrainStep(CausalLMLoss(self.model, t.batch_size, settings.seq_length, 1.0 / micro_steps),
+                                  self.params, self.optimizer, settings.jit)
         self.scaler = DynamicLossScaler(settings.compute_dtype == "float16", t.loss_scale, t.loss_scale_window)
 
     @property
@@ -123,6 +125,8 @@ class LocalEngine:
         else:
             self.step_fns.zero_grads()
         record = {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": self.scaler.scale}
+        if self.model.config.num_experts:  # the load-balancing part of `loss`
+            record["aux_loss"] = float(self.step_fns.take_aux_loss().asnumpy())
         self.scaler.update(finite)
         return record
 

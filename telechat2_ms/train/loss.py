@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 
@@ -19,24 +20,39 @@ class CausalLMLoss(nn.Cell):
     """construct(input_ids [B,S] int32, loss_mask [B,S] fp32, denominator [] fp32) -> loss [] fp32.
 
     The rotary tables, positions and causal mask are fixed for one (batch, seq_length) and built once.
-    Right padding needs no attention mask: causal attention never lets a real token see a later pad."""
+    Right padding needs no attention mask: causal attention never lets a real token see a later pad.
+    A mixture-of-experts model adds its load-balancing loss (model.aux_loss, over this micro-batch's rows)
+    times `aux_weight`: 1 / the micro-batches of one optimizer step, so a step's loss holds their mean."""
 
-    def __init__(self, model, batch_size: int, seq_length: int):
+    def __init__(self, model, batch_size: int, seq_length: int, aux_weight: float = 1.0):
         super().__init__(auto_prefix=False)  # keep the model's parameter names (no "model." prefix)
         self.model = model
         dummy = Tensor(np.zeros((batch_size, seq_length), np.int32))
         self.position_ids, self.allowed, self.inv_freq, self.mscale = model.prepare_inputs(dummy)
+        self.moe = bool(model.config.num_experts)
+        self.aux_weight = float(aux_weight)
 
     def logits(self, input_ids):
         hidden, _ = self.model.model(input_ids, self.position_ids, self.allowed, self.inv_freq, self.mscale)
         return self.model.logits(hidden)  # [B,S,V] fp32
 
-    def construct(self, input_ids, loss_mask, denominator):
-        logits = self.logits(input_ids)[:, :-1]  # [B,S-1,V]: position p-1 predicts token p
-        log_probs = ops.log_softmax(logits, -1)
+    def token_loss(self, logits, input_ids, loss_mask, denominator):
+        log_probs = ops.log_softmax(logits[:, :-1], -1)  # [B,S-1,V]: position p-1 predicts token p
         targets = ops.expand_dims(input_ids[:, 1:], -1)  # [B,S-1,1]
         nll = -ops.gather_elements(log_probs, 2, targets)[..., 0]  # [B,S-1]
         return ops.reduce_sum(nll * loss_mask[:, 1:]) / denominator
+
+    def loss_and_aux(self, input_ids, loss_mask, denominator):
+        """(the training loss [], the weighted load-balancing part of it []: 0 for a dense model)."""
+        if self.moe:
+            hidden, _, aux = self.model.model(input_ids, self.position_ids, self.allowed, self.inv_freq, self.mscale,
+                                              None, None, True)
+            weighted = aux * self.aux_weight
+            return self.token_loss(self.model.logits(hidden), input_ids, loss_mask, denominator) + weighted, weighted
+        return self.token_loss(self.logits(input_ids), input_ids, loss_mask, denominator), ops.zeros((), ms.float32)
+
+    def construct(self, input_ids, loss_mask, denominator):
+        return self.loss_and_aux(input_ids, loss_mask, denominator)[0]
 
 
 def count_targets(loss_mask: np.ndarray) -> int:

@@ -3,12 +3,13 @@ and the training curves (loss, learning rate, gradient norm, tokens/s against st
 
 Progress line (every `log_steps` steps):
     step 40/300 | loss 2.4113 | lr 2.87e-03 | grad_norm 0.812 | 12450 tok/s | 0.21 s/step | ETA 0:00:54
-(`| loss_scale 32768` is appended with fp16 loss scaling, `| skipped (non-finite gradients)` on an
+(`| aux_loss 0.0103` is appended for a mixture-of-experts model: the load-balancing part of the loss;
+`| loss_scale 32768` with fp16 loss scaling, `| skipped (non-finite gradients)` on an
 overflow step.) tok/s counts real (non-pad) tokens of the step, on this process. The ETA uses the mean time
 of the steps run so far in this process, leaving out the first (it includes compilation).
 
 metrics.jsonl: one JSON object per step {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
-"step_time_s", "loss_scale", "skipped", "consumed_samples"}. On resume, lines after the resumed step (written
+"step_time_s", "loss_scale", "skipped", "consumed_samples"}, and "aux_loss" for a mixture-of-experts model. On resume, lines after the resumed step (written
 by the interrupted run after its last checkpoint) are dropped, so the file describes one clean run. A torn
 last line (what a kill or a full disk mid-append leaves) is dropped with a warning; a bad line anywhere else
 is an error naming the file and line. The curves are drawn with matplotlib (rank 0 under msrun).
@@ -90,6 +91,8 @@ class MetricsLogger:
                 f"grad_norm {_number(record['grad_norm'], '.3f')} | {record['tokens_per_s']:.0f} tok/s | "
                 f"{record['step_time_s']:.2f} s/step | ETA "
                 + (str(datetime.timedelta(seconds=int(eta))) if eta is not None else "?"))
+        if record.get("aux_loss") is not None:
+            line += f" | aux_loss {_number(record['aux_loss'], '.4f')}"
         if record.get("loss_scale") not in (None, 1.0):
             line += f" | loss_scale {record['loss_scale']:g}"
         if record.get("skipped"):

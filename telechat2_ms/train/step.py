@@ -32,18 +32,22 @@ class TrainStep:
         self.accum = ms.ParameterTuple([Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"grad_accum.{p.name}",
                                                   requires_grad=False) for p in params])
         self.optimizer = optimizer
-        accum = self.accum
+        # the MoE load-balancing part of the loss, summed over the micro-steps since `take_aux_loss`
+        self.aux_total = Parameter(Tensor(np.zeros((), np.float32)), name="aux_loss_total", requires_grad=False)
+        accum, aux_total = self.accum, self.aux_total
 
         def scaled_loss(ids, mask, denominator, loss_scale):
-            return loss_net(ids, mask, denominator) * loss_scale
+            loss, aux = loss_net.loss_and_aux(ids, mask, denominator)
+            return loss * loss_scale, aux
 
-        grad_fn = ms.value_and_grad(scaled_loss, None, self.params)
+        grad_fn = ms.value_and_grad(scaled_loss, None, self.params, has_aux=True)
 
         def micro_step(ids, mask, denominator, loss_scale):
             """ids [B,S] int32, mask [B,S] fp32, denominator [] fp32, loss_scale [] fp32 -> loss [] (unscaled)."""
-            loss, grads = grad_fn(ids, mask, denominator, loss_scale)
+            (loss, aux), grads = grad_fn(ids, mask, denominator, loss_scale)
             for i in range(len(accum)):
                 ops.assign_add(accum[i], ops.cast(grads[i], ms.float32))
+            ops.assign_add(aux_total, ops.stop_gradient(aux))
             return loss / loss_scale
 
         def grad_norm():
@@ -65,7 +69,14 @@ class TrainStep:
                 ops.assign(accum[i], ops.zeros_like(accum[i]))
             return ops.zeros((), ms.float32)
 
+        def take_aux_loss():
+            """The load-balancing loss summed since the last call [], and reset."""
+            total = aux_total + 0.0
+            ops.assign(aux_total, ops.zeros_like(aux_total))
+            return total
+
         wrap = ms.jit if use_jit else (lambda fn: fn)
+        self.take_aux_loss = wrap(take_aux_loss)
         self.micro_step = wrap(micro_step)
         self.grad_norm = wrap(grad_norm)
         self.apply_update = wrap(apply_update)

@@ -214,6 +214,8 @@ class Trainer:
                   "grad_norm": _finite_or_none(result["grad_norm"]), "tokens": tokens,
                   "loss_scale": result["loss_scale"], "skipped": result["skipped"],
                   "consumed_samples": self.sampler.consumed}
+        if "aux_loss" in result:
+            record["aux_loss"] = _finite_or_none(result["aux_loss"])
         self.step = step
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - start
