@@ -267,7 +267,7 @@ class SafetensorsWeights(Weights):
     def shard(self, name, tp, tp_rank, kv_heads=0):
         rule = plan.split_rule(name)
         shape = self.infos[name].shape
-        if tp == 1 or rule.kind == "replicate" or rule.kind == "cols":
+        if tp == 1 or rule.replicated or rule.kind in ("cols", "experts"):
             return super().shard(name, tp, tp_rank)
         plan.shard_shape(name, shape, tp, kv_heads)  # divisibility checks
         copy_rows = plan.kv_copy_rows(name, shape[0], tp, tp_rank, kv_heads)

@@ -251,7 +251,10 @@ class Router(nn.Cell):
 
 
 class ExpertFFN(nn.Cell):
-    """The E SwiGLU experts: w2(silu(w1 x) * w3 x) (+ w2's bias, TeleChat2) for every expert at once."""
+    """The E SwiGLU experts, w2(silu(w1 x) * w3 x) (+ w2's bias, TeleChat2), stacked [E, ...], and their weighted
+    sum. The plain path runs every expert on every token and weights the unchosen ones by exactly 0 (E/k times
+    the routed work, static shapes: the reference and CPU path); parallel/experts.py's ExpertParallelFFN takes
+    its place under expert and tensor parallelism, with the same construct."""
 
     def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
         super().__init__()
@@ -260,17 +263,19 @@ class ExpertFFN(nn.Cell):
         self.w3 = StackedLinear(E, H, F, False, init, compute_dtype)
         self.w2 = StackedLinear(E, F, H, cfg.down_bias, init, compute_dtype)
 
-    def construct(self, x):
-        """x [E,T,H] -> [E,T,H]."""
-        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+    def construct(self, x, combine):
+        """x [T,H], combine [T,E] (each token's weight for each expert, 0 where not chosen) -> [T,H]."""
+        experts, (tokens, hidden) = combine.shape[1], x.shape
+        stacked = ops.broadcast_to(ops.expand_dims(x, 0), (experts, tokens, hidden))  # [E,T,H]
+        expert_out = self.w2(ops.silu(self.w1(stacked)) * self.w3(stacked))  # [E,T,H]
+        weights = ops.expand_dims(ops.transpose(ops.cast(combine, expert_out.dtype), (1, 0)), -1)  # [E,T,1]
+        return ops.reduce_sum(expert_out * weights, 0)  # [T,H]
 
 
 class RoutedExperts(nn.Cell):
     """Top-k routing over E experts (families.md 3): router logits in fp32, softmax over all E, top-k, the k
     weights renormalised to sum 1 when `norm_topk_prob`; out = sum over the k chosen experts of weight *
-    expert(x). Dropless: every token reaches its k experts. The plain path runs every expert on every token
-    and weights the unchosen ones by exactly 0 (E/k times the routed work: the reference and CPU path; routed
-    dispatch belongs to a grouped-matmul kernel and to expert parallelism).
+    expert(x). Dropless: every token reaches its k experts.
     TeleChat2-MoE's feed_forward is this cell (MindFormers' names `feed_forward.router.dense`,
     `feed_forward.ffn.w1/w3/w2` [E, ...]). construct: x [B,S,H] -> (out [B,S,H], assignments [E] (tokens routed
     to each expert; they sum to k*B*S), probability mass [E] (the softmax summed over tokens)): the
@@ -282,19 +287,21 @@ class RoutedExperts(nn.Cell):
         self.ffn = ExpertFFN(cfg, init, compute_dtype)
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
 
-    def route(self, x):
-        """x [T,H] -> (out [T,H], assignments [E], probability mass [E])."""
+    def gate(self, x):
+        """x [T,H] -> (combine [T,E] fp32: the routing weight of each chosen expert, 0 elsewhere; assignments [E];
+        probability mass [E])."""
         probs = ops.softmax(self.router(x), -1)  # [T,E] fp32
         top_p, top_i = ops.topk(probs, self.top_k)  # [T,k]
         if self.norm_topk_prob:
             top_p = top_p / ops.sum(top_p, -1, keepdim=True)
         chosen = ops.one_hot(top_i, self.num_experts, ops.ones((), ms.float32), ops.zeros((), ms.float32))  # [T,k,E]
-        combine = ops.reduce_sum(chosen * ops.expand_dims(top_p, -1), 1)  # [T,E]: 0 for experts not chosen
-        tokens, hidden = x.shape
-        expert_out = self.ffn(ops.broadcast_to(ops.expand_dims(x, 0), (self.num_experts, tokens, hidden)))  # [E,T,H]
-        weights = ops.expand_dims(ops.transpose(ops.cast(combine, expert_out.dtype), (1, 0)), -1)  # [E,T,1]
-        out = ops.reduce_sum(expert_out * weights, 0)  # [T,H]
-        return out, ops.reduce_sum(chosen, (0, 1)), ops.reduce_sum(probs, 0)
+        combine = ops.reduce_sum(chosen * ops.expand_dims(top_p, -1), 1)  # [T,E]
+        return combine, ops.reduce_sum(chosen, (0, 1)), ops.reduce_sum(probs, 0)
+
+    def route(self, x):
+        """x [T,H] -> (out [T,H], assignments [E], probability mass [E])."""
+        combine, assigned, mass = self.gate(x)
+        return self.ffn(x, combine), assigned, mass
 
     def construct(self, x):
         batch, seq, hidden = x.shape
@@ -306,19 +313,21 @@ class SharedExpertMoE(nn.Cell):
     """Qwen2-MoE's feed_forward: routed experts plus a shared expert under a sigmoid gate,
     out = routed(x) + sigmoid(shared_experts_gate(x)) * shared_experts(x), named as MindFormers' qwen2_moe
     (`feed_forward.routed_experts.router.dense`, `feed_forward.routed_experts.ffn.*`,
-    `feed_forward.shared_experts.w1/w3/w2`, `feed_forward.shared_experts_gate`). Same outputs as RoutedExperts."""
+    `feed_forward.shared_experts.w1/w3/w2`, `feed_forward.shared_experts_gate`). Same outputs as RoutedExperts.
+    `shared_entry` (identity here) is where tensor parallelism enters the shared expert's region."""
 
     def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
         super().__init__()
         self.routed_experts = RoutedExperts(cfg, init, compute_dtype)
         self.shared_experts = FeedForward(cfg, init, compute_dtype, cfg.shared_expert_ffn_hidden_size)
         self.shared_experts_gate = Linear(cfg.hidden_size, 1, False, init, compute_dtype)
+        self.shared_entry = nn.Identity()
 
     def construct(self, x):
         batch, seq, hidden = x.shape
         flat = ops.reshape(x, (batch * seq, hidden))
         out, assigned, mass = self.routed_experts.route(flat)
-        out = out + ops.sigmoid(self.shared_experts_gate(flat)) * self.shared_experts(flat)
+        out = out + ops.sigmoid(self.shared_experts_gate(flat)) * self.shared_experts(self.shared_entry(flat))
         return ops.reshape(out, (batch, seq, hidden)), assigned, mass
 
 

@@ -100,6 +100,8 @@ class ParallelSettings:
     pipeline_layer_counts: List[int] = key([], "decoder layers per pipeline stage; empty: an even split, the first "
                                                "stages taking one more")
     optimizer_shard: bool = key(False, "shard the AdamW states over the data- and context-parallel replicas (training)")
+    expert_parallel: int = key(1, "mixture-of-experts models: split the experts over blocks of this many "
+                                  "data-parallel ranks (divides data_parallel and num_experts)")
 
 
 @dataclass
@@ -434,9 +436,11 @@ def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optio
                           f"`msrun --worker_num={asked} --local_worker_num={asked} run_telechat2.py ...` "
                           f"(or --dry_run --world_size={asked})")
     if cfg.num_experts and asked > 1:
-        raise ConfigError(f"parallel_config: {cfg.name} is a mixture-of-experts model, which runs in one process "
-                          f"for now (expert parallelism under msrun is not built yet); set every parallel degree to "
-                          f"1 (asked for {asked} processes)")
+        raise ConfigError(f"parallel_config: {cfg.name} is a mixture-of-experts model, whose run modes run in one "
+                          f"process for now (expert parallelism is built at the model level, not yet in the trainer, "
+                          f"checkpoints and generation); set every parallel degree to 1 (asked for {asked} processes)")
+    if p.expert_parallel > 1 and not cfg.num_experts:
+        raise ConfigError(f"parallel_config.expert_parallel is {p.expert_parallel} but {cfg.name} has no experts")
     purpose = purpose or PURPOSES[settings.run_mode]
     if purpose not in ("train", "generate", "eval", "serve"):
         raise ValueError(f"unknown purpose {purpose!r}")

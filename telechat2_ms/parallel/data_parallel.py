@@ -17,7 +17,7 @@ an all-reduce over tp and one over pp; dp/cp replicas are counted once by not re
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import mindspore as ms
 from mindspore import ops
@@ -57,9 +57,18 @@ def _bucket_all_reduce(tensors: Sequence, group: comm.Group) -> List:
     return out
 
 
-def reduce_gradients(params: Sequence, grads: Sequence, grad_group: comm.Group, tp_group: comm.Group) -> List:
-    """Sum gradients over the data/context-parallel replicas, and over tp for sequence-parallel partials."""
-    grads = _bucket_all_reduce(list(grads), grad_group)
+def reduce_gradients(params: Sequence, grads: Sequence, grad_group: comm.Group, tp_group: comm.Group,
+                     expert_group: Optional[comm.Group] = None) -> List:
+    """Sum gradients over the data/context-parallel replicas (an expert shard's over `expert_group`, the replicas
+    of that shard: parallel/experts.py), and over tp for sequence-parallel partials."""
+    grads = list(grads)
+    experts = [i for i, p in enumerate(params) if getattr(p, "expert_shard", False)]
+    rest = [i for i in range(len(grads)) if i not in set(experts)]
+    for indices, group in ((rest, grad_group), (experts, expert_group)):
+        if not indices:
+            continue
+        for i, g in zip(indices, _bucket_all_reduce([grads[i] for i in indices], group)):
+            grads[i] = g
     partial = [i for i, p in enumerate(params) if getattr(p, "sequence_parallel_partial", False)]
     if partial and tp_group.size > 1:
         for i, g in zip(partial, _bucket_all_reduce([grads[i] for i in partial], tp_group)):
@@ -75,7 +84,7 @@ def reduce_gradients(params: Sequence, grads: Sequence, grad_group: comm.Group, 
 
 def is_tp_replicated(name: str) -> bool:
     """True for parameters every tp rank holds whole (their gradient is counted once in the norm)."""
-    return split_rule(name).kind == "replicate"
+    return split_rule(name).replicated
 
 
 def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
@@ -83,6 +92,8 @@ def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
     `groups` is the layout's ParallelGroups; `params` carry their MindFormers names (Parameter.name)."""
     split_sq = ops.zeros((), ms.float32)
     replicated_sq = ops.zeros((), ms.float32)
+    expert_split_sq = ops.zeros((), ms.float32)  # expert shards: distinct over the ep group as well
+    expert_replicated_sq = ops.zeros((), ms.float32)
     for p, g in zip(params, grads):
         copies = getattr(p, "kv_copies", 1)
         if copies > 1 and groups.coords.tp % copies:
@@ -90,10 +101,17 @@ def global_grad_norm(params: Sequence, grads: Sequence, groups) -> float:
         if getattr(p, "tied_copy", False):
             continue  # the last stage's copy of a tied embedding: the first stage counts it
         sq = squared_sum(cast_to(g, ms.float32))  # []
-        if is_tp_replicated(p.name):
+        if getattr(p, "expert_shard", False):
+            if is_tp_replicated(p.name):
+                expert_replicated_sq = expert_replicated_sq + sq
+            else:
+                expert_split_sq = expert_split_sq + sq
+        elif is_tp_replicated(p.name):
             replicated_sq = replicated_sq + sq
         else:
             split_sq = split_sq + sq
     local = split_sq + (replicated_sq if groups.coords.tp == 0 else ops.zeros((), ms.float32))
+    experts = expert_split_sq + (expert_replicated_sq if groups.coords.tp == 0 else ops.zeros((), ms.float32))
+    local = local + comm.all_reduce(ops.reshape(experts, (1,)), groups.ep)[0]
     total = comm.all_reduce(comm.all_reduce(ops.reshape(local, (1,)), groups.tp), groups.pp)  # [1]
     return math.sqrt(float(total.asnumpy()[0]))

@@ -7,6 +7,12 @@ neighbouring ranks (one node) and pipeline stages are the outermost split:
 
 Groups: `tp` (same pp, dp, cp), `cp` (same pp, dp, tp), `dp` (same pp, cp, tp), `pp` (same dp, cp, tp) and
 `grad` = dp x cp (same pp, tp): the replicas whose gradients are summed after a step.
+
+Expert parallelism (mixture-of-experts models) lives inside data parallel, as in MindFormers: `ep` divides dp,
+and each block of `ep` consecutive dp ranks (`ep` group: same pp, cp, tp) splits the experts of every sparse
+layer, rank i of the block holding experts [i*E/ep, (i+1)*E/ep); tokens reach their experts over that group.
+The replicas of one expert shard are the `expert_grad` group: the grad-group members with the same index in
+their block (dp / ep of them, x cp), over which expert gradients are summed.
 """
 from __future__ import annotations
 
@@ -16,7 +22,22 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 from telechat2_ms.config import ConfigError, ModelConfig
 from telechat2_ms.parallel.plan import check_tp, stage_layer_ranges
 
-GROUP_KINDS = ("tp", "cp", "dp", "pp", "grad", "embed")
+
+def check_experts(cfg: ModelConfig, dims: "ParallelDims") -> None:
+    """What expert parallelism and a mixture-of-experts model under msrun need (ConfigError naming the setting)."""
+    if dims.ep > 1 and not cfg.num_experts:
+        raise ConfigError(f"parallel_config.expert_parallel is {dims.ep} but {cfg.name} has no experts")
+    if cfg.num_experts % dims.ep:
+        raise ConfigError(f"parallel_config.expert_parallel ({dims.ep}) must divide num_experts ({cfg.num_experts})")
+    if cfg.moe_ffn_hidden_size % dims.tp:
+        raise ConfigError(f"model_parallel ({dims.tp}) must divide moe_ffn_hidden_size ({cfg.moe_ffn_hidden_size})")
+    unsupported = [f"{key} {value}" for key, value in (("pipeline_stage", dims.pp), ("context_parallel", dims.cp))
+                   if value > 1] + (["use_seq_parallel"] if dims.seq_parallel else [])
+    if unsupported:
+        raise ConfigError(f"parallel_config: a mixture-of-experts model runs under data, expert and model parallel; "
+                          f"{', '.join(unsupported)} with experts is not built yet")
+
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "grad", "embed", "ep", "expert_grad")
 
 
 class RankCoords(NamedTuple):
@@ -30,7 +51,8 @@ class RankCoords(NamedTuple):
 class ParallelDims:
     """dp x tp x pp x cp processes; `sp` shards norm/residual regions on the sequence over the tp group;
     `micro_batch_num` micro-batches per step (pipeline); `pipeline_layer_counts` layers per stage
-    (empty = even split); `optimizer_shard` shards optimizer states over the dp group."""
+    (empty = even split); `optimizer_shard` shards optimizer states over the dp group; `ep` splits the experts of
+    a mixture-of-experts model over blocks of ep data-parallel ranks."""
 
     dp: int = 1
     tp: int = 1
@@ -41,9 +63,10 @@ class ParallelDims:
     pipeline_layer_counts: Tuple[int, ...] = field(default_factory=tuple)
     optimizer_shard: bool = False
     world: Optional[int] = None  # None: dp*tp*pp*cp (checked against the real world size by `check_world`)
+    ep: int = 1
 
     def __post_init__(self):
-        for key in ("dp", "tp", "pp", "cp", "micro_batch_num"):
+        for key in ("dp", "tp", "pp", "cp", "micro_batch_num", "ep"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"parallel {key} must be a positive integer, got {value!r}")
@@ -61,6 +84,9 @@ class ParallelDims:
         if self.pp > 1 and self.micro_batch_num < self.pp:
             raise ConfigError(f"micro_batch_num ({self.micro_batch_num}) must be >= pipeline_stage ({self.pp}) "
                               "for the 1F1B schedule to fill the pipeline")
+        if self.dp % self.ep:
+            raise ConfigError(f"expert_parallel ({self.ep}) must divide data_parallel ({self.dp}): experts are split "
+                              f"over blocks of data-parallel ranks")
         if self.pipeline_layer_counts and len(self.pipeline_layer_counts) != self.pp:
             raise ConfigError(f"pipeline_layer_counts {list(self.pipeline_layer_counts)} has "
                               f"{len(self.pipeline_layer_counts)} entries; pipeline_stage is {self.pp}")
@@ -73,7 +99,8 @@ class ParallelDims:
                    cp=settings.context_parallel, sp=bool(settings.use_seq_parallel),
                    micro_batch_num=settings.micro_batch_num,
                    pipeline_layer_counts=tuple(settings.pipeline_layer_counts),
-                   optimizer_shard=bool(settings.optimizer_shard), world=world)
+                   optimizer_shard=bool(settings.optimizer_shard), world=world,
+                   ep=getattr(settings, "expert_parallel", 1))
 
     @property
     def seq_parallel(self) -> bool:
@@ -90,6 +117,8 @@ class ParallelDims:
         """Raise ConfigError when `cfg` cannot be split this way (tp rules and stage ranges: parallel/plan.py)."""
         check_tp(cfg, self.tp)
         self.stage_layer_ranges(cfg.num_layers)
+        if self.ep > 1 or (cfg.num_experts and self.world > 1):
+            check_experts(cfg, self)
 
     def check_batch(self, batch_size: int, seq_length: int) -> None:
         """Global batch [batch_size, seq_length] tokens (inputs, after the label shift)."""
@@ -137,6 +166,12 @@ class ParallelDims:
             return [self.rank_of(p, c.dp, c.cp, c.tp) for p in range(self.pp)]
         if kind == "grad":
             return [self.rank_of(c.pp, d, x, c.tp) for d in range(self.dp) for x in range(self.cp)]
+        if kind == "ep":
+            block = c.dp - c.dp % self.ep
+            return [self.rank_of(c.pp, d, c.cp, c.tp) for d in range(block, block + self.ep)]
+        if kind == "expert_grad":
+            return [self.rank_of(c.pp, d, x, c.tp) for d in range(c.dp % self.ep, self.dp, self.ep)
+                    for x in range(self.cp)]
         if kind == "embed":  # tied embeddings: the first stage's embedding and the last stage's copy of it
             if self.pp == 1 or 0 < c.pp < self.pp - 1:
                 return [rank]
@@ -151,7 +186,8 @@ class ParallelDims:
         return [list(g) for g in seen]
 
     def describe(self) -> str:
-        return (f"dp{self.dp} tp{self.tp}{'+sp' if self.seq_parallel else ''} pp{self.pp} cp{self.cp} "
+        return (f"dp{self.dp}{f' (ep{self.ep})' if self.ep > 1 else ''} tp{self.tp}{'+sp' if self.seq_parallel else ''} "
+                f"pp{self.pp} cp{self.cp} "
                 f"(world {self.world}, micro_batch_num {self.micro_batch_num})")
 
 
@@ -166,16 +202,26 @@ class ParallelGroups(NamedTuple):
     pp: object
     grad: object
     embed: object  # first and last pipeline stage of a model with tied embeddings (else this rank alone)
+    ep: object  # the expert-parallel block this rank splits the experts with
+    expert_grad: object  # the replicas of this rank's expert shard
 
 
-def build_groups(dims: ParallelDims, rank: Optional[int] = None, tied: bool = False) -> ParallelGroups:
-    """Create (as a member) this rank's tp/cp/dp/pp/grad groups, and with `tied` (tie_word_embeddings) the embed
-    group that keeps the last stage's copy of the embedding equal to the first stage's. In a single process
-    every group has size 1."""
+def build_groups(dims: ParallelDims, rank: Optional[int] = None, tied: bool = False,
+                 experts: bool = False) -> ParallelGroups:
+    """Create (as a member) this rank's tp/cp/dp/pp/grad groups, with `tied` (tie_word_embeddings) the embed group
+    that keeps the last stage's copy of the embedding equal to the first stage's, and with `experts` (a
+    mixture-of-experts model) the ep and expert_grad groups (each the group made before it with the same ranks,
+    if there is one). In a single process every group has size 1."""
     from telechat2_ms.parallel import comm
 
     rank = comm.get_rank() if rank is None else rank
     dims.check_world(comm.get_world_size())
-    groups = {kind: comm.new_group(dims.group_ranks(kind, rank) if kind != "embed" or tied else [rank], kind)
-              for kind in GROUP_KINDS}
+    groups, by_ranks = {}, {}
+    for kind in GROUP_KINDS:
+        wanted = (kind != "embed" or tied) and (kind not in ("ep", "expert_grad") or experts)
+        ranks = tuple(dims.group_ranks(kind, rank)) if wanted else (rank,)
+        if kind in ("ep", "expert_grad") and ranks in by_ranks:
+            groups[kind] = by_ranks[ranks]
+            continue
+        groups[kind] = by_ranks[ranks] = comm.new_group(ranks, kind)
     return ParallelGroups(dims=dims, coords=dims.coords(rank), **groups)

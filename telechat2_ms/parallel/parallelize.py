@@ -31,6 +31,8 @@ from mindspore import Tensor, nn, ops
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.data_parallel import global_grad_norm, reduce_gradients
 from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_groups
+from telechat2_ms.parallel.experts import apply_expert_parallel, global_aux_loss
+from telechat2_ms.layers import fill_parameter
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
                                           VocabParallelEmbedding, VocabParallelHead, mark_kv_copy, mark_tied_copy,
                                           vocab_parallel_cross_entropy)
@@ -109,6 +111,10 @@ def apply_tensor_parallel(model, weights, groups: ParallelGroups, layer_range: T
         layer, prefix = model.model.layers[i], f"model.layers.{i}."
         for path, style in TP_PLAN.items():
             name = prefix + path
+            if layer.sparse and path.startswith(("ffn_norm", "feed_forward.")):  # parallel/experts.py's
+                if path == "ffn_norm":  # the MoE block's input is not a tp region: a plain, whole norm
+                    fill_parameter(layer.ffn_norm.weight, weights.full(name + ".weight"))
+                continue
             original = _find_submodule(layer, path)
             if original is None:  # a cell of another family's layout (wk_v vs wk / wv)
                 continue
@@ -173,7 +179,8 @@ def parallelize_telechat2(model, dims: ParallelDims, weights=None,
     from telechat2_ms.checkpoint import ArrayWeights, Weights, check_state_matches
 
     dims.check_model(model.config)
-    groups = groups or build_groups(dims, tied=model.config.tie_word_embeddings)
+    groups = groups or build_groups(dims, tied=model.config.tie_word_embeddings,
+                                    experts=bool(model.config.num_experts))
     if weights is None:
         weights = ArrayWeights(dict(model.parameters_and_names()), "the model's own weights")
     elif not isinstance(weights, Weights):
@@ -183,6 +190,8 @@ def parallelize_telechat2(model, dims: ParallelDims, weights=None,
     stage = groups.coords.pp
     layer_range = apply_pipeline_split(model, dims, stage)
     apply_tensor_parallel(model, weights, groups, layer_range)
+    if model.config.num_experts:
+        apply_expert_parallel(model, weights, groups, layer_range)
     if dims.cp > 1:
         apply_context_parallel(model, groups, layer_range)
     _rename_parameters(model)
@@ -240,6 +249,7 @@ class TelechatParallel:
         self.stage = groups.coords.pp
         self.first_stage = self.stage == 0
         self.last_stage = self.stage == self.dims.pp - 1
+        self.aux_losses: List[float] = []
 
     @property
     def params(self) -> List:
@@ -260,10 +270,11 @@ class TelechatParallel:
 
     # ---- one step -----------------------------------------------------------------------------------------
     def forward_backward(self, input_ids: np.ndarray, labels: np.ndarray, loss_mask: np.ndarray,
-                         tokens: Optional[float] = None):
+                         tokens: Optional[float] = None, aux_weight: float = 1.0):
         """Global [B, S] inputs, next-token labels and loss mask -> (global loss, this rank's gradients,
         reduced over replicas; same order as `params`). The loss is divided by `tokens` (the targets of a
-        whole accumulated step), default the targets of this batch."""
+        whole accumulated step), default the targets of this batch. A mixture-of-experts model adds the
+        load-balancing loss of every global micro-batch x `aux_weight` (parallel/experts.py)."""
         dims, groups, cfg = self.dims, self.groups, self.model.config
         batch, seq = input_ids.shape
         dims.check_batch(batch, seq)
@@ -289,19 +300,30 @@ class TelechatParallel:
             cos, sin = backbone.rotary(position_ids, inv_freq, mscale)  # [mb,1,S_local,d]
             if self.first_stage:
                 h = backbone.tok_embeddings(ids_mb[i])  # [mb, S_local(/tp), H]
+            stats = []
             for layer in layers:
-                h, _ = layer(h, cos, sin, allowed)
+                if layer.sparse:
+                    h, _, assigned, mass = layer(h, cos, sin, allowed)
+                    stats.append((assigned, mass))
+                else:
+                    h, _ = layer(h, cos, sin, allowed)
             if not self.last_stage:
                 return h
             local_logits = head.local_logits(backbone.norm_out(h))  # [mb, S_local, V/tp]
             ce = vocab_parallel_cross_entropy(ops.reshape(local_logits, (-1, local_logits.shape[-1])),
                                               labels_mb[i], groups.tp)  # [mb*S_local]
-            return (ce * mask_mb[i]).sum() / tokens
+            loss = (ce * mask_mb[i]).sum() / tokens
+            if stats:  # MoE load balancing over the global micro-batch (pp = 1: dims.check_experts)
+                share = global_aux_loss(cfg, stats, micro * local_seq, groups.grad)
+                self.aux_losses.append(float(share.asnumpy()) * groups.grad.size)
+                loss = loss + share * aux_weight
+            return loss
 
+        self.aux_losses = []  # the load-balancing loss of each micro-batch (MoE; before aux_weight)
         act_seq = local_seq // dims.tp if dims.seq_parallel else local_seq
         stage_fns = StageFunctions(forward, self.params, (micro, act_seq, cfg.hidden_size), self.model.compute_dtype)
         loss, grads = run_pipeline(stage_fns, groups.pp, dims.micro_batch_num)
-        grads = reduce_gradients(self.params, grads, groups.grad, groups.tp)
+        grads = reduce_gradients(self.params, grads, groups.grad, groups.tp, groups.expert_grad)
         self._sum_tied_gradients(grads)
         return self._global_loss(loss), grads
 

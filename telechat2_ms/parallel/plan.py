@@ -51,10 +51,16 @@ class SplitRule:
     """How one parameter is split over tp ranks."""
 
     kind: str  # "replicate" | "rows" (split dim 0) | "cols" (split dim 1) | "fused_rows" (per-rank fused blocks)
+    #          | "whole" (replicated, not a norm: MoE routers and gates) | "experts" (stacked experts split on `dim`)
     layout: str  # one-line layout comment: full -> per-rank shape
+    dim: Optional[int] = None  # the split dimension of an "experts" rule
 
     def split_dim(self) -> Optional[int]:
-        return {"rows": 0, "cols": 1, "fused_rows": 0}.get(self.kind)
+        return {"rows": 0, "cols": 1, "fused_rows": 0, "experts": self.dim}.get(self.kind)
+
+    @property
+    def replicated(self) -> bool:
+        return self.kind in ("replicate", "whole")
 
 
 REPLICATE = SplitRule("replicate", "[H] -> [H] on every rank")
@@ -67,6 +73,10 @@ KV_SEPARATE = SplitRule("rows", "[kd, H] -> [kd/tp, H]: whole kv heads (Qwen2's 
 KV_BIAS = SplitRule("rows", "[kd] -> [kd/tp]: the bias of wk / wv, whole kv heads")
 FUSED_QKV = SplitRule("fused_rows", "[H+2kd, H] = [q; K; V] -> [q_r; K_r; V_r] of [(H+2kd)/tp, H]")
 FUSED_GATE_HIDDEN = SplitRule("fused_rows", "[2F, H] = [w1; w3] -> [w1_r; w3_r] of [2F/tp, H]")
+WHOLE = SplitRule("whole", "[E, H] / [1, H] on every rank: an MoE router or the shared expert's gate")
+EXPERT_COLUMN = SplitRule("experts", "[E, F, H] -> [E, F/tp, H]: every expert's gate / up rows", 1)
+EXPERT_ROW = SplitRule("experts", "[E, H, F] -> [E, H, F/tp]: every expert's down-projection columns", 2)
+EXPERT_BIAS = SplitRule("whole", "[E, H] on every rank: the experts' down biases, added after the all-reduce")
 LORA_A_OF_COLUMN = SplitRule("replicate", "[r, in] on every rank: LoRA A of a column-parallel projection")
 LORA_B_OF_COLUMN = SplitRule("rows", "[out, r] -> [out/tp, r]: LoRA B of a column-parallel projection")
 LORA_A_OF_ROW = SplitRule("cols", "[r, in] -> [r, in/tp]: LoRA A of a row-parallel projection")
@@ -92,6 +102,17 @@ SHARD_TABLE: Tuple[Tuple[str, SplitRule], ...] = (
     ("model.layers.{i}.feed_forward.w_gate_hidden.weight", FUSED_GATE_HIDDEN),
     ("model.layers.{i}.feed_forward.w2.weight", ROW),
     ("model.layers.{i}.feed_forward.w2.bias", REPLICATE),
+    # mixture of experts (parallel/experts.py): the router whole, the stacked experts split inside every expert
+    # as the dense FFN is (over ep they are split on dim 0: parallel/experts.expert_range); Qwen2-MoE's routed
+    # experts sit under `routed_experts.`, its shared expert is a dense FFN
+    *((f"model.layers.{{i}}.feed_forward.{prefix}{name}", rule)
+      for prefix in ("", "routed_experts.")
+      for name, rule in (("router.dense.weight", WHOLE), ("ffn.w1.weight", EXPERT_COLUMN),
+                         ("ffn.w3.weight", EXPERT_COLUMN), ("ffn.w2.weight", EXPERT_ROW), ("ffn.w2.bias", EXPERT_BIAS))),
+    ("model.layers.{i}.feed_forward.shared_experts.w1.weight", COLUMN),
+    ("model.layers.{i}.feed_forward.shared_experts.w3.weight", COLUMN),
+    ("model.layers.{i}.feed_forward.shared_experts.w2.weight", ROW),
+    ("model.layers.{i}.feed_forward.shared_experts_gate.weight", WHOLE),
     ("model.norm_out.weight", REPLICATE),
     ("lm_head.weight", VOCAB),
     # LoRA adapters (training under msrun): they follow their projection
@@ -202,7 +223,7 @@ def shard_tensor(name: str, array: np.ndarray, tp: int, tp_rank: int, kv_heads: 
         raise ValueError(f"tp_rank {tp_rank} is outside tp={tp}")
     rule = split_rule(name)
     shard_shape(name, array.shape, tp, kv_heads)  # divisibility checks
-    if rule.kind == "replicate" or tp == 1:
+    if rule.replicated or tp == 1:
         return np.ascontiguousarray(array)
     copy_rows = kv_copy_rows(name, array.shape[0], tp, tp_rank, kv_heads)
     if copy_rows is not None:
@@ -230,7 +251,7 @@ def merge_shards(name: str, arrays: Sequence[np.ndarray], kv_heads: int = 0) -> 
     if len(shapes) != 1:
         raise ValueError(f"parameter {name}: shards have different shapes {sorted(shapes)}")
     rule = split_rule(name)
-    if rule.kind == "replicate":
+    if rule.replicated:
         if any(arrays[0].tobytes() != a.tobytes() for a in arrays[1:]):  # bitwise (NaN-safe)
             raise ValueError(f"parameter {name} is replicated but its {tp} copies differ")
         return np.ascontiguousarray(arrays[0])

@@ -81,6 +81,14 @@ LAYOUTS.update({"qwen2_tp2": dict(tp=2), "qwen2_pp2": dict(pp=2, micro_batch_num
                 "qwen2_tied_tp2": dict(tp=2), "qwen2_tied_pp2": dict(pp=2, micro_batch_num=4),
                 "qwen2_tied_tp2_pp2": dict(tp=2, pp=2, micro_batch_num=4)})
 GENERATE_LAYOUTS["qwen2_tied_pp2"] = dict(pp=2, micro_batch_num=2)  # the head on stage 1 is the embedding's copy
+# mixture of experts (parallel/experts.py): TeleChat2-MoE ("moe": 4 experts, top-2, down biases) and Qwen2-MoE
+# ("qwen2_moe": shared expert, layer 1 dense) with the experts split over ep2 (inside dp2), also with tp2 inside
+# every expert; moe_dp2 keeps every expert on both replicas (the aux loss still over the global batch)
+LAYOUTS.update({"moe_dp2": dict(dp=2), "moe_ep2": dict(dp=2, ep=2), "qwen2_moe_ep2": dict(dp=2, ep=2),
+                "moe_ep2_tp2": dict(dp=2, ep=2, tp=2), "qwen2_moe_ep2_tp2": dict(dp=2, ep=2, tp=2)})
+LAYOUT_MODELS.update({"moe_dp2": "moe", "moe_ep2": "moe", "moe_ep2_tp2": "moe", "qwen2_moe_ep2": "qwen2_moe",
+                      "qwen2_moe_ep2_tp2": "qwen2_moe"})
+GENERATE_LAYOUTS.update({"moe_ep2": dict(dp=2, ep=2), "qwen2_moe_ep2": dict(dp=2, ep=2)})
 
 
 def model_config(model: str = "tiny"):
@@ -91,6 +99,8 @@ def model_config(model: str = "tiny"):
     if model in ("qwen2", "qwen2_kv1"):  # qwen2_kv1: one kv head, so both tp2 ranks hold a copy of it
         return dataclasses.replace(get_config("qwen2_tiny"), tie_word_embeddings=False, sliding_window=5,
                                    num_kv_heads=1 if model == "qwen2_kv1" else 2)
+    if model in ("moe", "qwen2_moe"):  # weights large enough for uneven routing (a visible load-balancing loss)
+        return get_config("telechat2_moe_tiny" if model == "moe" else "qwen2_moe_tiny", initializer_range=0.25)
     return get_config(model)
 
 
@@ -116,13 +126,23 @@ def reference_loss_fn(model):
     ids, labels, mask = make_batch()
     ids_t, labels_t, mask_t = Tensor(ids), Tensor(labels.reshape(-1, 1)), Tensor(mask.reshape(-1))
 
+    inputs = model.prepare_inputs(ids_t)
+
     def loss():
-        logits = model(ids_t)  # [B,S,V]
+        hidden, _, aux = model.model(ids_t, *inputs, with_aux=True)  # aux: MoE load balancing (0 when dense)
+        logits = model.logits(hidden)  # [B,S,V]
         logp = ops.log_softmax(ops.reshape(logits, (-1, logits.shape[-1])), -1)
         ce = -ops.gather_elements(logp, 1, labels_t)[:, 0]
-        return (ce * mask_t).sum() / mask_t.sum()
+        return (ce * mask_t).sum() / mask_t.sum() + aux
 
     return loss
+
+
+def reference_aux_loss(model_name: str) -> float:
+    """The single-process load-balancing loss of the initial model on the batch (MoE models)."""
+    model = build_model(model_name)
+    ids = Tensor(make_batch()[0])
+    return float(model.model(ids, *model.prepare_inputs(ids), with_aux=True)[2].asnumpy())
 
 
 def _norm_and_coef(grads) -> tuple:
@@ -132,12 +152,15 @@ def _norm_and_coef(grads) -> tuple:
     return norm, clip_coefficient(norm, CLIP)
 
 
-def reference_step(model_name: str = "tiny") -> tuple:
-    """(loss, gradient norm, {name: updated full parameter}) after one clipped SGD step of the plain model."""
+def reference_step(model_name: str = "tiny", gradients: dict = None) -> tuple:
+    """(loss, gradient norm, {name: updated full parameter}) after one clipped SGD step of the plain model;
+    `gradients` (a dict) receives {name: gradient} of the step."""
     model = build_model(model_name)
     params = model.trainable_params()
     loss_fn = reference_loss_fn(model)
     loss, grads = ms.value_and_grad(loss_fn, None, weights=params)()
+    if gradients is not None:
+        gradients.update({p.name: g.asnumpy() for p, g in zip(params, grads)})
     norm, coef = _norm_and_coef(grads)
     for p, g in zip(params, grads):
         ops.assign(p, p - LR * coef * g)
@@ -181,19 +204,27 @@ def rank_info(out_dir: str, layout: str, rank: int) -> dict:
         return json.load(f)
 
 
-def merge_layout(out_dir: str, layout: str) -> tuple:
-    """(losses per rank, {name: full tensor}) from the per-rank dumps of one layout; replicas (dp, cp)
-    are checked to agree bit for bit before merging the tp shards with plan.merge_shards."""
+def merge_layout(out_dir: str, layout: str, suffix: str = "") -> tuple:
+    """(losses per rank, {name: full tensor}) from the per-rank dumps of one layout (rank{r}{suffix}.npz: the
+    parameters, or with suffix "_grads" the reduced gradients); replicas (dp, cp) are checked to agree bit for
+    bit before merging the tp shards with plan.merge_shards (and the expert shards over ep)."""
     dims = ParallelDims(**LAYOUTS[layout])
     losses: List[float] = []
     shards: Dict[str, Dict[int, np.ndarray]] = {}
+    experts: Dict[str, Dict[int, Dict[int, np.ndarray]]] = {}  # expert shards: name -> ep index -> tp -> array
     for rank in range(dims.world):
         with open(os.path.join(out_dir, layout, f"rank{rank}.json"), encoding="utf-8") as f:
             info = json.load(f)
         losses.append(info["loss"])
         pp, dp, cp, tp = dims.coords(rank)
-        with np.load(os.path.join(out_dir, layout, f"rank{rank}.npz")) as data:
+        with np.load(os.path.join(out_dir, layout, f"rank{rank}{suffix}.npz")) as data:
             for name in data.files:
+                if ".ffn." in name and ".feed_forward." in name:  # stacked experts: split over ep on dim 0
+                    held = experts.setdefault(name, {}).setdefault(dp % dims.ep, {})
+                    if tp in held and held[tp].tobytes() != data[name].tobytes():
+                        raise AssertionError(f"{layout}: replicas of {name} (ep {dp % dims.ep}, tp {tp}) differ")
+                    held[tp] = data[name]
+                    continue
                 replicas = shards.setdefault(name, {})
                 if tp in replicas:
                     if replicas[tp].tobytes() != data[name].tobytes():
@@ -202,6 +233,9 @@ def merge_layout(out_dir: str, layout: str) -> tuple:
                     replicas[tp] = data[name]
     kv_heads = model_config(LAYOUT_MODELS.get(layout, "tiny")).num_kv_heads
     merged = {name: merge_shards(name, [by_tp[t] for t in sorted(by_tp)], kv_heads) for name, by_tp in shards.items()}
+    for name, by_ep in experts.items():
+        merged[name] = np.concatenate([merge_shards(name, [by_ep[e][t] for t in sorted(by_ep[e])])
+                                       for e in sorted(by_ep)], axis=0)
     return losses, merged
 
 

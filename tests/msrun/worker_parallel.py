@@ -44,10 +44,13 @@ def task_reference(out_dir: str, rank: int, model: str = "") -> None:
     if rank != 0:
         return
     if model:  # another family: the SGD reference only, OUT_DIR/reference_MODEL.{json,npz}
-        loss, norm, state = pc.reference_step(model)
+        gradients = {}
+        loss, norm, state = pc.reference_step(model, gradients)
         np.savez(os.path.join(out_dir, f"reference_{model}.npz"), **state)
+        np.savez(os.path.join(out_dir, f"reference_{model}_grads.npz"), **gradients)
+        aux = pc.reference_aux_loss(model) if pc.model_config(model).num_experts else None
         with open(os.path.join(out_dir, f"reference_{model}.json"), "w", encoding="utf-8") as f:
-            json.dump({"loss": loss, "norm": norm}, f)
+            json.dump({"loss": loss, "norm": norm, "aux_loss": aux}, f)
         return
     loss, norm, state = pc.reference_step()
     np.savez(os.path.join(out_dir, "reference.npz"), **state)
@@ -84,8 +87,11 @@ def task_train(out_dir: str, rank: int, layout: str) -> None:
     else:
         loss, grads = parallel.forward_backward(*batch)
         norm = parallel.grad_norm(grads)
+        os.makedirs(os.path.join(out_dir, layout), exist_ok=True)
+        np.savez(os.path.join(out_dir, layout, f"rank{rank}_grads.npz"),
+                 **{p.name: g.asnumpy() for p, g in zip(parallel.params, grads)})
         pc.sgd_step(parallel.params, pc.clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
-        extra = {"norms": [norm]}
+        extra = {"norms": [norm], "aux_losses": parallel.aux_losses}
     if parallel.groups.embed.size > 1:  # tied embeddings over stages: the bytes of the embedding or of its copy
         import hashlib
 

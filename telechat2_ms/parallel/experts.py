@@ -1,0 +1,178 @@
+"""Expert parallelism (with tensor parallelism inside every expert) for the mixture-of-experts block.
+
+Layout (parallel/dims.py): the `ep` ranks of a block of data-parallel ranks split the E experts of every sparse
+layer, rank i holding experts [i*E/ep, (i+1)*E/ep) (`expert_range`); with tp each expert's FFN is split as the
+dense FFN is (w1/w3 rows, w2 columns: plan.EXPERT_COLUMN / EXPERT_ROW; the down biases whole). The router and
+Qwen2-MoE's shared-expert gate are whole on every rank; the shared expert is a tensor-parallel FFN.
+
+Routing is computed by every rank on its own tokens (layers.RoutedExperts.gate). Dispatch and combine are the
+all-to-all of MindFormers written as its two halves over the ep group, which exist on every backend
+(comm.py: all-to-all has no CPU kernel):
+    X = all_gather_ep(x)          [ep*T, H]   every token of the block (backward: reduce-scatter)
+    C = all_gather_ep(combine)    [ep*T, E]   their routing weights, this rank's experts' columns kept
+    Z = sum over this rank's experts e of C[:, e] * expert_e(X)    (zero weight where a token did not choose e)
+    y = reduce_scatter_ep(Z)      [T, H]      each token's sum over the experts of the whole block (backward:
+                                              all-gather)
+so each rank runs its E/ep experts over the block's tokens: dropless, and equal to one process up to fp32
+summation order. Under tp the experts' partial outputs are summed once, after the weighting (an all-reduce of
+[ep*T, H]); the routing weights enter that partial sum through CopyToRegion, so their gradient is summed over tp
+as well, and the down biases are added after the sum.
+
+The block's input is not a tensor-parallel region's (the sparse layer's ffn_norm stays a plain norm): every tp
+rank holds the whole activations and, from the whole router, their whole gradient; the experts' and the shared
+expert's column-parallel inputs enter through CopyToRegion.
+
+Gradients: expert weights and biases are tagged `expert_shard` and summed over the `expert_grad` group (the
+replicas of this rank's experts), the router over the whole `grad` group like every replicated weight
+(data_parallel.reduce_gradients); the gradient norm adds the expert shards over the ep group.
+
+Load balancing (model.aux_loss) is computed from the statistics of the whole global micro-batch: every rank sums
+its (assignments, probability mass) over the grad group (forward all-reduce, backward all-reduce) and adds
+aux / grad_size to its loss share, so the summed loss and every gradient equal one process's.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from telechat2_ms import kernels
+from telechat2_ms.layers import host_parameter
+from telechat2_ms.parallel import comm
+from telechat2_ms.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+def expert_range(num_experts: int, ep: int, ep_rank: int) -> Tuple[int, int]:
+    """[first, end) of the experts ep rank `ep_rank` holds."""
+    per = num_experts // ep
+    return ep_rank * per, (ep_rank + 1) * per
+
+
+def mark_expert_shard(param) -> None:
+    """Tag a parameter that only this rank's expert-parallel block position holds (summed over expert_grad)."""
+    param.expert_shard = True
+
+
+class ExpertParallelFFN(nn.Cell):
+    """This rank's experts (stacked [E/ep, ...], split over tp inside) with the dispatch and combine of the module
+    docstring; construct(x [T,H], combine [T,E]) -> [T,H], as layers.ExpertFFN."""
+
+    def __init__(self, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, bias, first: int, ep_group: comm.Group,
+                 tp_group: comm.Group, compute_dtype=ms.float32):
+        super().__init__()
+        self.w1 = _Stacked(w1, None)
+        self.w3 = _Stacked(w3, None)
+        self.w2 = _Stacked(w2, bias)
+        for param in self.get_parameters():
+            mark_expert_shard(param)
+        self.first, self.local = first, w1.shape[0]
+        self.compute_dtype = compute_dtype
+        self.dispatch = comm.GatherFromSPRegion(ep_group, 0)  # all-gather; backward reduce-scatter
+        self.collect = comm.ReduceScatterToSPRegion(ep_group, 0)  # reduce-scatter; backward all-gather
+        self.enter_tp = comm.CopyToRegion(tp_group)
+        self.weights_tp = comm.CopyToRegion(tp_group)
+        self.reduce_tp = comm.ReduceFromRegion(tp_group)
+        self.matmul = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x, combine):
+        tokens = self.dispatch(x)  # [ep*T, H]
+        weights = self.dispatch(combine)[:, self.first:self.first + self.local]  # [ep*T, E_local] fp32
+        n, hidden = tokens.shape
+        stacked = ops.broadcast_to(ops.expand_dims(self.enter_tp(ops.cast(tokens, self.compute_dtype)), 0),
+                                   (self.local, n, hidden))  # [E_local, ep*T, H]
+        inner = ops.silu(self.w1.project(stacked)) * self.w3.project(stacked)  # [E_local, ep*T, F/tp]
+        partial = self.w2.project(inner)  # [E_local, ep*T, H], partial over tp
+        tp_weights = ops.expand_dims(ops.transpose(ops.cast(self.weights_tp(weights), partial.dtype), (1, 0)), -1)
+        out = self.reduce_tp(ops.reduce_sum(partial * tp_weights, 0))  # [ep*T, H]
+        if self.w2.has_bias:
+            out = out + ops.matmul(ops.cast(weights, self.compute_dtype),
+                                   ops.cast(self.w2.bias, self.compute_dtype))  # sum_e C[:, e] * b_e
+        return self.collect(out)  # [T, H]
+
+
+class _Stacked(nn.Cell):
+    """A stacked expert weight shard [E_local, out, in] (+ bias [E_local, out], applied by the caller)."""
+
+    def __init__(self, weight: np.ndarray, bias):
+        super().__init__()
+        self.weight = host_parameter(weight, "weight")
+        self.has_bias = bias is not None
+        self.bias = host_parameter(bias, "bias") if self.has_bias else None
+        self.matmul = ops.BatchMatMul(transpose_b=True)
+
+    def project(self, x):
+        return self.matmul(x, kernels.cast_to(self.weight, x.dtype))
+
+
+class TensorParallelFFN(nn.Cell):
+    """Qwen2-MoE's shared expert under tp: a SwiGLU whose input enters the tp region here (CopyToRegion), its w1/w3
+    column-parallel and w2 row-parallel (all-reduce). x [T,H] -> [T,H]."""
+
+    def __init__(self, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, tp_group: comm.Group, compute_dtype=ms.float32):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(w1, compute_dtype)
+        self.w3 = ColumnParallelLinear(w3, compute_dtype)
+        self.w2 = RowParallelLinear(w2, None, tp_group, False, compute_dtype)
+        self.enter = comm.CopyToRegion(tp_group)
+
+    def construct(self, x):
+        x = self.enter(x)
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+def apply_expert_parallel(model, weights, groups, layer_range: Tuple[int, int]) -> None:
+    """Swap in this rank's experts (and the tp shared expert) in the sparse layers of `layer_range`, read from
+    `weights` (checkpoint.Weights); the routers and gates keep their whole weights from `weights` too."""
+    from telechat2_ms.layers import fill_parameter
+
+    cfg, dims = model.config, groups.dims
+    tp, tp_rank = dims.tp, groups.coords.tp
+    first, end = expert_range(cfg.num_experts, dims.ep, groups.ep.rank)
+    dtype = model.compute_dtype
+    for i in range(*layer_range):
+        if not cfg.is_sparse(i):
+            continue
+        block = model.model.layers[i].feed_forward
+        prefix = f"model.layers.{i}.feed_forward."
+        routed, routed_prefix = (block.routed_experts, prefix + "routed_experts.") if hasattr(
+            block, "routed_experts") else (block, prefix)
+        fill_parameter(routed.router.dense.weight, weights.full(routed_prefix + "router.dense.weight"))
+
+        def local(name):
+            return weights.shard(routed_prefix + name, tp, tp_rank)[first:end]
+
+        bias = local("ffn.w2.bias") if cfg.down_bias else None
+        routed.ffn = ExpertParallelFFN(local("ffn.w1.weight"), local("ffn.w3.weight"), local("ffn.w2.weight"), bias,
+                                       first, groups.ep, groups.tp, dtype)
+        if hasattr(block, "shared_experts"):
+            shared = prefix + "shared_experts."
+            block.shared_experts = TensorParallelFFN(*(weights.shard(shared + w + ".weight", tp, tp_rank)
+                                                       for w in ("w1", "w3", "w2")), groups.tp, dtype)
+            fill_parameter(block.shared_experts_gate.weight, weights.full(prefix + "shared_experts_gate.weight"))
+
+
+class _SumBothWays(nn.Cell):
+    """Forward all-reduce, backward all-reduce: a statistic every rank sums and then uses whole."""
+
+    def __init__(self, group: comm.Group):
+        super().__init__()
+        self.group = group
+
+    def construct(self, x):
+        return comm.all_reduce(x, self.group)
+
+    def bprop(self, x, out, dout):
+        return (comm.all_reduce(dout, self.group),)
+
+
+def global_aux_loss(cfg, stats, local_tokens: int, grad_group: comm.Group):
+    """This rank's share [] of the load-balancing loss of the global micro-batch (module docstring): the
+    statistics summed over the grad group, model.aux_loss over grad_size x local_tokens rows, / grad_size."""
+    from telechat2_ms.model import aux_loss
+
+    total = _SumBothWays(grad_group)
+    summed = tuple((ops.stop_gradient(total(assigned)), total(mass)) for assigned, mass in stats)
+    return aux_loss(cfg, summed, local_tokens * grad_group.size) / grad_group.size

@@ -1,0 +1,105 @@
+"""Expert parallelism under msrun on CPU (parallel/experts.py), compared with one process, for both MoE families:
+TeleChat2-MoE (4 experts, top-2 renormalised, expert down biases) and Qwen2-MoE (shared expert, a dense layer).
+
+Layouts (tests/msrun/parallel_cases.py): the experts split over ep2 inside dp2 (2 workers; each rank holds 2 of
+the 4 experts and runs them over both ranks' tokens), every expert also split over tp2 (ep2 x tp2, 4 workers), and
+TeleChat2-MoE under plain dp2 (every expert on both replicas). Each runs one clipped SGD step on the fixed batch
+(tests/msrun/worker_parallel.py task train:LAYOUT) and must give the single-process results, fp32:
+- the loss (token loss + load-balancing loss) and the global gradient norm within rel. 1e-5 (LOSS_TOL);
+- the load-balancing loss itself within rel. 1e-5 (the statistics summed over the global batch);
+- every gradient (reduced over the replicas; expert shards gathered over ep and tp, the others over tp) within
+  1e-5 of the largest magnitude of its tensor (GRAD_TOL), and the parameters after the step within rel. 1e-4.
+  (The dense layouts' check of the parameter *updates* does not fit here: the MoE models' weights are drawn with
+  std 0.25, so that routing is uneven and the load-balancing loss visible, and one ulp of such a weight is 1e-4
+  of the last layer's updates; the gradients are compared directly instead.)
+And greedy generation under ep2 (both ranks decoding the same prompts, the experts split) prints the
+single-process tokens.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.msrun import parallel_cases as pc
+from tests.msrun.launcher import run_msrun
+from tests.test_parallel_msrun import LOSS_TOL, PARAM_TOL, WORKER, _explain
+
+GRAD_TOL = 1e-5
+
+JOBS = {
+    2: ["reference:moe", "reference:qwen2_moe", "train:moe_dp2", "train:moe_ep2", "train:qwen2_moe_ep2",
+        "generate:moe_ep2", "generate:qwen2_moe_ep2"],
+    4: ["reference:moe", "reference:qwen2_moe", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2"],
+}
+
+pytestmark = pytest.mark.msrun
+
+
+def _run_job(tmp_path_factory, workers):
+    out = tmp_path_factory.mktemp(f"moe_msrun{workers}")
+    result = run_msrun(WORKER, [str(out), *JOBS[workers]], workers=workers, timeout=420, workdir=str(out))
+    return str(out), result
+
+
+@pytest.fixture(scope="module")
+def moe_job2(tmp_path_factory):
+    return _run_job(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def moe_job4(tmp_path_factory):
+    return _run_job(tmp_path_factory, 4)
+
+
+def _check_layout(job, layout):
+    out, result = job
+    if not os.path.exists(os.path.join(out, layout)):
+        pytest.fail(f"layout {layout} produced no result\n{_explain(result, out)}")
+    model = pc.LAYOUT_MODELS[layout]
+    with open(os.path.join(out, f"reference_{model}.json"), encoding="utf-8") as f:
+        reference = json.load(f)
+    assert reference["aux_loss"] > 0 and reference["norm"] > pc.CLIP  # a visible aux loss; clipping active
+    losses, params = pc.merge_layout(out, layout)
+    _, grads = pc.merge_layout(out, layout, "_grads")
+    want_params = dict(np.load(os.path.join(out, f"reference_{model}.npz")))
+    want_grads = dict(np.load(os.path.join(out, f"reference_{model}_grads.npz")))
+    assert sorted(params) == sorted(want_params) and sorted(grads) == sorted(want_grads)
+    for rank, loss in enumerate(losses):
+        info = pc.rank_info(out, layout, rank)
+        assert abs(loss - reference["loss"]) / reference["loss"] <= LOSS_TOL, (layout, rank, loss, reference)
+        assert abs(info["norms"][0] - reference["norm"]) / reference["norm"] <= LOSS_TOL, (layout, rank, info)
+        aux = info["aux_losses"]
+        assert len(aux) == 1 and abs(aux[0] - reference["aux_loss"]) / reference["aux_loss"] <= LOSS_TOL, (
+            layout, rank, aux, reference)
+    for name, want in want_grads.items():
+        assert grads[name].shape == want.shape, (layout, name)
+        assert np.abs(grads[name] - want).max() <= GRAD_TOL * np.abs(want).max(), (layout, name)
+        assert pc.max_rel_diff(params[name], want_params[name]) <= PARAM_TOL, (layout, name)
+
+
+@pytest.mark.parametrize("layout", ["moe_ep2", "qwen2_moe_ep2", "moe_dp2"])
+def test_expert_parallel_two_processes_match_single_process(moe_job2, layout):
+    _check_layout(moe_job2, layout)
+
+
+@pytest.mark.parametrize("layout", ["moe_ep2_tp2", "qwen2_moe_ep2_tp2"])
+def test_expert_and_tensor_parallel_four_processes_match_single_process(moe_job4, layout):
+    _check_layout(moe_job4, layout)
+
+
+@pytest.mark.parametrize("layout", ["moe_ep2", "qwen2_moe_ep2"])
+def test_greedy_generation_under_expert_parallel_equals_single_process(moe_job2, layout):
+    out, result = moe_job2
+    for rank in range(2):
+        path = os.path.join(out, f"generate_{layout}", f"rank{rank}.json")
+        assert os.path.exists(path), _explain(result, out)
+        with open(path, encoding="utf-8") as f:
+            tokens = json.load(f)
+        assert len(tokens["single"][0]) == 8
+        assert tokens["parallel"] == tokens["single"]
+
+
+def test_jobs_exit_cleanly(moe_job2, moe_job4):
+    for out, result in (moe_job2, moe_job4):
+        assert result.rc == 0 and not result.timed_out, _explain(result, out)
