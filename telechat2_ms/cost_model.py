@@ -137,13 +137,19 @@ class Layout:
     mode: str = "train"  # train | infer
     infer_batch: int = 1  # sequences decoded together (infer mode; serve: serve.max_batch rows of KV cache)
     prefill_batch: int = 0  # sequences prefilled together (0: infer_batch; serve prefills one prompt at a time)
+    ep: int = 1  # expert parallel (mixture of experts): experts split over blocks of ep data-parallel ranks
+    # how an MoE layer's experts see the tokens: "dense", every expert on every token of its ep block weighted by
+    # 0 where not chosen (this project's path: parallel/experts.py, no grouped-matmul kernel yet); "routed", each
+    # token only on its k experts (grouped matmul and all-to-all, MindFormers), capacity_factor x the routed work
+    moe_dispatch: str = "dense"
+    capacity_factor: float = 1.0
 
     @property
     def devices(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
 
     def describe(self) -> str:
-        parts = [f"dp{self.dp} tp{self.tp} pp{self.pp} cp{self.cp}"]
+        parts = [f"dp{self.dp}{f' ep{self.ep}' if self.ep > 1 else ''} tp{self.tp} pp{self.pp} cp{self.cp}"]
         if self.sp:
             parts.append("sp")
         if self.mode == "train":
@@ -178,6 +184,13 @@ def validate(cfg: ModelConfig, lay: Layout) -> None:
         raise ConfigError(f"tp={lay.tp} neither divides nor is a multiple of num_kv_heads={cfg.num_kv_heads}")
     if cfg.ffn_hidden_size % lay.tp or cfg.vocab_size % lay.tp:
         raise ConfigError(f"tp={lay.tp} must divide ffn_hidden_size and vocab_size")
+    if lay.ep < 1 or lay.dp % lay.ep or (cfg.num_experts or 1) % lay.ep or (lay.ep > 1 and not cfg.num_experts):
+        raise ConfigError(f"ep={lay.ep} must divide dp={lay.dp} and num_experts={cfg.num_experts}")
+    if cfg.num_experts and (cfg.moe_ffn_hidden_size % lay.tp or cfg.shared_expert_ffn_hidden_size % lay.tp):
+        raise ConfigError(f"tp={lay.tp} must divide the expert widths")
+    if lay.moe_dispatch not in ("dense", "routed") or lay.capacity_factor <= 0:
+        raise ConfigError(f"layout.moe_dispatch must be dense or routed (capacity_factor > 0), got "
+                          f"{lay.moe_dispatch!r}, {lay.capacity_factor}")
     if lay.seq_length % (2 * lay.cp if lay.cp > 1 else 1):
         raise ConfigError(f"seq_length={lay.seq_length} must split into 2*cp={2 * lay.cp} zig-zag chunks")
     if lay.sp and (lay.seq_length // lay.cp) % lay.tp:
@@ -212,7 +225,7 @@ def layout_from_settings(settings: RunSettings) -> Layout:
         optimizer_shard=pc.optimizer_shard, compute_dtype=settings.compute_dtype,
         fused_kernels=settings.use_fused_kernels, layer_counts=tuple(pc.pipeline_layer_counts), mode="train" if train else "infer",
         infer_batch=settings.serve.max_batch if settings.run_mode == "serve" else 1,
-        prefill_batch=1,
+        prefill_batch=1, ep=pc.expert_parallel,
     )
 
 
@@ -223,15 +236,21 @@ def kv_local_dim(cfg: ModelConfig, tp: int) -> int:
     return max(cfg.num_kv_heads // tp, 1) * cfg.head_dim
 
 
-def layer_params_per_device(cfg: ModelConfig, tp: int) -> int:
+def layer_params_per_device(cfg: ModelConfig, tp: int, layer: int = 0, ep: int = 1) -> int:
     """wq, wo, w1, w2, w3 split over tp; k and v split (or replicated) by kv head; q/k/v biases (Qwen2) split
     like their projections; wo/w2 biases (TeleChat2) and the two RMSNorm weights replicated, as
-    parallel/plan.py shards them. With tp=1 this is the per-layer count of ModelConfig.num_parameters."""
-    H, F, qd, kd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads * cfg.head_dim, kv_local_dim(cfg, tp)
-    count = (2 * H * qd + 3 * H * F) // tp + 2 * kd * H + 2 * H
+    parallel/plan.py shards them; an MoE layer (ModelConfig.is_sparse) holds the whole router, E/ep experts split
+    over tp with their down biases whole, and Qwen2-MoE's tp-split shared expert with its whole gate. With tp=1
+    and ep=1 this is the per-layer count of ModelConfig.num_parameters."""
+    H, qd, kd = cfg.hidden_size, cfg.num_heads * cfg.head_dim, kv_local_dim(cfg, tp)
+    count = 2 * H * qd // tp + 2 * kd * H + 2 * H + H * int(cfg.out_bias)
     if cfg.qkv_bias:
         count += qd // tp + 2 * kd
-    return count + H * (int(cfg.out_bias) + int(cfg.down_bias))
+    if not cfg.is_sparse(layer):
+        return count + 3 * H * cfg.ffn_hidden_size // tp + H * int(cfg.down_bias)
+    E, Fe, Fs = cfg.num_experts, cfg.moe_ffn_hidden_size, cfg.shared_expert_ffn_hidden_size
+    count += E * H + E // ep * (3 * H * Fe // tp + H * int(cfg.down_bias))
+    return count + (3 * H * Fs // tp + H if Fs else 0)
 
 
 def stage_params_per_device(cfg: ModelConfig, lay: Layout) -> List[int]:
@@ -239,9 +258,10 @@ def stage_params_per_device(cfg: ModelConfig, lay: Layout) -> List[int]:
     the vocab-parallel lm_head and the final norm on the last stage (a tied lm_head is the embedding itself
     with one stage, a copy of it with several)."""
     vh = cfg.vocab_size * cfg.hidden_size // lay.tp
-    counts = []
+    counts, first = [], 0
     for i, n_layers in enumerate(stage_layers(cfg, lay)):
-        n = n_layers * layer_params_per_device(cfg, lay.tp)
+        n = sum(layer_params_per_device(cfg, lay.tp, layer, lay.ep) for layer in range(first, first + n_layers))
+        first += n_layers
         if i == 0:
             n += vh
         if i == lay.pp - 1:
@@ -274,7 +294,7 @@ class MemoryReport:
         return self.total <= hw.usable_bytes
 
 
-def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str) -> float:
+def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str, layer: int = 0) -> float:
     """Bytes one layer keeps for backward, per micro-batch, on one device, as this project's layers and
     train.recompute do it (train/engine.apply_recompute).
 
@@ -294,6 +314,11 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str) -> flo
     Checked against the CPU in PyNative, plain kernels, fp32 (research/bench_recompute_memory.py: the slope
     of peak RSS over the layer count; MEASURED_CPU_LAYER_ACTIVATION holds its figures, and
     tests/test_cost_model.py holds this formula to them).
+    An MoE layer (`layer` sparse) keeps, instead of the SwiGLU's four tensors per token, four per (token, expert)
+    pair it computes (`expert_pairs_per_token`: E with the dense dispatch, k x capacity_factor routed) of the
+    expert width, the pairs' outputs (a·H each) and the block's tokens as the experts see them (dense: the
+    ep-gathered tokens; routed: the dispatched copies), the fp32 router logits and probabilities (8·E per token)
+    and the shared expert's SwiGLU (not measured: an estimate by the same accounting).
     """
     H, F, tp = cfg.hidden_size, cfg.ffn_hidden_size, lay.tp
     a = DTYPE_BYTES[lay.compute_dtype]
@@ -303,6 +328,11 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str) -> flo
         return 4 * T * H / seq_split
     norm_region = 2 * 4 * T * H + 2 * a * T * H
     tp_region = 4 * a * T * F / tp
+    if cfg.is_sparse(layer):
+        pairs = expert_pairs_per_token(cfg, lay)
+        seen = lay.ep if lay.moe_dispatch == "dense" else pairs  # tokens (copies) the experts read, per token
+        tp_region = (4 * a * T * (pairs * cfg.moe_ffn_hidden_size + cfg.shared_expert_ffn_hidden_size) / tp
+                     + a * T * H * (pairs + seen) + 8 * T * cfg.num_experts)
     if recompute == "none":
         kv = kv_local_dim(cfg, tp)
         tp_region += T * (2 * a * H / tp + 2 * a * kv)
@@ -312,6 +342,21 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str) -> flo
             keys = lay.seq_length / lay.cp
             tp_region += T * (4 * keys * cfg.num_heads / tp + 3 * a * H / tp + 2 * a * kv)
     return tp_region + norm_region / seq_split
+
+
+def expert_pairs_per_token(cfg: ModelConfig, lay: Layout) -> float:
+    """(token, expert) pairs an MoE layer computes per token: every expert (dense dispatch), or k x the capacity
+    factor (routed)."""
+    if lay.moe_dispatch == "dense":
+        return float(cfg.num_experts)
+    return cfg.num_experts_per_tok * lay.capacity_factor
+
+
+def stage_layer_activation_bytes(cfg: ModelConfig, lay: Layout, stage: int, recompute: str) -> float:
+    """The mean of layer_activation_bytes over the stage's layers (dense and MoE layers differ)."""
+    first, end = stage_layer_ranges(cfg.num_layers, lay.pp, list(lay.layer_counts) or None,
+                                    "pipeline_layer_counts")[stage]
+    return sum(layer_activation_bytes(cfg, lay, recompute, i) for i in range(first, end)) / (end - first)
 
 
 def in_flight_layer_units(lay: Layout, stage: int, n_layers: int) -> float:
@@ -330,9 +375,9 @@ def in_flight_layer_units(lay: Layout, stage: int, n_layers: int) -> float:
 def _train_stage_memory(cfg: ModelConfig, lay: Layout, stage: int, n_params: int, n_layers: int) -> MemoryReport:
     a = DTYPE_BYTES[lay.compute_dtype]
     shard = lay.dp * lay.cp if lay.optimizer_shard else 1
-    acts = in_flight_layer_units(lay, stage, n_layers) * layer_activation_bytes(cfg, lay, lay.recompute)
+    acts = in_flight_layer_units(lay, stage, n_layers) * stage_layer_activation_bytes(cfg, lay, stage, lay.recompute)
     if lay.recompute == "full":  # the layer being recomputed in backward materialises all its activations
-        acts += layer_activation_bytes(cfg, lay, "none")
+        acts += max(layer_activation_bytes(cfg, lay, "none", i) for i in range(cfg.num_layers))
     logits = 0.0
     if stage == lay.pp - 1:  # bf16 logits + fp32 logits + fp32 softmax/grad of one micro-batch, vocab-split
         T = lay.micro_batch_size * lay.seq_length / lay.cp
@@ -352,7 +397,13 @@ def _infer_stage_memory(cfg: ModelConfig, lay: Layout, stage: int, n_params: int
     T = (lay.prefill_batch or lay.infer_batch) * lay.seq_length / lay.cp  # a full-length prefill
     # Largest live set during one prefill layer: fp32 residual, norm output, Q, K, V, attention output,
     # gate/up/product; logits only for the last position of each sequence (spec 8.2), fp32.
-    acts = T * (4 * H + a * H + 2 * a * H / tp + 2 * a * kv + 3 * a * F / tp)
+    if cfg.num_experts:  # the widest FFN working set: an MoE layer's (token, expert) pairs and shared expert
+        ffn = 3 * a * (expert_pairs_per_token(cfg, lay) * cfg.moe_ffn_hidden_size
+                       + cfg.shared_expert_ffn_hidden_size) / tp + a * H * expert_pairs_per_token(cfg, lay)
+        ffn = max(ffn, 3 * a * F / tp) if len(cfg.sparse_layers) < cfg.num_layers else ffn
+    else:
+        ffn = 3 * a * F / tp
+    acts = T * (4 * H + a * H + 2 * a * H / tp + 2 * a * kv + ffn)
     logits = lay.infer_batch * cfg.vocab_size / tp * 4 if stage == lay.pp - 1 else 0.0
     overhead = OVERHEAD_FIXED_BYTES + OVERHEAD_FRAGMENTATION * (acts + logits)
     return MemoryReport(stage=stage, weights=a * n_params, grads=0.0, optimizer=0.0, activations=acts,
@@ -373,25 +424,40 @@ def memory_per_device(cfg: ModelConfig, lay: Layout) -> MemoryReport:
 
 # ---- FLOPs ------------------------------------------------------------------------------------------
 
-def matmul_params_per_layer(cfg: ModelConfig) -> int:
+def matmul_params_per_layer(cfg: ModelConfig, layer: int = 0, experts_per_token: Optional[float] = None) -> float:
+    """Weights one token meets in layer `layer`'s matmuls: attention, and the dense FFN or, in an MoE layer, the
+    router, `experts_per_token` experts (default k: the model's own FLOPs) and the shared expert with its gate."""
     H, F = cfg.hidden_size, cfg.ffn_hidden_size
-    return 2 * H * H + 2 * cfg.kv_dim * H + 3 * H * F
+    attention = 2 * H * H + 2 * cfg.kv_dim * H
+    if not cfg.is_sparse(layer):
+        return attention + 3 * H * F
+    k = cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
+    shared = 3 * H * cfg.shared_expert_ffn_hidden_size + (H if cfg.shared_expert_ffn_hidden_size else 0)
+    return attention + cfg.num_experts * H + k * 3 * H * cfg.moe_ffn_hidden_size + shared
 
 
-def layer_forward_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+def layer_forward_flops_per_token(cfg: ModelConfig, seq_length: int, layer: int = 0,
+                                  experts_per_token: Optional[float] = None) -> float:
     """2 FLOPs per weight, plus causal attention: QK^T and PV are 2·s·H each over the full square; the
     causal mask halves it (FlashAttention skips masked blocks): 2·s·H."""
-    return 2.0 * matmul_params_per_layer(cfg) + 2.0 * seq_length * cfg.hidden_size
+    return 2.0 * matmul_params_per_layer(cfg, layer, experts_per_token) + 2.0 * seq_length * cfg.hidden_size
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs per token without recompute: 6·N (N = layer matmul weights + lm_head; the embedding
-    lookup is not a matmul) + 3 x causal attention forward."""
-    return 3.0 * (cfg.num_layers * layer_forward_flops_per_token(cfg, seq_length)
+    """Training FLOPs per token without recompute: 6·N (N = layer matmul weights a token meets, an MoE layer's
+    k experts, + lm_head; the embedding lookup is not a matmul) + 3 x causal attention forward."""
+    return 3.0 * (sum(layer_forward_flops_per_token(cfg, seq_length, i) for i in range(cfg.num_layers))
                   + 2.0 * cfg.hidden_size * cfg.vocab_size)
 
 
 # ---- time -------------------------------------------------------------------------------------------
+
+def _expert_params_per_device(cfg: ModelConfig, lay: Layout, first: int, end: int) -> int:
+    """The expert-shard parameters (split over ep) one device of the stage holding layers [first, end) keeps."""
+    per_layer = cfg.num_experts // lay.ep * (3 * cfg.hidden_size * cfg.moe_ffn_hidden_size // lay.tp
+                                             + cfg.hidden_size * int(cfg.down_bias)) if cfg.num_experts else 0
+    return sum(per_layer for i in range(first, end) if cfg.is_sparse(i))
+
 
 def _collective_time(nbytes: float, group: int, spans_nodes: bool, hw: Hardware, kind: str) -> float:
     """All-gather / reduce-scatter ('half') or all-reduce ('full') of a tensor of `nbytes` (gathered size).
@@ -413,6 +479,7 @@ class TimeReport:
     step_time: float
     compute: float  # critical-path compute (all micro-batches on the slowest stage)
     tp_comm: float  # TP/SP collectives on the critical path
+    ep_comm: float  # MoE dispatch and combine over the ep block (and their tp all-reduces), critical path
     cp_comm: float  # ring-attention sends not hidden behind attention
     pp_comm: float  # pipeline point-to-point sends on the critical path
     bubble: float  # pipeline fill/drain
@@ -459,9 +526,28 @@ def step_time(cfg: ModelConfig, lay: Layout, efficiency: Optional[float] = None,
     p2p_bw = (hw.roce_port_bandwidth if lay.devices > dpn else hw.hccs_link_bandwidth) * hw.collective_efficiency
     p2p = 2 * lay.pp_interleave * a * T * H / tp / p2p_bw if lay.pp > 1 else 0.0
 
-    per_stage, comp, tpc = [], [], []
+    # MoE layers: the dispatch and combine over the ep block, forward, backward (and a recomputed forward).
+    # Dense dispatch (parallel/experts.py): all-gather of the tokens and reduce-scatter of the outputs, a·ep·T·H
+    # gathered bytes each, and the tp all-reduce of the [ep·T, H] partial sums (forward, and of the input and
+    # routing-weight gradients backward). Routed: two all-to-alls of the k·capacity·T dispatched copies; each
+    # device sends (ep-1)/ep of them, inside a node over its ep-1 links at once, across nodes through its port.
+    moe_passes = 3 if lay.recompute == "full" else 2  # forward-like passes: forward, backward (+ recompute)
+    ep_spans = tp * cp * lay.ep > dpn
+    if lay.moe_dispatch == "dense":
+        moe_layer_comm = moe_passes * (2 * _collective_time(a * lay.ep * T * H, lay.ep, ep_spans, hw, "half")
+                                       + _collective_time(a * lay.ep * T * H, tp, tp_spans, hw, "full"))
+    else:
+        sent = a * expert_pairs_per_token(cfg, lay) * T * H * (lay.ep - 1) / lay.ep
+        link = (hw.roce_port_bandwidth if ep_spans else hw.hccs_link_bandwidth * max(lay.ep - 1, 1))
+        moe_layer_comm = moe_passes * 2 * sent / (link * hw.collective_efficiency) if lay.ep > 1 else 0.0
+    ranges = stage_layer_ranges(cfg.num_layers, lay.pp, list(lay.layer_counts) or None, "pipeline_layer_counts")
+    pairs = expert_pairs_per_token(cfg, lay) if cfg.num_experts else None
+
+    per_stage, comp, tpc, epc = [], [], [], []
     for i, n_layers in enumerate(layers):
-        flops = T * n_layers * mult * layer_forward_flops_per_token(cfg, s) / tp
+        stage_range = range(*ranges[i])
+        flops = T * mult * sum(layer_forward_flops_per_token(cfg, s, j, pairs) for j in stage_range) / tp
+        moe_comm = sum(moe_layer_comm for j in stage_range if cfg.is_sparse(j))
         half_ops = n_layers * half_ops_per_layer
         if i == lay.pp - 1:
             flops += T * 3.0 * 2.0 * H * cfg.vocab_size / tp
@@ -471,20 +557,28 @@ def step_time(cfg: ModelConfig, lay: Layout, efficiency: Optional[float] = None,
         c, t = flops / flops_per_s, half_ops * t_half
         comp.append(c)
         tpc.append(t)
-        per_stage.append(c + t + n_layers * cp_exposed + p2p)
+        epc.append(moe_comm)
+        per_stage.append(c + t + moe_comm + n_layers * cp_exposed + p2p)
     m, v = lay.micro_batches, lay.pp_interleave
     slow = max(range(lay.pp), key=lambda i: per_stage[i])
     # 1F1B: the slowest stage paces the steady state; fill and drain pass once through the others.
     fill_drain = (sum(per_stage) - per_stage[slow]) / v
     pipe = m * per_stage[slow] + fill_drain
 
-    # Data parallel over dp*cp: reduce-scatter fp32 grads + all-gather bf16 weights (ZeRO-1) or an fp32
+    # Data parallel over dp*cp (an expert shard's replicas: dp/ep x cp): reduce-scatter fp32 grads + all-gather bf16 weights (ZeRO-1) or an fp32
     # all-reduce; after backward, not overlapped. Then AdamW reads p, g, m, v (fp32) and writes p, m, v and
     # the bf16 copy: 30 bytes per parameter it owns.
     g = lay.dp * cp
     dp_spans = tp * cp * lay.dp > dpn
     dp_t, opt_t = [], []
-    for n in params:
+    expert_share = [_expert_params_per_device(cfg, lay, *ranges[i]) for i in range(lay.pp)]
+    for n, experts in zip(params, expert_share):
+        if lay.ep > 1:  # the expert shards reduce over fewer replicas (ZeRO with ep: not built, validate refuses)
+            t = (_collective_time(4.0 * (n - experts), g, dp_spans, hw, "full")
+                 + _collective_time(4.0 * experts, g // lay.ep, dp_spans, hw, "full"))
+            dp_t.append(t)
+            opt_t.append(30.0 * n / hw.hbm_bandwidth)
+            continue
         if lay.optimizer_shard:
             t = (_collective_time(4.0 * n, g, dp_spans, hw, "half")
                  + _collective_time(2.0 * n, g, dp_spans, hw, "half"))
@@ -499,6 +593,7 @@ def step_time(cfg: ModelConfig, lay: Layout, efficiency: Optional[float] = None,
     tps = tokens / total / lay.devices
     return TimeReport(
         step_time=total, compute=lay.grad_accum * m * comp[slow], tp_comm=lay.grad_accum * m * tpc[slow],
+        ep_comm=lay.grad_accum * m * epc[slow],
         cp_comm=lay.grad_accum * m * layers[slow] * cp_exposed, pp_comm=lay.grad_accum * m * p2p,
         bubble=lay.grad_accum * fill_drain, dp_comm=dp_comm, optimizer=opt, tokens_per_step=tokens,
         tokens_per_s_per_device=tps, mfu=model_flops_per_token(cfg, s) * tps / hw.peak_flops)
@@ -517,9 +612,15 @@ MINDFORMERS_LAYOUTS: Dict[str, Layout] = {
                             layer_counts=(15, 17, 17, 15)),
     "telechat2_115b": Layout(dp=8, tp=8, pp=8, sp=True, micro_batches=8, recompute="selective",
                              optimizer_shard=True, layer_counts=(10, 11, 12, 13, 13, 13, 13, 11), pp_interleave=3),
+    # TeleChat2-39B-A12B (families.md 3): dp128 ep2 mp4 pp2, routed experts with capacity factor 1.2 (MindFormers'
+    # grouped matmul and all-to-all). Not in families.md, assumed: seq 8192, sequence parallel and full recompute
+    # as its dense fine-tunes, 16 micro-batches, the optimizer not sharded (our model has no ZeRO with ep)
+    "telechat2_39b_a12b": Layout(dp=128, ep=2, tp=4, pp=2, sp=True, micro_batches=16, recompute="full",
+                                 moe_dispatch="routed", capacity_factor=1.2),
 }
 # MindFormers README "模型性能", Atlas 800T A2, seq 8192, finetune tokens/s/p (spec 9.1).
-PUBLISHED_TOKENS_PER_S: Dict[str, float] = {"telechat2_7b": 2950.0, "telechat2_35b": 516.0, "telechat2_115b": 158.0}
+PUBLISHED_TOKENS_PER_S: Dict[str, float] = {"telechat2_7b": 2950.0, "telechat2_35b": 516.0, "telechat2_115b": 158.0,
+                                            "telechat2_39b_a12b": 865.0}
 CALIBRATION_MODEL = "telechat2_7b"
 
 
@@ -557,7 +658,7 @@ def validation_rows() -> List[Dict[str, object]]:
 # ---- shipped YAMLs and printing ---------------------------------------------------------------------
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-ATLAS_SIZES = ("telechat2_7b", "telechat2_35b", "telechat2_115b")
+ATLAS_SIZES = ("telechat2_7b", "telechat2_35b", "telechat2_115b", "telechat2_39b_a12b")
 ATLAS_TASKS = ("finetune", "predict")
 
 
@@ -601,14 +702,15 @@ def format_table(entries: Sequence[Dict[str, object]], hw: Hardware = ATLAS_800T
 
 def format_time_breakdown(entries: Sequence[Dict[str, object]]) -> str:
     """Where a training step's seconds go (critical path; no overlap assumed)."""
-    head = (f"{'config':40s} {'step_s':>7s} {'compute':>7s} {'tp/sp':>7s} {'cp':>6s} {'p2p':>6s} {'bubble':>7s} "
-            f"{'dp':>6s} {'adamw':>6s} {'tokens/step':>11s}")
+    head = (f"{'config':40s} {'step_s':>7s} {'compute':>7s} {'tp/sp':>7s} {'ep':>6s} {'cp':>6s} {'p2p':>6s} "
+            f"{'bubble':>7s} {'dp':>6s} {'adamw':>6s} {'tokens/step':>11s}")
     lines = [head, "-" * len(head)]
     for e in entries:
         t = e["time"]
         if t is None:
             continue
-        lines.append(f"{e['name'][-40:]:40s} {t.step_time:7.2f} {t.compute:7.2f} {t.tp_comm:7.2f} {t.cp_comm:6.2f} "
+        lines.append(f"{e['name'][-40:]:40s} {t.step_time:7.2f} {t.compute:7.2f} {t.tp_comm:7.2f} {t.ep_comm:6.2f} "
+                     f"{t.cp_comm:6.2f} "
                      f"{t.pp_comm:6.2f} {t.bubble:7.2f} {t.dp_comm:6.2f} {t.optimizer:6.3f} {t.tokens_per_step:11d}")
     return "\n".join(lines)
 
@@ -630,7 +732,8 @@ def format_validation(hw: Hardware = ATLAS_800T_A2) -> str:
 def _adhoc_layout(args) -> Tuple[str, Layout]:
     lay = Layout(dp=args.dp, tp=args.tp, pp=args.pp, cp=args.cp, sp=args.sp, micro_batches=args.micro_batches,
                  micro_batch_size=args.micro_batch_size, seq_length=args.seq, recompute=args.recompute,
-                 optimizer_shard=args.optimizer_shard, compute_dtype=args.dtype, mode=args.mode)
+                 optimizer_shard=args.optimizer_shard, compute_dtype=args.dtype, mode=args.mode, ep=args.ep,
+                 moe_dispatch=args.moe_dispatch, capacity_factor=args.capacity_factor)
     return args.model, lay
 
 
@@ -647,6 +750,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--sp", action="store_true")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel (mixture-of-experts models), inside dp")
+    p.add_argument("--moe-dispatch", choices=("dense", "routed"), default="dense",
+                   help="dense: every expert on every token (this project's path); routed: the k chosen experts")
+    p.add_argument("--capacity-factor", type=float, default=1.0, help="routed dispatch: capacity x the routed work")
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--seq", type=int, default=8192)

@@ -30,15 +30,16 @@ def _parameter_lines(run: RunPlan) -> List[str]:
     shapes = {name: tuple(p.shape) for name, p in skeleton.parameters_and_names()}
     dims, cfg = run.dims, run.config
     ranges = dims.stage_layer_ranges(cfg.num_layers)
-    lines = [f"per-rank parameter shapes (tensor parallel {dims.tp}; layer 0 stands for every layer):"]
+    experts = f", expert parallel {dims.ep}" if dims.ep > 1 else ""
+    lines = [f"per-rank parameter shapes (tensor parallel {dims.tp}{experts}; layer 0 stands for every layer):"]
     for name, shape in shapes.items():
         layer = tp_plan.layer_index(name)
         if layer not in (None, 0):
             continue
-        local = tp_plan.shard_shape(name, shape, dims.tp, cfg.num_kv_heads)
+        local = tp_plan.rank_shape(name, shape, dims.tp, cfg.num_kv_heads, dims.ep)
         lines.append(f"  {name:45s} {_shape(shape):>16s} -> {_shape(local)}")
     for stage, (first, end) in enumerate(ranges):
-        count = sum(int(_numel(tp_plan.shard_shape(n, s, dims.tp, cfg.num_kv_heads))) for n, s in shapes.items()
+        count = sum(int(_numel(tp_plan.rank_shape(n, s, dims.tp, cfg.num_kv_heads, dims.ep))) for n, s in shapes.items()
                     if stage in tp_plan.param_stages(n, ranges, cfg.tie_word_embeddings))
         ranks = [r for r in range(dims.world) if dims.coords(r).pp == stage]
         lines.append(f"stage {stage}: layers {first}..{end - 1} ({end - first}), ranks {ranks[0]}..{ranks[-1]}, "
@@ -76,6 +77,7 @@ def _cost_lines(run: RunPlan) -> List[str]:
             return lines + [f"  step time: no prediction ({err})"]
         lines.append(f"  step {t.step_time:.2f} s ({t.tokens_per_step:,} tokens), {t.tokens_per_s_per_device:.0f} "
                      f"tokens/s per device, MFU {100 * t.mfu:.1f}%: compute {t.compute:.2f}, tp/sp {t.tp_comm:.2f}, "
+                     f"{f'ep {t.ep_comm:.2f}, ' if run.config.num_experts else ''}"
                      f"cp {t.cp_comm:.2f}, p2p {t.pp_comm:.2f}, bubble {t.bubble:.2f}, dp {t.dp_comm:.2f}, "
                      f"AdamW {t.optimizer:.3f} s")
     return lines

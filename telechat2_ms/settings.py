@@ -435,13 +435,17 @@ def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optio
                           f"context_parallel {p.context_parallel}) but this is a single process; launch with "
                           f"`msrun --worker_num={asked} --local_worker_num={asked} run_telechat2.py ...` "
                           f"(or --dry_run --world_size={asked})")
-    if cfg.num_experts and asked > 1:
-        raise ConfigError(f"parallel_config: {cfg.name} is a mixture-of-experts model, whose run modes run in one "
-                          f"process for now (expert parallelism is built at the model level, not yet in the trainer, "
-                          f"checkpoints and generation); set every parallel degree to 1 (asked for {asked} processes)")
     if p.expert_parallel > 1 and not cfg.num_experts:
         raise ConfigError(f"parallel_config.expert_parallel is {p.expert_parallel} but {cfg.name} has no experts")
     purpose = purpose or PURPOSES[settings.run_mode]
+    if cfg.num_experts and asked > 1 and purpose != "train" and p.data_parallel > 1:
+        raise ConfigError(f"parallel_config.data_parallel: {cfg.name} is a mixture-of-experts model, which predict, "
+                          f"chat, eval and serve run under tensor parallel only (data-parallel replicas answer "
+                          f"different prompts, and experts split over them would have to step together); set "
+                          f"data_parallel (and expert_parallel) to 1 (got {p.data_parallel})")
+    if cfg.num_experts and asked > 1 and settings.train.lora_rank and purpose == "train":
+        raise ConfigError(f"train.lora_rank: LoRA on a mixture-of-experts model under msrun is not built; train it "
+                          f"in one process or set train.lora_rank to 0")
     if purpose not in ("train", "generate", "eval", "serve"):
         raise ValueError(f"unknown purpose {purpose!r}")
     if purpose == "serve":

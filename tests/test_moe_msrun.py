@@ -13,7 +13,11 @@ TeleChat2-MoE under plain dp2 (every expert on both replicas). Each runs one cli
   std 0.25, so that routing is uneven and the load-balancing loss visible, and one ulp of such a weight is 1e-4
   of the last layer's updates; the gradients are compared directly instead.)
 And greedy generation under ep2 (both ranks decoding the same prompts, the experts split) prints the
-single-process tokens.
+single-process tokens. The train run mode (the one Trainer, its parallel engine, AdamW, clipping) under dp2 x ep2
+and dp2 x ep2 x tp2 equals the single-process Trainer over 3 steps: losses, aux losses and gradient norms (rel.
+1e-5), and its layout checkpoint (every expert gathered into the rank files) merged by convert/reshard.py equals
+the single-process model.safetensors (rel. 1e-4; updates 1e-3, AdamW's as in test_parallel_msrun.py). The
+predict run mode under tp2 answers as one process.
 """
 import json
 import os
@@ -23,14 +27,14 @@ import pytest
 
 from tests.msrun import parallel_cases as pc
 from tests.msrun.launcher import run_msrun
-from tests.test_parallel_msrun import LOSS_TOL, PARAM_TOL, WORKER, _explain
+from tests.test_parallel_msrun import ADAMW_UPDATE_TOL, LOSS_TOL, PARAM_TOL, WORKER, _explain
 
 GRAD_TOL = 1e-5
 
 JOBS = {
     2: ["reference:moe", "reference:qwen2_moe", "train:moe_dp2", "train:moe_ep2", "train:qwen2_moe_ep2",
-        "generate:moe_ep2", "generate:qwen2_moe_ep2"],
-    4: ["reference:moe", "reference:qwen2_moe", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2"],
+        "generate:moe_ep2", "generate:qwen2_moe_ep2", "trainer:moe_ep2", "predict:moe_tp2"],
+    4: ["reference:moe", "reference:qwen2_moe", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2", "trainer:moe_ep2_tp2"],
 }
 
 pytestmark = pytest.mark.msrun
@@ -98,6 +102,63 @@ def test_greedy_generation_under_expert_parallel_equals_single_process(moe_job2,
             tokens = json.load(f)
         assert len(tokens["single"][0]) == 8
         assert tokens["parallel"] == tokens["single"]
+
+
+@pytest.mark.parametrize("layout, job", [("moe_ep2", "moe_job2"), ("moe_ep2_tp2", "moe_job4")])
+def test_train_run_mode_under_expert_parallel_equals_single_process_trainer(layout, job, request, tmp_path):
+    from safetensors.numpy import load_file
+
+    from convert.reshard import merge
+    from telechat2_ms.settings import load_settings
+    from telechat2_ms.train import run_train
+
+    out, result = request.getfixturevalue(job)
+    both, _ = pc.MOE_TRAINER_LAYOUTS[layout]
+    single_args = pc.TRAIN_ARGS + both + [f"--load_checkpoint={pc.moe_init_path(out)}"]
+    summary = run_train(load_settings(None, single_args + [f"--output_dir={tmp_path / 'single'}"]))
+    with open(summary["metrics_file"], encoding="utf-8") as f:
+        single = [json.loads(line) for line in f if line.strip()]
+    assert len(single) == 3 and single[0]["grad_norm"] > 0.5 and single[0]["aux_loss"] > 0  # clipping active
+    path = os.path.join(out, "trainer", layout, "rank0.json")
+    assert os.path.exists(path), _explain(result, out)
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    with open(info["metrics_file"], encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for got, want in zip(records, single, strict=True):
+        for key in ("loss", "aux_loss", "grad_norm"):
+            assert abs(got[key] - want[key]) / abs(want[key]) <= LOSS_TOL, (layout, key, got, want)
+    merged = load_file(merge(info["checkpoint"], str(tmp_path / "merged.safetensors"), progress=False))
+    want = load_file(os.path.join(summary["checkpoint"], "model.safetensors"))
+    initial = load_file(os.path.join(pc.moe_init_path(out), "model.safetensors"))
+    assert sorted(merged) == sorted(want)
+    for name in want:
+        assert merged[name].shape == want[name].shape, name
+        assert pc.max_rel_diff(merged[name], want[name]) <= PARAM_TOL, name
+        update_diff = pc.max_rel_diff(merged[name] - initial[name], want[name] - initial[name])
+        assert update_diff <= ADAMW_UPDATE_TOL, (name, update_diff)
+
+
+def test_predict_run_mode_under_tensor_parallel_equals_single_process(moe_job2):
+    """`--run_mode predict` of an MoE model under tp2 (attention and every expert split; rank 0 prints) answers
+    as one process does."""
+    import io
+
+    from telechat2_ms.predict import run_predict
+    from telechat2_ms.settings import load_settings
+
+    out, result = moe_job2
+    printed = io.StringIO()
+    answers = run_predict(load_settings(None, pc.PREDICT_ARGS + [f"--load_checkpoint={pc.moe_init_path(out)}"]),
+                          printed)
+    assert len(answers) == 3 and all(answers)
+    for rank in range(2):
+        path = os.path.join(out, "predict_moe_tp2", f"rank{rank}.json")
+        assert os.path.exists(path), _explain(result, out)
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        assert info["answers"] == answers
+        assert info["printed"] == (printed.getvalue() if rank == 0 else "")
 
 
 def test_jobs_exit_cleanly(moe_job2, moe_job4):

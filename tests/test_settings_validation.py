@@ -81,6 +81,21 @@ BAD_LAYOUTS = [
     (["--run_mode=serve", "--parallel_config.pipeline_stage=2"], 2, r"serve runs tensor parallel only"),
     (["--run_mode=serve", "--serve.max_batch=0"], 1, r"serve.max_batch must be at least 1"),
     (["--run_mode=serve", "--serve.port=70000"], 1, r"serve.port must be in 1..65535"),
+    # mixture of experts: expert parallelism lives inside data parallel; what is not built is refused by name
+    (["--parallel_config.data_parallel=2", "--parallel_config.expert_parallel=2"], 2,
+     r"parallel_config.expert_parallel is 2 but tiny has no experts"),
+    (["--model=telechat2_moe_tiny", "--parallel_config.data_parallel=2", "--parallel_config.expert_parallel=3"], 2,
+     r"expert_parallel \(3\) must divide data_parallel \(2\)"),
+    (["--model=telechat2_moe_tiny", "--parallel_config.data_parallel=3", "--parallel_config.expert_parallel=3"], 3,
+     r"parallel_config.expert_parallel \(3\) must divide num_experts \(4\)"),
+    (["--model=telechat2_moe_tiny", "--parallel_config.pipeline_stage=2", "--parallel_config.micro_batch_num=2"], 2,
+     r"pipeline_stage 2 with experts is not built yet"),
+    (["--model=telechat2_moe_tiny", "--parallel_config.data_parallel=2", "--parallel_config.expert_parallel=2",
+      "--parallel_config.optimizer_shard=true"], 2, r"optimizer_shard with expert_parallel > 1 is not built"),
+    (["--model=telechat2_moe_tiny", "--parallel_config.data_parallel=2", "--train.lora_rank=4"], 2,
+     r"train.lora_rank: LoRA on a mixture-of-experts model under msrun is not built"),
+    (["--run_mode=predict", "--model=telechat2_moe_tiny", "--parallel_config.data_parallel=2"], 2,
+     r"predict, chat, eval and serve run under tensor parallel only"),
 ]
 
 

@@ -31,6 +31,9 @@ def check_experts(cfg: ModelConfig, dims: "ParallelDims") -> None:
         raise ConfigError(f"parallel_config.expert_parallel ({dims.ep}) must divide num_experts ({cfg.num_experts})")
     if cfg.moe_ffn_hidden_size % dims.tp:
         raise ConfigError(f"model_parallel ({dims.tp}) must divide moe_ffn_hidden_size ({cfg.moe_ffn_hidden_size})")
+    if dims.ep > 1 and dims.optimizer_shard:
+        raise ConfigError("parallel_config.optimizer_shard with expert_parallel > 1 is not built (the expert shards' "
+                          "replicas are not the data-parallel group); set optimizer_shard to false")
     unsupported = [f"{key} {value}" for key, value in (("pipeline_stage", dims.pp), ("context_parallel", dims.cp))
                    if value > 1] + (["use_seq_parallel"] if dims.seq_parallel else [])
     if unsupported:

@@ -154,6 +154,17 @@ def apply_expert_parallel(model, weights, groups, layer_range: Tuple[int, int]) 
             fill_parameter(block.shared_experts_gate.weight, weights.full(prefix + "shared_experts_gate.weight"))
 
 
+def gather_experts(state, ep_group: comm.Group):
+    """{name: Parameter or array} of this rank -> the same with every expert shard gathered over the ep group
+    (dim 0: all E experts, still split over tp): what a checkpoint's rank file holds. Every member must call it."""
+    out = {}
+    for name, value in state.items():
+        if getattr(value, "expert_shard", False) and ep_group.size > 1:
+            value = comm.all_gather(value, ep_group, 0)
+        out[name] = value
+    return out
+
+
 class _SumBothWays(nn.Cell):
     """Forward all-reduce, backward all-reduce: a statistic every rank sums and then uses whole."""
 

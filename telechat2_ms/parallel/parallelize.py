@@ -31,7 +31,7 @@ from mindspore import Tensor, nn, ops
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.data_parallel import global_grad_norm, reduce_gradients
 from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_groups
-from telechat2_ms.parallel.experts import apply_expert_parallel, global_aux_loss
+from telechat2_ms.parallel.experts import apply_expert_parallel, expert_range, global_aux_loss
 from telechat2_ms.layers import fill_parameter
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
                                           VocabParallelEmbedding, VocabParallelHead, mark_kv_copy, mark_tied_copy,
@@ -250,6 +250,9 @@ class TelechatParallel:
         self.first_stage = self.stage == 0
         self.last_stage = self.stage == self.dims.pp - 1
         self.aux_losses: List[float] = []
+        config = model.config
+        self.expert_range = (expert_range(config.num_experts, self.dims.ep, groups.ep.rank) if config.num_experts
+                             else (0, 0))  # the experts this rank holds
 
     @property
     def params(self) -> List:

@@ -205,6 +205,21 @@ def shard_shape(name: str, shape: Sequence[int], tp: int, kv_heads: int = 0) -> 
     return shape[:dim] + (shape[dim] // tp,) + shape[dim + 1:]
 
 
+def is_expert_shard(name: str) -> bool:
+    """A stacked expert weight or bias: split over the ep group on dim 0 (parallel/experts.py)."""
+    try:
+        rule = split_rule(name)
+    except ValueError:
+        return False
+    return rule in (EXPERT_COLUMN, EXPERT_ROW, EXPERT_BIAS)
+
+
+def rank_shape(name: str, shape: Sequence[int], tp: int, kv_heads: int = 0, ep: int = 1) -> Tuple[int, ...]:
+    """The shape one rank holds: `shard_shape`, and an expert shard's E/ep experts under expert parallelism."""
+    local = shard_shape(name, shape, tp, kv_heads)
+    return (local[0] // ep,) + local[1:] if ep > 1 and is_expert_shard(name) else local
+
+
 def full_shape(name: str, local: Sequence[int], tp: int, kv_heads: int = 0) -> Tuple[int, ...]:
     """Inverse of `shard_shape`: the full shape of parameter `name` from one rank's shape."""
     rule = split_rule(name)

@@ -213,10 +213,14 @@ class ParallelEngine:
         # the whole step, every replica; a step without targets (truncated before its answer) has loss 0, not 0/0
         targets = max(float(sum(loss_mask.sum() for _, _, loss_mask in shifted)), 1.0)
         scale = self.scaler.scale  # float16: the loss (so every gradient) is scaled by it; 1 otherwise
-        loss, grads = 0.0, []
+        # MoE: the mean load-balancing loss of the step's global micro-batches (parallel/experts.py)
+        aux_weight = 1.0 / (len(shifted) * self.plan.dims.micro_batch_num)
+        loss, grads, aux = 0.0, [], 0.0
         for batch in shifted:
-            part, part_grads = self.parallel.forward_backward(*batch, tokens=targets / scale)
+            part, part_grads = self.parallel.forward_backward(*batch, tokens=targets / scale,
+                                                              aux_weight=aux_weight * scale)
             loss += part / scale
+            aux += sum(self.parallel.aux_losses) * aux_weight
             accumulate(grads, part_grads)
             del part_grads
         # the norm is global (all-reduced over tp and pp; replicas hold the same reduced gradients), so an
@@ -226,6 +230,8 @@ class ParallelEngine:
         if finite:
             self.optimizer.step(grads, lr, step, clip_coefficient(norm, self.settings.train.grad_clip) / scale)
         record = {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": scale}
+        if self.plan.config.num_experts:  # the load-balancing part of `loss`
+            record["aux_loss"] = aux
         self.scaler.update(finite)
         return record
 
@@ -243,13 +249,18 @@ class ParallelEngine:
         writes = coords.dp == 0 and coords.cp == 0
         meta = dict(shard_metadata(dims.tp, coords.tp, dims.pp, coords.pp, ranges[coords.pp]),
                     **{ckpt.CONFIG_METADATA_KEY: _config_json(self.plan.config)})
-        if writes:
-            from telechat2_ms.parallel.parallelize import merged_state
+        # a mixture-of-experts model's expert shards are gathered over the ep group (every member takes part): rank
+        # files hold every expert, as a (tp, pp) layout does, whatever the ep of the run
+        from telechat2_ms.parallel.experts import gather_experts
+        from telechat2_ms.parallel.parallelize import merged_state
 
+        state = gather_experts(merged_state(self.parallel.model), self.parallel.groups.ep)
+        if writes:
             path = os.path.join(directory, rank_file(coords.tp, coords.pp))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with atomic_file(path, overwrite=True) as tmp:  # one tensor on the host at a time
-                write_arrays(tmp, merged_state(self.parallel.model), meta)  # LoRA folded in, as in one process
+                write_arrays(tmp, state, meta)  # LoRA folded in, as in one process
+        del state
         for which in ParallelAdamW.MOMENTS:  # every replica takes part (sharded states are gathered)
             path = os.path.join(directory, rank_file(coords.tp, coords.pp, moment_file(which)))
             self._write_moments(which, path if writes else None, meta)
@@ -269,16 +280,26 @@ class ParallelEngine:
         from telechat2_ms.formats.atomic import atomic_file
         from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
 
+        from telechat2_ms.parallel import comm
+
+        ep = self.parallel.groups.ep
         saved = [(i, p) for i, p in enumerate(self.params) if not getattr(p, "tied_copy", False)]
+
+        def moment(i, p):  # an expert shard's gathered over ep, as its weights are
+            full = self.optimizer.full_moment(which, i)
+            return comm.all_gather(full, ep, 0) if getattr(p, "expert_shard", False) else full
+
         if path is None:
-            for i, _ in saved:
-                self.optimizer.full_moment(which, i)
+            for i, p in saved:
+                moment(i, p)
             return
+        shapes = [(p.name, TensorInfo("F32", (p.shape[0] * ep.size,) + tuple(p.shape[1:]) if getattr(
+            p, "expert_shard", False) else tuple(p.shape))) for _, p in saved]
         with atomic_file(path, overwrite=True) as tmp:
-            writer = SafetensorsWriter(tmp, [(p.name, TensorInfo("F32", tuple(p.shape))) for _, p in saved], meta)
+            writer = SafetensorsWriter(tmp, shapes, meta)
             try:
                 for i, p in saved:
-                    writer.write(p.name, self.optimizer.full_moment(which, i).asnumpy())
+                    writer.write(p.name, moment(i, p).asnumpy())
                 writer.close()
             finally:
                 writer.abort()
@@ -312,11 +333,14 @@ class ParallelEngine:
             adapters = ckpt.LayoutWeights(ref, LORA_FILE)
             for p in self.params:
                 fill_parameter(p, adapters.shard(p.name, dims.tp, coords.tp, self.plan.config.num_kv_heads))
+        experts = self.parallel.expert_range
         for which, source in training_checkpoint(path)[1].items():
             for i, p in enumerate(self.params):
                 name = EMBEDDING if getattr(p, "tied_copy", False) else p.name
-                self.optimizer.load_moment(which, i, source.shard(name, dims.tp, coords.tp,
-                                                                  self.plan.config.num_kv_heads))
+                moment = source.shard(name, dims.tp, coords.tp, self.plan.config.num_kv_heads)
+                if getattr(p, "expert_shard", False):  # this rank's experts (the files hold them all)
+                    moment = moment[experts[0]:experts[1]]
+                self.optimizer.load_moment(which, i, moment)
 
 
 def moment_file(which: str) -> str:

@@ -72,6 +72,31 @@ TRAINER_LAYOUTS = {
                   "--parallel_config.micro_batch_num=2"], ["--parallel_config.pipeline_stage=2"]),
 }
 FP16_TRAINER_LAYOUTS = ("fp16_tp2", "fp16_pp2")
+# the train run mode of a mixture-of-experts model (tests/test_moe_msrun.py), from the checkpoint save_moe_init
+# writes: experts over ep2 inside dp2, one sequence per replica, so a global micro-batch is the single process's
+# micro-batch of 2 sequences (the load-balancing loss is taken over the same rows); and dp2 x ep2 x tp2 on 4.
+# AdamW's eps 1e-3 as for LoRA above: at 1e-6 the reduction-order noise of gradient elements near eps becomes
+# update noise (1.4e-3 of the embedding's largest update after 3 steps, measured)
+MOE_TRAINER_LAYOUTS = {
+    "moe_ep2": (["--train.total_steps=3", "--train.eps=1e-3"], ["--parallel_config.data_parallel=2", "--parallel_config.expert_parallel=2",
+                                            "--train.batch_size=1"]),
+    "moe_ep2_tp2": (["--train.total_steps=3", "--train.eps=1e-3"], ["--parallel_config.data_parallel=2",
+                                                "--parallel_config.expert_parallel=2",
+                                                "--parallel_config.model_parallel=2", "--train.batch_size=1"]),
+}
+
+
+def moe_init_path(out_dir: str) -> str:
+    return os.path.join(out_dir, "moe_init")
+
+
+def save_moe_init(out_dir: str) -> str:
+    """The tiny TeleChat2-MoE of model_config("moe") (weights drawn with std 0.25: uneven routing, no near-ties
+    between experts) saved with its config.json, for the MoE train run mode."""
+    from telechat2_ms.checkpoint import save_model
+
+    model = build_model("moe")
+    return save_model(model, moe_init_path(out_dir), model.config)
 
 
 # layouts of another family: layout name -> model (MODELS); the rest use "tiny"

@@ -9,10 +9,11 @@ Usage: python worker_parallel.py OUT_DIR TASK [TASK ...], TASK one of
                     with dp-sharded states) under a layout of parallel_cases.LAYOUTS; each rank dumps its
                     loss, global gradient norm and local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz}
   trainer:LAYOUT    the train run mode (the one Trainer, parallel engine) under a layout of
-                    parallel_cases.TRAINER_LAYOUTS; OUT_DIR/trainer_LAYOUT/ (its output dir) and
+                    parallel_cases.TRAINER_LAYOUTS or MOE_TRAINER_LAYOUTS (from pc.save_moe_init's model); OUT_DIR/trainer_LAYOUT/ (its output dir) and
                     OUT_DIR/trainer/LAYOUT/rank{r}.json (its summary)
   predict:dp2       run_predict (predict.py) under dp2: replica r answers prompts r, r+2, ..., rank 0 prints
                     them all in order; OUT_DIR/predict/rank{r}.json
+  predict:moe_tp2   run_predict of an MoE model (pc.save_moe_init) under tp2; OUT_DIR/predict_moe_tp2/rank{r}.json
   chat:tp2          run_chat (predict.py) under tp2 with typed lines on rank 0, plus the object
                     broadcast/gather of parallel/ranks.py; OUT_DIR/chat/rank{r}.json
   generate:LAYOUT   greedy generation under tp2 / pp2 / tp2_pp2 and in one process;
@@ -106,7 +107,14 @@ def task_trainer(out_dir: str, rank: int, layout: str) -> None:
     from telechat2_ms.settings import load_settings
     from telechat2_ms.train import run_train
 
-    both, parallel = pc.TRAINER_LAYOUTS[layout]
+    if layout in pc.MOE_TRAINER_LAYOUTS:  # from a saved MoE model (pc.save_moe_init: rank 0 writes, all wait)
+        both, parallel = pc.MOE_TRAINER_LAYOUTS[layout]
+        if rank == 0:
+            pc.save_moe_init(out_dir)
+        comm.all_reduce(ms.Tensor(np.ones(1, np.float32)), comm.world_group())
+        both = both + [f"--load_checkpoint={pc.moe_init_path(out_dir)}"]
+    else:
+        both, parallel = pc.TRAINER_LAYOUTS[layout]
     settings = load_settings(None, pc.TRAIN_ARGS + both + parallel +
                              [f"--output_dir={os.path.join(out_dir, f'trainer_{layout}')}"])
     summary = run_train(settings)
@@ -115,16 +123,26 @@ def task_trainer(out_dir: str, rank: int, layout: str) -> None:
         json.dump(summary, f)
 
 
-def task_predict(out_dir: str, rank: int) -> None:
+def task_predict(out_dir: str, rank: int, layout: str = "dp2") -> None:
+    """predict:dp2 (tiny TeleChat2, replicas split the prompts) or predict:moe_tp2 (pc.save_moe_init's MoE model,
+    attention and every expert split over tp2)."""
     import io
 
     from telechat2_ms.predict import run_predict
     from telechat2_ms.settings import load_settings
 
     printed = io.StringIO()
-    answers = run_predict(load_settings(None, pc.PREDICT_ARGS + ["--parallel_config.data_parallel=2"]), printed)
-    os.makedirs(os.path.join(out_dir, "predict"), exist_ok=True)
-    with open(os.path.join(out_dir, "predict", f"rank{rank}.json"), "w", encoding="utf-8") as f:
+    if layout == "moe_tp2":
+        if rank == 0 and not os.path.isdir(pc.moe_init_path(out_dir)):
+            pc.save_moe_init(out_dir)
+        comm.all_reduce(ms.Tensor(np.ones(1, np.float32)), comm.world_group())
+        args = [f"--load_checkpoint={pc.moe_init_path(out_dir)}", "--parallel_config.model_parallel=2"]
+    else:
+        args = ["--parallel_config.data_parallel=2"]
+    answers = run_predict(load_settings(None, pc.PREDICT_ARGS + args), printed)
+    where = "predict" if layout == "dp2" else f"predict_{layout}"
+    os.makedirs(os.path.join(out_dir, where), exist_ok=True)
+    with open(os.path.join(out_dir, where, f"rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump({"answers": answers, "printed": printed.getvalue()}, f, ensure_ascii=False)
 
 
@@ -211,7 +229,7 @@ def main(out_dir: str, tasks) -> None:
             elif kind == "trainer":
                 task_trainer(out_dir, rank, arg)
             elif kind == "predict":
-                task_predict(out_dir, rank)
+                task_predict(out_dir, rank, arg or "dp2")
             elif kind == "chat":
                 task_chat(out_dir, rank)
             elif kind == "crash":
