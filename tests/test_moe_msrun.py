@@ -33,7 +33,8 @@ GRAD_TOL = 1e-5
 
 JOBS = {
     2: ["reference:moe", "reference:qwen2_moe", "train:moe_dp2", "train:moe_ep2", "train:qwen2_moe_ep2",
-        "generate:moe_ep2", "generate:qwen2_moe_ep2", "trainer:moe_ep2", "predict:moe_tp2"],
+        "generate:moe_ep2", "generate:qwen2_moe_ep2", "trainer:moe_ep2", "predict:moe_tp2",
+        "trainer:moe_ep2_resume"],
     4: ["reference:moe", "reference:qwen2_moe", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2", "trainer:moe_ep2_tp2"],
 }
 
@@ -137,6 +138,41 @@ def test_train_run_mode_under_expert_parallel_equals_single_process_trainer(layo
         assert pc.max_rel_diff(merged[name], want[name]) <= PARAM_TOL, name
         update_diff = pc.max_rel_diff(merged[name] - initial[name], want[name] - initial[name])
         assert update_diff <= ADAMW_UPDATE_TOL, (name, update_diff)
+
+
+def test_expert_parallel_training_resumes_exactly_and_its_checkpoint_resumes_in_one_process(moe_job2, tmp_path):
+    """Under dp2 x ep2: a run resumed from another run's step-2 checkpoint (the experts' weights and AdamW moments
+    gathered into the rank files, each rank taking its experts back) takes step 3 as the uninterrupted run does
+    (rel. 1e-6: the same layout and arithmetic); and one process resumed from that layout checkpoint takes step 3
+    as the single-process run does (LOSS_TOL)."""
+    from safetensors.numpy import load_file
+
+    from convert.reshard import merge
+    from telechat2_ms.settings import load_settings
+    from telechat2_ms.train import run_train
+
+    out, result = moe_job2
+    paths = [os.path.join(out, "trainer", name, "rank0.json") for name in ("moe_ep2", "moe_ep2_resume")]
+    assert all(os.path.exists(p) for p in paths), _explain(result, out)
+    whole, resumed = (json.load(open(p, encoding="utf-8")) for p in paths)
+    assert resumed["first_step"] == 3 and len(resumed["losses"]) == 1
+    step3 = [json.loads(line) for line in open(resumed["metrics_file"], encoding="utf-8") if line.strip()][-1]
+    want = [json.loads(line) for line in open(whole["metrics_file"], encoding="utf-8") if line.strip()][-1]
+    assert step3["step"] == want["step"] == 3
+    for key in ("loss", "aux_loss", "grad_norm", "lr"):
+        assert abs(step3[key] - want[key]) <= 1e-6 * abs(want[key]), (key, step3, want)
+    a = load_file(merge(resumed["checkpoint"], str(tmp_path / "resumed.safetensors"), progress=False))
+    b = load_file(merge(whole["checkpoint"], str(tmp_path / "whole.safetensors"), progress=False))
+    assert sorted(a) == sorted(b) and all(pc.max_rel_diff(a[n], b[n]) <= 1e-6 for n in b)
+    # one process, resumed from the ep2 run's step-2 checkpoint, against one process's own 3 steps
+    both, _ = pc.MOE_TRAINER_LAYOUTS["moe_ep2"]
+    args = pc.TRAIN_ARGS + both + [f"--load_checkpoint={pc.moe_init_path(out)}"]
+    single = run_train(load_settings(None, args + [f"--output_dir={tmp_path / 'single'}"]))
+    step2 = os.path.join(out, "trainer_moe_ep2_saving", "checkpoints", "step_00000002")
+    continued = run_train(load_settings(None, args + [f"--output_dir={tmp_path / 'continued'}",
+                                                      f"--train.resume_from={step2}"]))
+    assert continued["first_step"] == 3
+    assert abs(continued["losses"][-1] - single["losses"][-1]) <= LOSS_TOL * abs(single["losses"][-1])
 
 
 def test_predict_run_mode_under_tensor_parallel_equals_single_process(moe_job2):

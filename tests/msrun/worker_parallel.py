@@ -107,6 +107,9 @@ def task_trainer(out_dir: str, rank: int, layout: str) -> None:
     from telechat2_ms.settings import load_settings
     from telechat2_ms.train import run_train
 
+    resumed = layout.endswith("_resume")  # 3 steps saving each, then a second run resumed from step 2
+    if resumed:
+        layout = layout[:-len("_resume")]
     if layout in pc.MOE_TRAINER_LAYOUTS:  # from a saved MoE model (pc.save_moe_init: rank 0 writes, all wait)
         both, parallel = pc.MOE_TRAINER_LAYOUTS[layout]
         if rank == 0:
@@ -115,8 +118,17 @@ def task_trainer(out_dir: str, rank: int, layout: str) -> None:
         both = both + [f"--load_checkpoint={pc.moe_init_path(out_dir)}"]
     else:
         both, parallel = pc.TRAINER_LAYOUTS[layout]
-    settings = load_settings(None, pc.TRAIN_ARGS + both + parallel +
-                             [f"--output_dir={os.path.join(out_dir, f'trainer_{layout}')}"])
+    if resumed:
+        first = os.path.join(out_dir, f"trainer_{layout}_saving")
+        run_train(load_settings(None, pc.TRAIN_ARGS + both + parallel + [
+            f"--output_dir={first}", "--train.save_steps=1", "--train.keep_checkpoint_max=0"]))
+        settings = load_settings(None, pc.TRAIN_ARGS + both + parallel + [
+            f"--output_dir={os.path.join(out_dir, f'trainer_{layout}_resume')}",
+            f"--train.resume_from={os.path.join(first, 'checkpoints', 'step_00000002')}"])
+        layout = layout + "_resume"
+    else:
+        settings = load_settings(None, pc.TRAIN_ARGS + both + parallel +
+                                 [f"--output_dir={os.path.join(out_dir, f'trainer_{layout}')}"])
     summary = run_train(settings)
     os.makedirs(os.path.join(out_dir, "trainer", layout), exist_ok=True)
     with open(os.path.join(out_dir, "trainer", layout, f"rank{rank}.json"), "w", encoding="utf-8") as f:
