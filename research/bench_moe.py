@@ -12,9 +12,11 @@ reference in torch eager (transformers' own code: it loops over the experts that
 each on its own rows). Both outputs are checked equal (max abs difference printed) before timing. Reported:
 median seconds per iteration over --iters after --warmup, and tokens/s = B*S / median.
 
-This port's CPU path runs every expert on every token and weights the unchosen ones by 0 (static shapes under
-the compiler; dropless), so it does E/k times the routed expert work; transformers gathers each expert's rows.
-Results go to research/results/bench_moe.json.
+This port runs twice: dropless (its default: every expert on every token, the unchosen weighted by 0, static
+shapes under the compiler, so E/k times the routed expert work; transformers gathers each expert's rows instead)
+and with `moe_capacity_factor` --capacity_factor (each expert on ceil(c x k x tokens / E) slots, the tokens past
+them dropped: MindFormers' capacity factor; its output differs from the dropless reference by the dropped pairs,
+whose share is printed). Results go to research/results/bench_moe.json.
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(spec: dict):
+def _config(spec: dict, capacity_factor: float = 0.0):
     from telechat2_ms.config import get_config
 
     return get_config("qwen2_moe_tiny", hidden_size=spec["hidden"], num_experts=spec["experts"],
                       num_experts_per_tok=spec["top_k"], moe_ffn_hidden_size=spec["expert_width"],
-                      shared_expert_ffn_hidden_size=spec["shared_width"], num_heads=8, num_kv_heads=8)
+                      shared_expert_ffn_hidden_size=spec["shared_width"], num_heads=8, num_kv_heads=8,
+                      moe_capacity_factor=capacity_factor)
 
 
 def _inputs(spec: dict):
@@ -73,14 +76,15 @@ def _timed(run, spec: dict):
     return times[len(times) // 2]
 
 
-def ours(spec: dict) -> dict:
+def ours(spec: dict, capacity_factor: float = 0.0) -> dict:
     import mindspore as ms
     from mindspore import Tensor, ops
 
-    from telechat2_ms.layers import ParamInit, SharedExpertMoE
+    from telechat2_ms.layers import ParamInit, SharedExpertMoE, capacity_slots, expert_capacity
 
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-    block = SharedExpertMoE(_config(spec), ParamInit(0))
+    cfg = _config(spec, capacity_factor)
+    block = SharedExpertMoE(cfg, ParamInit(0))
     weights = _weights(spec)
     for name, param in block.parameters_and_names():
         param.set_data(Tensor(weights[name]))
@@ -98,7 +102,13 @@ def ours(spec: dict) -> dict:
         return float(loss.asnumpy()), out
 
     _, out = run()
-    return {"median_s": _timed(lambda: run(), spec), "output": out.asnumpy().tolist()}
+    dropped = 0.0
+    if capacity_factor:
+        tokens = spec["batch"] * spec["seq"]
+        combine = block.routed_experts.gate(ops.reshape(x, (tokens, spec["hidden"])))[0]
+        kept = capacity_slots(combine, expert_capacity(tokens, cfg, cfg.num_experts))[2]
+        dropped = 1.0 - float((kept.asnumpy() > 0).sum()) / (tokens * cfg.num_experts_per_tok)
+    return {"median_s": _timed(lambda: run(), spec), "output": out.asnumpy().tolist(), "dropped": dropped}
 
 
 def reference(spec: dict) -> dict:
@@ -147,46 +157,57 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--capacity_factor", type=float, default=1.2, help="the capacity run's factor (MindFormers' "
+                                                                           "39B fine-tune: 1.2)")
     parser.add_argument("--output", default=os.path.join(REPO, "research", "results", "bench_moe.json"))
-    parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "capacity", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         sys.path.insert(0, REPO)
         with open(args.spec, encoding="utf-8") as f:
             spec = json.load(f)
-        result = (ours if args.worker == "ours" else reference)(spec)
+        result = (reference(spec) if args.worker == "reference" else
+                  ours(spec, spec["capacity_factor"] if args.worker == "capacity" else 0.0))
         with open(args.spec + "." + args.worker, "w", encoding="utf-8") as f:
             json.dump(result, f)
         return 0
     import numpy as np
 
     spec = {k: getattr(args, k) for k in ("hidden", "experts", "top_k", "expert_width", "shared_width", "batch",
-                                          "seq", "warmup", "iters")}
+                                          "seq", "warmup", "iters", "capacity_factor")}
     tokens = spec["batch"] * spec["seq"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = os.path.join(tmp, "spec.json")
         with open(spec_file, "w", encoding="utf-8") as f:
             json.dump(spec, f)
-        for side in ("ours", "reference"):
+        for side in ("ours", "capacity", "reference"):
             subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", side, "--spec", spec_file],
                            check=True, cwd=tmp, env=dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3")))
             with open(spec_file + "." + side, encoding="utf-8") as f:
                 results[side] = json.load(f)
-    difference = float(np.abs(np.array(results["ours"].pop("output")) - np.array(results["reference"].pop("output"))
-                              ).max())
-    report = {"spec": spec, "tokens": tokens, "max_abs_output_difference": difference}
-    for side in ("ours", "reference"):
+    theirs = np.array(results["reference"].pop("output"))
+    difference = float(np.abs(np.array(results["ours"].pop("output")) - theirs).max())
+    capacity_difference = float(np.abs(np.array(results["capacity"].pop("output")) - theirs).max())
+    report = {"spec": spec, "tokens": tokens, "max_abs_output_difference": difference,
+              "capacity_max_abs_output_difference": capacity_difference,
+              "capacity_dropped_pairs": round(results["capacity"]["dropped"], 4)}
+    for side in ("ours", "capacity", "reference"):
         median = results[side]["median_s"]
         report[side] = {"median_s_per_iter": round(median, 4), "tokens_per_s": round(tokens / median, 1)}
-    report["speedup_vs_reference"] = round(report["ours"]["tokens_per_s"] / report["reference"]["tokens_per_s"], 3)
+    for side in ("ours", "capacity"):
+        report[f"{side}_vs_reference"] = round(report[side]["tokens_per_s"] / report["reference"]["tokens_per_s"], 3)
     print(f"MoE block fwd+bwd, {tokens} tokens, hidden {spec['hidden']}, {spec['experts']} experts top-{spec['top_k']}"
           f", expert width {spec['expert_width']}, shared {spec['shared_width']} (fp32, CPU)")
-    print(f"  outputs agree to {difference:.2e} (max abs)")
-    for side, label in (("ours", "this port (ms.jit)"), ("reference", "transformers (torch eager)")):
-        print(f"  {label:28s} {report[side]['median_s_per_iter']:.3f} s/iter  {report[side]['tokens_per_s']:9.1f} tok/s")
-    print(f"  ratio ours / transformers: {report['speedup_vs_reference']:.2f}x")
+    print(f"  dropless outputs agree with transformers to {difference:.2e} (max abs); capacity "
+          f"{spec['capacity_factor']}: {100 * report['capacity_dropped_pairs']:.1f}% of the (token, expert) pairs "
+          f"dropped, max abs difference {capacity_difference:.2e}")
+    for side, label in (("ours", "this port, dropless (ms.jit)"), ("capacity", f"this port, capacity {spec['capacity_factor']}"),
+                        ("reference", "transformers (torch eager)")):
+        ratio = f"  {report[side + '_vs_reference']:.2f}x" if side != "reference" else ""
+        print(f"  {label:32s} {report[side]['median_s_per_iter']:.3f} s/iter  {report[side]['tokens_per_s']:9.1f} tok/s"
+              f"{ratio}")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)

@@ -18,7 +18,7 @@ a lazy skeleton of the model (parameters without storage, layers.ParamInit(zeros
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from telechat2_ms.checkpoint import CheckpointRef, open_weights, resolve_checkpoint
@@ -41,15 +41,23 @@ class RunPlan:
 
 def model_config(settings: RunSettings, ref: CheckpointRef) -> ModelConfig:
     """The checkpoint's stored config when it has one (refused if it contradicts a named size), else the
-    registry size `settings.model`."""
+    registry size `settings.model`; with the run's moe_capacity_factor."""
     if ref.config is None:
-        return get_config(settings.model)
+        return _with_run_settings(get_config(settings.model), settings)
     if settings.model != "tiny" and settings.model in CONFIGS:
         named = get_config(settings.model)
         if named.architecture() != ref.config.architecture():
             raise ConfigError(f"the config stored with {ref.path} does not match model '{settings.model}': "
                               f"{ref.config.architecture()} vs {named.architecture()}")
-    return ref.config
+    return _with_run_settings(ref.config, settings)
+
+
+def _with_run_settings(cfg: ModelConfig, settings: RunSettings) -> ModelConfig:
+    if settings.moe_capacity_factor and not cfg.num_experts:
+        raise ConfigError(f"moe_capacity_factor is {settings.moe_capacity_factor} but {cfg.name} has no experts")
+    if not settings.moe_capacity_factor:
+        return cfg
+    return replace(cfg, moe_capacity_factor=float(settings.moe_capacity_factor))
 
 
 def plan_run(settings: RunSettings, world: int, purpose: Optional[str] = None) -> RunPlan:

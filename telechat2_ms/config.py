@@ -83,6 +83,9 @@ class ModelConfig:
     # per_layer: sum over sparse layers of coef * E * sum_i f_i * P_i, f over the k*N assignments (MindFormers,
     # TeleChat2-MoE); global: transformers' load_balancing_loss_func over every sparse layer's tokens at once
     aux_loss: str = "per_layer"
+    # a run setting, not the checkpoint's (settings.moe_capacity_factor): 0 dropless; c > 0: each expert takes at
+    # most ceil(c * k * N / E) of the N tokens it sees, in token order, the rest of its tokens dropped (MindFormers)
+    moe_capacity_factor: float = field(default=0.0, compare=False)
     name: str = field(default="custom", compare=False)
     rope_theta_source: str = field(default="the TeleChat2 default (config.json gives no rope_theta)", compare=False)
 
@@ -114,6 +117,8 @@ class ModelConfig:
                 raise ConfigError(f"moe_ffn_hidden_size must be positive with experts, got {self.moe_ffn_hidden_size}")
             if self.decoder_sparse_step < 1:
                 raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+            if self.moe_capacity_factor < 0:
+                raise ConfigError(f"moe_capacity_factor must be >= 0 (0: dropless), got {self.moe_capacity_factor}")
             if self.aux_loss not in AUX_LOSSES:
                 raise ConfigError(f"aux_loss must be one of {', '.join(AUX_LOSSES)}, got {self.aux_loss!r}")
         if self.sliding_layers and self.sliding_window <= 0:

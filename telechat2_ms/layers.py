@@ -250,11 +250,52 @@ class Router(nn.Cell):
         return self.dense(ops.cast(x, ms.float32))
 
 
+def expert_capacity(tokens: int, cfg: ModelConfig, experts: int) -> int:
+    """Slots of each of `experts` experts for `tokens` tokens: ceil(capacity_factor * k * tokens / E), at most
+    `tokens` (no more can choose one expert); 0 when cfg is dropless."""
+    if not cfg.moe_capacity_factor:
+        return 0
+    return min(tokens, int(np.ceil(cfg.moe_capacity_factor * cfg.num_experts_per_tok * tokens / cfg.num_experts)))
+
+
+def capacity_slots(weights, capacity: int):
+    """weights [N,E] fp32 (a token's routing weight for each expert, 0 where not chosen) -> (slot_token [E*C]
+    int32: the token (0-based index + 1; 0 = an empty slot) in each of expert e's C slots, filled in token order;
+    slot_weight [E*C] fp32, its routing weight; kept [N,E]: `weights` where the token got a slot, else 0). A token
+    past an expert's C slots is dropped there."""
+    tokens, experts = weights.shape
+    chosen = ops.cast(weights > 0, ms.float32)  # [N,E]
+    position = ops.cumsum(chosen, 0) - 1.0  # [N,E]: the token's place in each expert's queue
+    keep = chosen * ops.cast(position < capacity, ms.float32)
+    base = ops.cast(ops.arange(experts), ms.float32) * capacity  # [E]
+    trash = float(experts * capacity)  # one extra slot takes every token not placed
+    slot = ops.cast(keep * (base + position) + (1.0 - keep) * trash, ms.int32)  # [N,E]
+    token = ops.broadcast_to(ops.expand_dims(ops.cast(ops.arange(tokens), ms.float32) + 1.0, 1), (tokens, experts))
+    flat_slot = ops.reshape(slot, (-1,))
+    slot_token = ops.unsorted_segment_sum(ops.reshape(token * keep, (-1,)), flat_slot, experts * capacity + 1)
+    slot_weight = ops.unsorted_segment_sum(ops.reshape(weights * keep, (-1,)), flat_slot, experts * capacity + 1)
+    return ops.cast(ops.stop_gradient(slot_token[:-1]), ms.int32), slot_weight[:-1], weights * keep
+
+
+def capacity_combine(swiglu, x, weights, capacity: int):
+    """The experts over their slots: x [N,H], weights [N,E] -> [N,H] = sum over each token's kept experts of its
+    weight x expert(x); `swiglu(stacked [E,C,H]) -> [E,C,H]` runs the experts (static shapes: E*C slots)."""
+    tokens, hidden = x.shape
+    experts = weights.shape[1]
+    slot_token, slot_weight, _ = capacity_slots(weights, capacity)
+    padded = ops.concat((ops.zeros((1, hidden), x.dtype), x), 0)  # row 0: what an empty slot reads
+    stacked = ops.reshape(ops.gather(padded, slot_token, 0), (experts, capacity, hidden))
+    out = ops.reshape(swiglu(stacked), (experts * capacity, hidden))
+    out = out * ops.expand_dims(ops.cast(slot_weight, out.dtype), -1)
+    return ops.unsorted_segment_sum(out, slot_token, tokens + 1)[1:]  # [N,H]
+
+
 class ExpertFFN(nn.Cell):
     """The E SwiGLU experts, w2(silu(w1 x) * w3 x) (+ w2's bias, TeleChat2), stacked [E, ...], and their weighted
-    sum. The plain path runs every expert on every token and weights the unchosen ones by exactly 0 (E/k times
-    the routed work, static shapes: the reference and CPU path); parallel/experts.py's ExpertParallelFFN takes
-    its place under expert and tensor parallelism, with the same construct."""
+    sum. The dropless path runs every expert on every token and weights the unchosen ones by exactly 0 (E/k times
+    the routed work, static shapes: the reference and CPU path); with a capacity factor each expert runs on its
+    C slots only (capacity_combine: E*C = capacity_factor x k x N token rows). parallel/experts.py's
+    ExpertParallelFFN takes its place under expert and tensor parallelism, with the same construct."""
 
     def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
         super().__init__()
@@ -262,12 +303,20 @@ class ExpertFFN(nn.Cell):
         self.w1 = StackedLinear(E, H, F, False, init, compute_dtype)
         self.w3 = StackedLinear(E, H, F, False, init, compute_dtype)
         self.w2 = StackedLinear(E, F, H, cfg.down_bias, init, compute_dtype)
+        self.config = cfg
+
+    def swiglu(self, stacked):
+        """[E,T,H] -> [E,T,H], expert e on stacked[e]."""
+        return self.w2(ops.silu(self.w1(stacked)) * self.w3(stacked))
 
     def construct(self, x, combine):
         """x [T,H], combine [T,E] (each token's weight for each expert, 0 where not chosen) -> [T,H]."""
         experts, (tokens, hidden) = combine.shape[1], x.shape
+        capacity = expert_capacity(tokens, self.config, experts)
+        if capacity:
+            return capacity_combine(self.swiglu, x, combine, capacity)
         stacked = ops.broadcast_to(ops.expand_dims(x, 0), (experts, tokens, hidden))  # [E,T,H]
-        expert_out = self.w2(ops.silu(self.w1(stacked)) * self.w3(stacked))  # [E,T,H]
+        expert_out = self.swiglu(stacked)  # [E,T,H]
         weights = ops.expand_dims(ops.transpose(ops.cast(combine, expert_out.dtype), (1, 0)), -1)  # [E,T,1]
         return ops.reduce_sum(expert_out * weights, 0)  # [T,H]
 

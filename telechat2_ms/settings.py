@@ -182,6 +182,10 @@ class RunSettings:
     device_target: str = key("CPU", "device", ("CPU", "Ascend", "GPU"))
     use_fused_kernels: bool = key(False, "Ascend fused attention / norm / rope kernels")
     jit: bool = key(True, "compile the hot paths (decode step, train step)")
+    moe_capacity_factor: float = key(0.0, "mixture-of-experts models: 0 dropless (every token reaches its k "
+                                          "experts); c > 0: each expert takes at most ceil(c x k x tokens / "
+                                          "experts) of the tokens it sees, in token order, the rest dropped "
+                                          "(MindFormers' capacity_factor)")
     predict_data: List[str] = key([], "prompts for predict (empty: two demo prompts)")
     prompt_format: str = key("chat", "chat: TeleChat2 chat template with system prompt; raw: text as-is",
                              ("chat", "raw"))

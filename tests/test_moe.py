@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import mindspore as ms  # noqa: E402
-from mindspore import Tensor  # noqa: E402
+from mindspore import Tensor, ops  # noqa: E402
 
 from telechat2_ms.config import ConfigError, ModelConfig, get_config  # noqa: E402
 from telechat2_ms.generate import GenerationConfig, Generator  # noqa: E402
@@ -246,3 +246,78 @@ def test_training_an_moe_model_logs_its_aux_loss(tmp_path):
     assert all(0 < r["aux_loss"] <= 0.02 * TELE.num_experts and r["aux_loss"] < r["loss"] for r in records)
     progress = [line for line in lines if line.startswith("step ")]
     assert len(progress) == 3 and all(re.search(r"\| aux_loss \d\.\d{4}", line) for line in progress), progress
+
+
+def _routed_block(cfg, seed=0):
+    from telechat2_ms.layers import ParamInit, RoutedExperts
+
+    block = RoutedExperts(cfg, ParamInit(seed, 0.25))
+    rng = np.random.default_rng(seed + 1)
+    for name, p in block.parameters_and_names():
+        if name.endswith("bias"):
+            p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.1))
+    return block
+
+
+def test_capacity_factor_keeps_each_experts_first_tokens_in_token_order():
+    """moe_capacity_factor c: expert e takes at most C = ceil(c * k * N / E) of the tokens that chose it, the first
+    ones in token order; a dropped (token, expert) pair contributes nothing. Against numpy of that rule (1e-5)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TELE, moe_capacity_factor=0.75)  # C = ceil(0.75 * 2 * 24 / 4) = 9
+    block = _routed_block(cfg)
+    x = np.random.default_rng(3).standard_normal((24, cfg.hidden_size)).astype(np.float32)
+    out = block.route(Tensor(x))[0].asnumpy()
+    state = {n: p.asnumpy() for n, p in block.parameters_and_names()}
+    logits = x @ state["router.dense.weight"].T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, -1, kind="stable")[:, :cfg.num_experts_per_tok]
+    weights = np.take_along_axis(probs, top, -1)
+    weights /= weights.sum(-1, keepdims=True)  # TeleChat2-MoE renormalises
+    capacity, want, kept = 9, np.zeros_like(x), 0
+    for e in range(cfg.num_experts):
+        chosen = [t for t in range(len(x)) if e in top[t]][:capacity]
+        kept += len(chosen)
+        for t in chosen:
+            w1, w3 = state["ffn.w1.weight"][e], state["ffn.w3.weight"][e]
+            gate, up = x[t] @ w1.T, x[t] @ w3.T
+            y = (gate / (1 + np.exp(-gate)) * up) @ state["ffn.w2.weight"][e].T + state["ffn.w2.bias"][e]
+            want[t] += weights[t, list(top[t]).index(e)] * y
+    assert kept < 2 * len(x)  # some pairs were dropped
+    assert np.abs(out - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_capacity_that_drops_nothing_equals_the_dropless_block_also_compiled():
+    """With c = E / k every expert has a slot for every token: the capacity path (gather, experts on their slots,
+    segment sum) gives the dropless output and gradients (1e-5), in PyNative and under ms.jit."""
+    import dataclasses
+
+    full = dataclasses.replace(TELE, moe_capacity_factor=TELE.num_experts / TELE.num_experts_per_tok)
+    dropless, capped = _routed_block(TELE), _routed_block(full)
+    x = Tensor(np.random.default_rng(4).standard_normal((2, 10, TELE.hidden_size)).astype(np.float32))
+    results = []
+
+    def loss_of(block):
+        def loss(x):
+            return ops.reduce_sum(block(x)[0] ** 2)
+        return loss
+
+    for block in (dropless, capped):
+        params = ms.ParameterTuple(block.trainable_params())
+        loss = loss_of(block)
+        for step in (ms.value_and_grad(loss, 0, params), ms.jit(ms.value_and_grad(loss, 0, params))):
+            value, (dx, grads) = step(x)
+            results.append([value.asnumpy(), dx.asnumpy()] + [g.asnumpy() for g in grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
+def test_capacity_factor_is_a_run_setting_refused_for_a_dense_model(tmp_path):
+    import run_telechat2
+
+    args = ["--run_mode=finetune", "--train.train_dataset=demo:8", "--seq_length=64", "--moe_capacity_factor=1.25",
+            "--dry_run"]
+    assert run_telechat2.main(args + ["--model=telechat2_moe_tiny"]) == 0
+    assert run_telechat2.main(args) == 2  # tiny is dense

@@ -3,7 +3,8 @@ TeleChat2-MoE (4 experts, top-2 renormalised, expert down biases) and Qwen2-MoE 
 
 Layouts (tests/msrun/parallel_cases.py): the experts split over ep2 inside dp2 (2 workers; each rank holds 2 of
 the 4 experts and runs them over both ranks' tokens), every expert also split over tp2 (ep2 x tp2, 4 workers), and
-TeleChat2-MoE under plain dp2 (every expert on both replicas). Each runs one clipped SGD step on the fixed batch
+TeleChat2-MoE under plain dp2 (every expert on both replicas), and TeleChat2-MoE with capacity factor 1 (tokens
+dropped; the ep block is the whole batch, so each expert keeps the tokens one process keeps). Each runs one clipped SGD step on the fixed batch
 (tests/msrun/worker_parallel.py task train:LAYOUT) and must give the single-process results, fp32:
 - the loss (token loss + load-balancing loss) and the global gradient norm within rel. 1e-5 (LOSS_TOL);
 - the load-balancing loss itself within rel. 1e-5 (the statistics summed over the global batch);
@@ -32,10 +33,10 @@ from tests.test_parallel_msrun import ADAMW_UPDATE_TOL, LOSS_TOL, PARAM_TOL, WOR
 GRAD_TOL = 1e-5
 
 JOBS = {
-    2: ["reference:moe", "reference:qwen2_moe", "train:moe_dp2", "train:moe_ep2", "train:qwen2_moe_ep2",
+    2: ["reference:moe", "reference:qwen2_moe", "reference:moe_cap", "train:moe_cap_ep2", "train:moe_dp2", "train:moe_ep2", "train:qwen2_moe_ep2",
         "generate:moe_ep2", "generate:qwen2_moe_ep2", "trainer:moe_ep2", "predict:moe_tp2",
         "trainer:moe_ep2_resume"],
-    4: ["reference:moe", "reference:qwen2_moe", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2", "trainer:moe_ep2_tp2"],
+    4: ["reference:moe", "reference:qwen2_moe", "reference:moe_cap", "train:moe_cap_ep2_tp2", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2", "trainer:moe_ep2_tp2"],
 }
 
 pytestmark = pytest.mark.msrun
@@ -83,12 +84,12 @@ def _check_layout(job, layout):
         assert pc.max_rel_diff(params[name], want_params[name]) <= PARAM_TOL, (layout, name)
 
 
-@pytest.mark.parametrize("layout", ["moe_ep2", "qwen2_moe_ep2", "moe_dp2"])
+@pytest.mark.parametrize("layout", ["moe_ep2", "qwen2_moe_ep2", "moe_dp2", "moe_cap_ep2"])
 def test_expert_parallel_two_processes_match_single_process(moe_job2, layout):
     _check_layout(moe_job2, layout)
 
 
-@pytest.mark.parametrize("layout", ["moe_ep2_tp2", "qwen2_moe_ep2_tp2"])
+@pytest.mark.parametrize("layout", ["moe_ep2_tp2", "qwen2_moe_ep2_tp2", "moe_cap_ep2_tp2"])
 def test_expert_and_tensor_parallel_four_processes_match_single_process(moe_job4, layout):
     _check_layout(moe_job4, layout)
 

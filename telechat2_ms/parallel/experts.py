@@ -40,7 +40,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from telechat2_ms import kernels
-from telechat2_ms.layers import host_parameter
+from telechat2_ms.layers import capacity_combine, capacity_slots, expert_capacity, host_parameter
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -61,8 +61,9 @@ class ExpertParallelFFN(nn.Cell):
     docstring; construct(x [T,H], combine [T,E]) -> [T,H], as layers.ExpertFFN."""
 
     def __init__(self, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, bias, first: int, ep_group: comm.Group,
-                 tp_group: comm.Group, compute_dtype=ms.float32):
+                 tp_group: comm.Group, compute_dtype=ms.float32, config=None):
         super().__init__()
+        self.config = config  # its moe_capacity_factor: each expert on its capacity slots of the block's tokens
         self.w1 = _Stacked(w1, None)
         self.w3 = _Stacked(w3, None)
         self.w2 = _Stacked(w2, bias)
@@ -81,16 +82,28 @@ class ExpertParallelFFN(nn.Cell):
         tokens = self.dispatch(x)  # [ep*T, H]
         weights = self.dispatch(combine)[:, self.first:self.first + self.local]  # [ep*T, E_local] fp32
         n, hidden = tokens.shape
+        capacity = expert_capacity(n, self.config, self.config.num_experts) if self.config is not None else 0
+        if capacity:  # this rank's experts on their slots of the block's tokens, in token order
+            entered = self.enter_tp(ops.cast(tokens, self.compute_dtype))
+            out = self.reduce_tp(capacity_combine(self._partial_swiglu, entered, self.weights_tp(weights), capacity))
+            if self.w2.has_bias:
+                kept = capacity_slots(weights, capacity)[2]  # [ep*T, E_local]
+                out = out + ops.matmul(ops.cast(kept, self.compute_dtype), ops.cast(self.w2.bias, self.compute_dtype))
+            return self.collect(out)
         stacked = ops.broadcast_to(ops.expand_dims(self.enter_tp(ops.cast(tokens, self.compute_dtype)), 0),
                                    (self.local, n, hidden))  # [E_local, ep*T, H]
-        inner = ops.silu(self.w1.project(stacked)) * self.w3.project(stacked)  # [E_local, ep*T, F/tp]
-        partial = self.w2.project(inner)  # [E_local, ep*T, H], partial over tp
+        partial = self._partial_swiglu(stacked)  # [E_local, ep*T, H], partial over tp
         tp_weights = ops.expand_dims(ops.transpose(ops.cast(self.weights_tp(weights), partial.dtype), (1, 0)), -1)
         out = self.reduce_tp(ops.reduce_sum(partial * tp_weights, 0))  # [ep*T, H]
         if self.w2.has_bias:
             out = out + ops.matmul(ops.cast(weights, self.compute_dtype),
                                    ops.cast(self.w2.bias, self.compute_dtype))  # sum_e C[:, e] * b_e
         return self.collect(out)  # [T, H]
+
+
+    def _partial_swiglu(self, stacked):
+        """[E_local, C, H] -> [E_local, C, H], partial over tp (no bias)."""
+        return self.w2.project(ops.silu(self.w1.project(stacked)) * self.w3.project(stacked))
 
 
 class _Stacked(nn.Cell):
@@ -146,7 +159,7 @@ def apply_expert_parallel(model, weights, groups, layer_range: Tuple[int, int]) 
 
         bias = local("ffn.w2.bias") if cfg.down_bias else None
         routed.ffn = ExpertParallelFFN(local("ffn.w1.weight"), local("ffn.w3.weight"), local("ffn.w2.weight"), bias,
-                                       first, groups.ep, groups.tp, dtype)
+                                       first, groups.ep, groups.tp, dtype, cfg)
         if hasattr(block, "shared_experts"):
             shared = prefix + "shared_experts."
             block.shared_experts = TensorParallelFFN(*(weights.shard(shared + w + ".weight", tp, tp_rank)

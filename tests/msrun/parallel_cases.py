@@ -110,8 +110,9 @@ GENERATE_LAYOUTS["qwen2_tied_pp2"] = dict(pp=2, micro_batch_num=2)  # the head o
 # ("qwen2_moe": shared expert, layer 1 dense) with the experts split over ep2 (inside dp2), also with tp2 inside
 # every expert; moe_dp2 keeps every expert on both replicas (the aux loss still over the global batch)
 LAYOUTS.update({"moe_dp2": dict(dp=2), "moe_ep2": dict(dp=2, ep=2), "qwen2_moe_ep2": dict(dp=2, ep=2),
+                "moe_cap_ep2": dict(dp=2, ep=2), "moe_cap_ep2_tp2": dict(dp=2, ep=2, tp=2),
                 "moe_ep2_tp2": dict(dp=2, ep=2, tp=2), "qwen2_moe_ep2_tp2": dict(dp=2, ep=2, tp=2)})
-LAYOUT_MODELS.update({"moe_dp2": "moe", "moe_ep2": "moe", "moe_ep2_tp2": "moe", "qwen2_moe_ep2": "qwen2_moe",
+LAYOUT_MODELS.update({"moe_cap_ep2": "moe_cap", "moe_cap_ep2_tp2": "moe_cap", "moe_dp2": "moe", "moe_ep2": "moe", "moe_ep2_tp2": "moe", "qwen2_moe_ep2": "qwen2_moe",
                       "qwen2_moe_ep2_tp2": "qwen2_moe"})
 GENERATE_LAYOUTS.update({"moe_ep2": dict(dp=2, ep=2), "qwen2_moe_ep2": dict(dp=2, ep=2)})
 
@@ -124,8 +125,10 @@ def model_config(model: str = "tiny"):
     if model in ("qwen2", "qwen2_kv1"):  # qwen2_kv1: one kv head, so both tp2 ranks hold a copy of it
         return dataclasses.replace(get_config("qwen2_tiny"), tie_word_embeddings=False, sliding_window=5,
                                    num_kv_heads=1 if model == "qwen2_kv1" else 2)
-    if model in ("moe", "qwen2_moe"):  # weights large enough for uneven routing (a visible load-balancing loss)
-        return get_config("telechat2_moe_tiny" if model == "moe" else "qwen2_moe_tiny", initializer_range=0.25)
+    if model in ("moe", "qwen2_moe", "moe_cap"):  # weights large enough for uneven routing (a visible aux loss)
+        cfg = get_config("qwen2_moe_tiny" if model == "qwen2_moe" else "telechat2_moe_tiny", initializer_range=0.25)
+        # moe_cap: capacity factor 1, each expert takes at most ceil(2 * 64 / 4) = 32 of the batch's 64 tokens
+        return dataclasses.replace(cfg, moe_capacity_factor=1.0) if model == "moe_cap" else cfg
     return get_config(model)
 
 
