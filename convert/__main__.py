@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep", help="output dtype (default: keep)")
     p.add_argument("--fused-qkv", action="store_true",
                    help="write inference layouts w_qkv=[wq;K;V] and w_gate_hidden=[w1;w3]")
+    p.add_argument("--gmm", action="store_true",
+                   help="mixture of experts: stacked expert weights in MindFormers' grouped-matmul layout [E, in, out] "
+                        "(what its convert_gmm step writes; the file's metadata marks it)")
 
     p = sub.add_parser("ms2hf", parents=[common], help="MindSpore checkpoint -> HF directory")
     p.add_argument("ms_checkpoint", help=".safetensors, .ckpt, or a sharded layout directory")
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "carries no config")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep", help="output dtype (default: keep)")
     p.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 2GiB (default 5GB)")
+    p.add_argument("--gmm", action="store_true",
+                   help="the stacked expert weights are in MindFormers' grouped-matmul layout [E, in, out] (found "
+                        "from the metadata of a file hf2ms --gmm wrote; needed for a MindFormers convert_gmm file)")
 
     p = sub.add_parser("reshard", parents=[common], help="full checkpoint or layout -> (tp, pp) layout")
     p.add_argument("src", help="full .safetensors/.ckpt checkpoint or a layout directory")
@@ -69,10 +75,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args) -> int:
     progress = not args.no_progress
     if args.command == "hf2ms":
-        out = hf_to_ms(args.hf_dir, args.output, args.dtype, args.fused_qkv, args.overwrite, progress)
+        out = hf_to_ms(args.hf_dir, args.output, args.dtype, args.fused_qkv, args.overwrite, progress, args.gmm)
     elif args.command == "ms2hf":
         out = ms_to_hf(args.ms_checkpoint, args.output, args.config, args.dtype, args.shard_size,
-                       args.overwrite, progress)
+                       args.overwrite, progress, args.gmm)
     elif args.command == "reshard":
         out = reshard(args.src, args.output, args.tp, args.pp, args.layer_counts, args.config, args.dtype,
                       args.overwrite, progress)

@@ -23,7 +23,8 @@ import numpy as np
 from telechat2_ms.formats.atomic import atomic_file, check_output_path
 from telechat2_ms.formats.dtypes import target_code
 from convert.errors import ConversionError
-from convert.keymap import Fusion, check_names_and_shapes, expected_hf, expected_ms, fusion_of, hf_to_ms_name
+from convert.keymap import (GMM_METADATA, Fusion, check_names_and_shapes, expected_hf, expected_ms, fusion_of,
+                            hf_to_ms_name, is_gmm_weight)
 from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
 from convert.sources import TensorSource, config_metadata, open_hf_dir
 from convert.stream import TensorPlan, check_all_consumed, run_plans
@@ -39,8 +40,13 @@ def stack_experts(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def stack_experts_gmm(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """E experts' HF weights [out, in] -> MindFormers' grouped-matmul layout [E, in, out] (its convert_gmm)."""
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 2, 1))
+
+
 def plan_hf_to_ms(source: TensorSource, cfg: ModelConfig, dtype: str = "keep",
-                  fused_qkv: bool = False) -> List[TensorPlan]:
+                  fused_qkv: bool = False, gmm: bool = False) -> List[TensorPlan]:
     """Validate the HF tensors against `cfg` and list the MindSpore tensors to produce, in canonical order."""
     infos = source.infos()
     to_ms: Dict[str, Dict[Optional[int], str]] = {}  # MindSpore name -> {expert index or None: HF name}
@@ -54,11 +60,12 @@ def plan_hf_to_ms(source: TensorSource, cfg: ModelConfig, dtype: str = "keep",
     found = {name: infos[name].shape for parts in to_ms.values() for name in parts.values()}
     check_names_and_shapes(found, expected_hf(cfg), f"HF checkpoint {source.path}", cfg, unknown)
     plans = []
-    for ms_name, shape in expected_ms(cfg, fused_qkv).items():
+    for ms_name, shape in expected_ms(cfg, fused_qkv, gmm).items():
         fused = fusion_of(ms_name)
         parts = to_ms.get(ms_name, {})
         if None not in parts and fused is None:  # one expert's tensor each: stacked in expert order
-            sources, build = tuple(parts[e] for e in range(cfg.num_experts)), stack_experts
+            sources = tuple(parts[e] for e in range(cfg.num_experts))
+            build = stack_experts_gmm if gmm and is_gmm_weight(ms_name) else stack_experts
         elif fused is None:
             sources, build = (parts[None],), None
         else:
@@ -82,16 +89,20 @@ def _output_format(output: str) -> str:
 
 
 def hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", fused_qkv: bool = False, overwrite: bool = False,
-             progress: bool = True) -> str:
-    """Convert; returns `output`. See the module docstring for the formats and the checks."""
+             progress: bool = True, gmm: bool = False) -> str:
+    """Convert; returns `output`. See the module docstring for the formats and the checks. `gmm`: the stacked
+    expert weights in MindFormers' grouped-matmul layout [E, in, out] (marked in the file's metadata)."""
     fmt = _output_format(output)
+    if gmm and fmt != "safetensors":
+        raise ConversionError(f"output {output}: --gmm writes .safetensors (its metadata marks the layout)")
     check_output_path(output, overwrite, is_dir=False)
     source, cfg = open_hf_dir(hf_dir)
-    plans = plan_hf_to_ms(source, cfg, dtype, fused_qkv)
+    plans = plan_hf_to_ms(source, cfg, dtype, fused_qkv, gmm)
     expected_sources = {s for p in plans for s in p.sources}
     if fmt == "safetensors":
         with atomic_file(output, overwrite) as tmp:
-            writer = SafetensorsWriter(tmp, [(p.name, p.info) for p in plans], config_metadata(cfg))
+            metadata = dict(config_metadata(cfg), **(dict([GMM_METADATA]) if gmm else {}))
+            writer = SafetensorsWriter(tmp, [(p.name, p.info) for p in plans], metadata)
             try:
                 consumed = run_plans(plans, source, lambda p, a: writer.write(p.name, a), progress, "hf2ms")
                 writer.close()

@@ -12,7 +12,8 @@ Mixture of experts: a rule's `layers` condition says which decoder layers hold i
 the MoE block in sparse ones: ModelConfig.is_sparse). HF stores one tensor per expert (`{expert}` in the
 template: `mlp.local_experts.{e}.gate_proj` for TeleChat2-MoE, `mlp.experts.{e}.gate_proj` for Qwen2-MoE);
 MindSpore stacks them in expert order as MindFormers does (`feed_forward.ffn.w1` [E, F, H], the down bias
-`ffn.w2.bias` [E, H]), so those rules are a rename plus a stack. Both frameworks store Linear weights as [out, in], so every mapping is a pure rename
+`ffn.w2.bias` [E, H]), so those rules are a rename plus a stack. MindFormers' convert_gmm step stores the stacked
+weights transposed for its GroupedMatmul, [E, in, out] (`gmm=True` here; GMM_METADATA marks such a file). Both frameworks store Linear weights as [out, in], so every mapping is a pure rename
 (spec 3.2); `wk_v` keeps HF's per-kv-head interleaved [K_h; V_h] row order (spec 3.1, pitfall 10.1).
 
 Optional fused inference layouts (spec 3.3) live on the MindSpore side only, as `FUSIONS`:
@@ -361,11 +362,26 @@ def expected_hf(cfg: ModelConfig) -> Dict[str, Shape]:
     return _expand([(r.hf, r.shape(cfg), r.layers) for r in _rules(cfg)], cfg)
 
 
-def expected_ms(cfg: ModelConfig, fused: bool = False) -> Dict[str, Shape]:
+GMM_METADATA = ("expert_layout", "gmm")  # the safetensors metadata entry of a grouped-matmul layout file
+
+
+def is_gmm_weight(name: str) -> bool:
+    """A stacked expert weight that MindFormers' convert_gmm transposes ([E, out, in] -> [E, in, out])."""
+    return ".ffn.w" in name and name.endswith(".weight") and ".feed_forward." in name
+
+
+def expected_ms(cfg: ModelConfig, fused: bool = False, gmm: bool = False) -> Dict[str, Shape]:
     """Every MindSpore name with its shape, in canonical order (fused layouts take the first part's place;
-    stacked expert tensors are [E, *one expert's shape])."""
-    templates: List[Template] = [(r.ms, (cfg.num_experts,) + r.shape(cfg) if r.stacked else r.shape(cfg), r.layers)
-                                 for r in _rules(cfg)]
+    stacked expert tensors are [E, *one expert's shape], with `gmm` their weights [E, in, out])."""
+    def stacked(rule: KeyRule) -> Shape:
+        out, *rest = rule.shape(cfg)
+        if gmm and rest:
+            return (cfg.num_experts, rest[0], out)
+        return (cfg.num_experts, out, *rest)
+
+    if gmm and not cfg.num_experts:
+        raise ConversionError(f"the grouped-matmul layout is for mixture-of-experts weights; {cfg.name} has no experts")
+    templates: List[Template] = [(r.ms, stacked(r) if r.stacked else r.shape(cfg), r.layers) for r in _rules(cfg)]
     if fused:
         if cfg.family != "telechat2" or cfg.num_experts:
             raise ConversionError(f"the fused inference layouts are TeleChat2 dense's; a {cfg.name} checkpoint has "

@@ -25,8 +25,8 @@ import numpy as np
 from telechat2_ms.formats.atomic import atomic_dir, check_output_path
 from telechat2_ms.formats.dtypes import target_code
 from convert.errors import ConversionError
-from convert.keymap import Fusion, check_names_and_shapes, expected_hf, expected_ms, fusion_of, is_fused, \
-    ms_to_hf_names
+from convert.keymap import (GMM_METADATA, Fusion, check_names_and_shapes, expected_hf, expected_ms, fusion_of,
+                            is_fused, is_gmm_weight, ms_to_hf_names)
 from telechat2_ms.formats.safetensors_io import SafetensorsWriter, TensorInfo
 from convert.sources import TensorSource, open_ms_checkpoint, resolve_config
 from convert.stream import TensorPlan, check_all_consumed, run_plans
@@ -46,20 +46,24 @@ class _SplitPart:
 
 
 class _Expert:
-    """Build function: expert `index`'s tensor from a stacked [E, ...] MindSpore tensor."""
+    """Build function: expert `index`'s tensor from a stacked [E, ...] MindSpore tensor (`transposed`: a
+    grouped-matmul layout weight [E, in, out], given back as HF's [out, in])."""
 
-    def __init__(self, index: int):
-        self.index = index
+    def __init__(self, index: int, transposed: bool = False):
+        self.index, self.transposed = index, transposed
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        return np.ascontiguousarray(arrays[0][self.index])
+        one = arrays[0][self.index]
+        return np.ascontiguousarray(one.T if self.transposed else one)
 
 
-def plan_ms_to_hf(source: TensorSource, cfg: ModelConfig, dtype: str = "keep") -> List[TensorPlan]:
-    """Validate the MindSpore tensors against `cfg` and list the HF tensors to produce, in canonical order."""
+def plan_ms_to_hf(source: TensorSource, cfg: ModelConfig, dtype: str = "keep", gmm: bool = False) -> List[TensorPlan]:
+    """Validate the MindSpore tensors against `cfg` and list the HF tensors to produce, in canonical order.
+    `gmm`: the stacked expert weights are in the grouped-matmul layout (also when the file's metadata says so)."""
     infos = source.infos()
-    check_names_and_shapes({n: i.shape for n, i in infos.items()}, expected_ms(cfg, is_fused(infos)),
-                           f"MindSpore checkpoint {source.path}", cfg)
+    gmm = gmm or source.metadata.get(GMM_METADATA[0]) == GMM_METADATA[1]
+    check_names_and_shapes({n: i.shape for n, i in infos.items()}, expected_ms(cfg, is_fused(infos), gmm),
+                           f"MindSpore checkpoint {source.path}{' (grouped-matmul layout)' if gmm else ''}", cfg)
     origin: Dict[str, Tuple[str, object]] = {}  # HF name -> (MindSpore source name, build function or None)
     for ms_name in infos:
         fused_weight = fusion_of(ms_name)
@@ -70,7 +74,8 @@ def plan_ms_to_hf(source: TensorSource, cfg: ModelConfig, dtype: str = "keep") -
             parts = [(p.format(layer=layer), _SplitPart(fusion, cfg, i)) for i, p in enumerate(fusion.parts)]
         for part_name, build in parts:
             for match in ms_to_hf_names(part_name, cfg):  # the inverse derived from KEY_MAP
-                origin[match.name] = (ms_name, build if match.expert is None else _Expert(match.expert))
+                origin[match.name] = (ms_name, build if match.expert is None else
+                                      _Expert(match.expert, gmm and is_gmm_weight(ms_name)))
     plans = []
     for hf_name, shape in expected_hf(cfg).items():
         ms_name, build = origin[hf_name]
@@ -110,13 +115,14 @@ def pack_shards(plans: Sequence[TensorPlan], max_bytes: int) -> List[List[Tensor
 
 
 def ms_to_hf(ms_path: str, out_dir: str, config: Union[None, str, ModelConfig] = None, dtype: str = "keep",
-             shard_size: Union[int, str] = "5GB", overwrite: bool = False, progress: bool = True) -> str:
+             shard_size: Union[int, str] = "5GB", overwrite: bool = False, progress: bool = True,
+             gmm: bool = False) -> str:
     """Convert; returns `out_dir`. See the module docstring for the inputs, outputs and checks."""
     max_bytes = parse_size(shard_size)
     check_output_path(out_dir, overwrite, is_dir=True)
     source = open_ms_checkpoint(ms_path)
     cfg = resolve_config(source, config)
-    plans = plan_ms_to_hf(source, cfg, dtype)
+    plans = plan_ms_to_hf(source, cfg, dtype, gmm)
     shards = pack_shards(plans, max_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     consumed = set()

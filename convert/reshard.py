@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.keymap import check_names_and_shapes, expected_ms, is_fused
+from convert.keymap import GMM_METADATA, check_names_and_shapes, expected_ms, is_fused
 from convert.sources import ShardedSource, TensorSource, config_metadata, open_ms_checkpoint, resolve_config
 from convert.stream import TensorPlan, check_all_consumed, run_plans
 from telechat2_ms.config import ModelConfig
@@ -38,6 +38,9 @@ __all__ = ["ShardedSource", "merge", "reshard"]
 def _plans(source: TensorSource, cfg: ModelConfig, dtype: str) -> List[TensorPlan]:
     """Validated identity plans over the checkpoint's parameters, in canonical order."""
     infos = source.infos()
+    if source.metadata.get(GMM_METADATA[0]) == GMM_METADATA[1]:
+        raise ConversionError(f"{source.path} holds MindFormers' grouped-matmul expert layout ([E, in, out]); "
+                              f"reshard reads [E, out, in]: convert it with ms2hf and hf2ms without --gmm first")
     expected = expected_ms(cfg, is_fused(infos))
     check_names_and_shapes({n: i.shape for n, i in infos.items()}, expected, f"MindSpore checkpoint {source.path}",
                            cfg)

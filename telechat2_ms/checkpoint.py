@@ -182,6 +182,8 @@ def _config_from_dict(hf: Dict[str, Any], name: str, where: str) -> ModelConfig:
 def stored_config(file: str) -> Optional[ModelConfig]:
     """The ModelConfig stored with a checkpoint file: config.json beside it, else the `telechat2_config`
     safetensors metadata; None if it carries none."""
+    if file.endswith(".safetensors"):
+        _refuse_gmm(file, SafetensorsFile(file).metadata)
     config_path = os.path.join(os.path.dirname(os.path.abspath(file)), CONFIG_FILE)
     if os.path.isfile(config_path):
         hf = read_json_object(config_path, CheckpointError)
@@ -244,6 +246,12 @@ class ArrayWeights(Weights):
         return np.array(value, dtype=np.float32)  # a copy: a loaded parameter shares the array it is given
 
 
+def _refuse_gmm(path: str, metadata) -> None:
+    if metadata.get("expert_layout") == "gmm":  # convert/keymap.GMM_METADATA
+        raise CheckpointError(f"{path} holds MindFormers' grouped-matmul expert layout ([E, in, out]); the model reads "
+                              f"[E, out, in]: convert it with `python -m convert ms2hf` and `hf2ms` without --gmm")
+
+
 class SafetensorsWeights(Weights):
     """One .safetensors file, streamed (F32 / F16 / BF16)."""
 
@@ -253,6 +261,7 @@ class SafetensorsWeights(Weights):
             self.file = SafetensorsFile(path)
         except CheckpointError as err:
             raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        _refuse_gmm(path, self.file.metadata)
         self.infos = self.file.infos()
 
     def shapes(self):

@@ -147,3 +147,64 @@ def test_a_missing_expert_or_one_beyond_num_experts_is_refused_by_name(tmp_path)
     with pytest.raises(ConversionError, match=r"unknown tensor name\(s\) transformer\.h\.0\.mlp\.local_experts\.4"):
         hf_to_ms(str(tmp_path / "extra"), str(tmp_path / "b.safetensors"), progress=False)
     assert not os.path.exists(tmp_path / "a.safetensors") and not os.path.exists(tmp_path / "b.safetensors")
+
+
+def test_grouped_matmul_layout_round_trips_and_is_refused_where_it_cannot_be_read(tmp_path, capsys):
+    """`hf2ms --gmm` writes the stacked expert weights as MindFormers' convert_gmm does, [E, in, out] (biases and
+    routers as before), marked in the metadata; ms2hf reads it back bit for bit, and with --gmm also a file without
+    the mark (MindFormers' own, simulated); the model loader and reshard refuse it by name."""
+    from safetensors.numpy import load_file, save_file
+
+    from convert.__main__ import main as convert_main
+    from convert.reshard import reshard
+    from telechat2_ms.checkpoint import CheckpointError
+
+    cfg = get_config("telechat2_moe_tiny")
+    hf_dir = make_random_hf(str(tmp_path / "hf"), cfg)
+    gmm = str(tmp_path / "gmm.safetensors")
+    assert convert_main(["hf2ms", hf_dir, gmm, "--gmm", "--no-progress"]) == 0
+    plain = load_file(hf_to_ms(hf_dir, str(tmp_path / "plain.safetensors"), progress=False))
+    stacked = load_file(gmm)
+    E, H, F = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+    assert stacked["model.layers.0.feed_forward.ffn.w1.weight"].shape == (E, H, F)
+    assert stacked["model.layers.0.feed_forward.ffn.w2.weight"].shape == (E, F, H)
+    for name, array in plain.items():
+        want = array.transpose(0, 2, 1) if name.endswith(("ffn.w1.weight", "ffn.w3.weight", "ffn.w2.weight")) else array
+        assert np.array_equal(stacked[name], want), name
+    back = ms_to_hf(gmm, str(tmp_path / "back"), progress=False)
+    _assert_bit_equal(_safetensors(hf_dir), _safetensors(back))
+    unmarked = str(tmp_path / "mindformers_gmm.safetensors")
+    save_file(stacked, unmarked)  # no metadata: the config and the layout come from the command line
+    with pytest.raises(ConversionError, match="shape mismatch"):
+        ms_to_hf(unmarked, str(tmp_path / "wrong"), config="telechat2_moe_tiny", progress=False)
+    assert not os.path.exists(tmp_path / "wrong")
+    again = ms_to_hf(unmarked, str(tmp_path / "again"), config="telechat2_moe_tiny", progress=False, gmm=True)
+    _assert_bit_equal(_safetensors(hf_dir), _safetensors(again))
+    with pytest.raises(CheckpointError, match="grouped-matmul expert layout"):
+        load_checkpoint_into(Telechat2ForCausalLM(cfg), gmm)
+    with pytest.raises(ConversionError, match="grouped-matmul expert layout"):
+        reshard(gmm, str(tmp_path / "tp2"), tp=2, progress=False)
+    assert convert_main(["hf2ms", str(tmp_path / "hf"), str(tmp_path / "x.ckpt"), "--gmm"]) != 0
+    assert "--gmm writes .safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, pp", [("telechat2_moe_tiny", 2), ("qwen2_moe_tiny", 1)])
+def test_moe_layouts_hold_every_expert_split_over_tp_and_merge_back_bit_exact(tmp_path, name, pp):
+    """HF -> (tp2, pp) layout -> merge equals the direct conversion bit for bit; a rank file holds all E experts,
+    each split over tp as the dense FFN is (w1/w3 rows, w2 columns, down biases whole), so a run under any
+    expert_parallel takes its experts from it at load time (parallel/experts.py; tests/test_moe_msrun.py)."""
+    from safetensors.numpy import load_file
+
+    from convert.reshard import merge, reshard
+
+    cfg = get_config(name)
+    full = hf_to_ms(make_random_hf(str(tmp_path / "hf"), cfg), str(tmp_path / "full.safetensors"), progress=False)
+    layout = reshard(full, str(tmp_path / "layout"), tp=2, pp=pp, progress=False)
+    prefix = "model.layers.0.feed_forward." + ("routed_experts." if cfg.shared_expert_ffn_hidden_size else "")
+    rank = load_file(os.path.join(layout, "tp1_pp0", "model.safetensors"))
+    E, H, F = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+    assert rank[prefix + "ffn.w1.weight"].shape == (E, F // 2, H) and rank[prefix + "ffn.w2.weight"].shape == (E, H, F // 2)
+    whole = load_file(full)
+    assert np.array_equal(rank[prefix + "ffn.w1.weight"], whole[prefix + "ffn.w1.weight"][:, F // 2:])
+    merged = load_file(merge(layout, str(tmp_path / "merged.safetensors"), progress=False))
+    assert sorted(merged) == sorted(whole) and all(np.array_equal(merged[k], whole[k]) for k in whole)
