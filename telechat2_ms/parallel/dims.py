@@ -34,11 +34,15 @@ def check_experts(cfg: ModelConfig, dims: "ParallelDims") -> None:
     if dims.ep > 1 and dims.optimizer_shard:
         raise ConfigError("parallel_config.optimizer_shard with expert_parallel > 1 is not built (the expert shards' "
                           "replicas are not the data-parallel group); set optimizer_shard to false")
-    unsupported = [f"{key} {value}" for key, value in (("pipeline_stage", dims.pp), ("context_parallel", dims.cp))
-                   if value > 1] + (["use_seq_parallel"] if dims.seq_parallel else [])
+    if dims.pp > 1 and cfg.aux_loss == "global":
+        raise ConfigError(f"parallel_config.pipeline_stage {dims.pp}: {cfg.name}'s load-balancing loss is taken over "
+                          f"every layer at once (transformers' load_balancing_loss_func), which pipeline stages do not "
+                          f"share yet; set pipeline_stage to 1")
+    unsupported = [f"{key} {value}" for key, value in (("context_parallel", dims.cp),) if value > 1] + (
+        ["use_seq_parallel"] if dims.seq_parallel else [])
     if unsupported:
-        raise ConfigError(f"parallel_config: a mixture-of-experts model runs under data, expert and model parallel; "
-                          f"{', '.join(unsupported)} with experts is not built yet")
+        raise ConfigError(f"parallel_config: a mixture-of-experts model runs under data, expert, model and pipeline "
+                          f"parallel; {', '.join(unsupported)} with experts is not built yet")
 
 GROUP_KINDS = ("tp", "cp", "dp", "pp", "grad", "embed", "ep", "expert_grad")
 

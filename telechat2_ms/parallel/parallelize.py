@@ -273,11 +273,12 @@ class TelechatParallel:
 
     # ---- one step -----------------------------------------------------------------------------------------
     def forward_backward(self, input_ids: np.ndarray, labels: np.ndarray, loss_mask: np.ndarray,
-                         tokens: Optional[float] = None, aux_weight: float = 1.0):
+                         tokens: Optional[float] = None, aux_weight: Optional[float] = None):
         """Global [B, S] inputs, next-token labels and loss mask -> (global loss, this rank's gradients,
         reduced over replicas; same order as `params`). The loss is divided by `tokens` (the targets of a
         whole accumulated step), default the targets of this batch. A mixture-of-experts model adds the
-        load-balancing loss of every global micro-batch x `aux_weight` (parallel/experts.py)."""
+        load-balancing loss of every global micro-batch x `aux_weight` (default 1 / micro_batch_num: their mean;
+        parallel/experts.py), each pipeline stage that of its own layers."""
         dims, groups, cfg = self.dims, self.groups, self.model.config
         batch, seq = input_ids.shape
         dims.check_batch(batch, seq)
@@ -310,25 +311,37 @@ class TelechatParallel:
                     stats.append((assigned, mass))
                 else:
                     h, _ = layer(h, cos, sin, allowed)
+            share = global_aux_loss(cfg, stats, micro * local_seq, groups.grad) if stats else None
+            if share is not None:  # MoE load balancing of this stage's layers over the global micro-batch
+                aux_shares[i] = float(share.asnumpy()) * groups.grad.size
             if not self.last_stage:
+                local[0] = None if share is None else share * aux_weight
                 return h
             local_logits = head.local_logits(backbone.norm_out(h))  # [mb, S_local, V/tp]
             ce = vocab_parallel_cross_entropy(ops.reshape(local_logits, (-1, local_logits.shape[-1])),
                                               labels_mb[i], groups.tp)  # [mb*S_local]
             loss = (ce * mask_mb[i]).sum() / tokens
-            if stats:  # MoE load balancing over the global micro-batch (pp = 1: dims.check_experts)
-                share = global_aux_loss(cfg, stats, micro * local_seq, groups.grad)
-                self.aux_losses.append(float(share.asnumpy()) * groups.grad.size)
-                loss = loss + share * aux_weight
-            return loss
+            return loss if share is None else loss + share * aux_weight
 
-        self.aux_losses = []  # the load-balancing loss of each micro-batch (MoE; before aux_weight)
+        aux_shares: Dict[int, float] = {}  # micro-batch -> this stage's load-balancing loss (a recompute overwrites)
+        local: List = [None]  # the aux share of the last forward of a stage before the last one
+        aux_weight = 1.0 / dims.micro_batch_num if aux_weight is None else aux_weight
         act_seq = local_seq // dims.tp if dims.seq_parallel else local_seq
-        stage_fns = StageFunctions(forward, self.params, (micro, act_seq, cfg.hidden_size), self.model.compute_dtype)
+        stage_fns = StageFunctions(forward, self.params, (micro, act_seq, cfg.hidden_size), self.model.compute_dtype,
+                                   lambda: local[0])
         loss, grads = run_pipeline(stage_fns, groups.pp, dims.micro_batch_num)
+        self.aux_losses = []  # the load-balancing loss of each micro-batch (MoE; before aux_weight), every stage's
+        earlier_stages = 0.0  # what the stages before the last added to the loss (their layers' aux shares)
+        if cfg.num_experts:  # every rank of the layout takes part (a stage may hold no sparse layer)
+            shares = np.array([aux_shares.get(i, 0.0) for i in range(dims.micro_batch_num)], np.float32)
+            if dims.pp > 1:
+                mine = 0.0 if self.last_stage else float(shares.sum()) * aux_weight
+                both = comm.all_reduce(Tensor(np.array([*shares, mine], np.float32)), groups.pp).asnumpy()
+                shares, earlier_stages = both[:-1], float(both[-1])
+            self.aux_losses = [float(v) for v in shares]
         grads = reduce_gradients(self.params, grads, groups.grad, groups.tp, groups.expert_grad)
         self._sum_tied_gradients(grads)
-        return self._global_loss(loss), grads
+        return self._global_loss(loss) + earlier_stages, grads
 
     def _sum_tied_gradients(self, grads) -> None:
         """Tied embeddings over several stages: the embedding (first stage) and its copy in lm_head (last stage)

@@ -74,14 +74,18 @@ def timetable(pp: int, micro_batches: int) -> List[List[Optional[Step]]]:
 class StageFunctions:
     """What one stage computes for micro-batch i (built by parallelize.TelechatParallel):
     forward(i, x) -> output (hidden states, or the micro-batch loss on the last stage; x is None on the
-    first stage), params: the stage's trainable parameters."""
+    first stage), params: the stage's trainable parameters; `local_loss()`: a loss term the last forward of a
+    stage before the last one computed from its own layers (an MoE stage's load-balancing share) or None, whose
+    gradient the stage's backward adds to the one flowing back from the next stage."""
 
     def __init__(self, forward: Callable[[int, Optional[Tensor]], Tensor], params: Sequence,
-                 activation_shape: Tuple[int, ...], activation_dtype=ms.float32):
+                 activation_shape: Tuple[int, ...], activation_dtype=ms.float32,
+                 local_loss: Optional[Callable[[], Optional[Tensor]]] = None):
         self.forward = forward
         self.params = list(params)
         self.activation_shape = tuple(activation_shape)
         self.activation_dtype = activation_dtype
+        self.local_loss = local_loss or (lambda: None)
 
 
 def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: int):
@@ -114,7 +118,9 @@ def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: in
             sens = ops.ones((), ms.float32) if last else grads_in.pop(i)
 
             def surrogate(x_in, i=i, sens=sens):
-                return (ops.cast(stage_fns.forward(i, x_in), ms.float32) * sens).sum()
+                value = (ops.cast(stage_fns.forward(i, x_in), ms.float32) * sens).sum()
+                extra = None if last else stage_fns.local_loss()
+                return value if extra is None else value + extra
 
             if first:
                 weight_grads = ms.grad(lambda: surrogate(None), grad_position=None, weights=stage_fns.params)()

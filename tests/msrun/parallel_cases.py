@@ -115,6 +115,11 @@ LAYOUTS.update({"moe_dp2": dict(dp=2), "moe_ep2": dict(dp=2, ep=2), "qwen2_moe_e
 LAYOUT_MODELS.update({"moe_cap_ep2": "moe_cap", "moe_cap_ep2_tp2": "moe_cap", "moe_dp2": "moe", "moe_ep2": "moe", "moe_ep2_tp2": "moe", "qwen2_moe_ep2": "qwen2_moe",
                       "qwen2_moe_ep2_tp2": "qwen2_moe"})
 GENERATE_LAYOUTS.update({"moe_ep2": dict(dp=2, ep=2), "qwen2_moe_ep2": dict(dp=2, ep=2)})
+# MoE under pipeline stages: each stage adds the load-balancing loss of its own layers, per global micro-batch
+# (aux_groups); the references of these layouts are taken over the same row groups (reference:moe@LAYOUT)
+LAYOUTS.update({"moe_pp2": dict(pp=2, micro_batch_num=2), "moe_ep2_pp2": dict(dp=2, ep=2, pp=2, micro_batch_num=2)})
+LAYOUT_MODELS.update({"moe_pp2": "moe", "moe_ep2_pp2": "moe"})
+GROUPED_AUX_LAYOUTS = ("moe_pp2", "moe_ep2_pp2")
 
 
 def model_config(model: str = "tiny"):
@@ -149,15 +154,28 @@ def make_batch():
     return tokens[:, :-1], tokens[:, 1:], mask
 
 
-def reference_loss_fn(model):
-    """Plain single-process loss: sum(ce * mask) / sum(mask) from the full logits (log_softmax)."""
+def aux_groups(layout: str) -> List[List[int]]:
+    """The batch rows of each global micro-batch of a layout (dp rank d holds rows [d*R, (d+1)*R), split into
+    micro_batch_num micro-batches): the rows an MoE layout takes each load-balancing loss over."""
+    dims = ParallelDims(**LAYOUTS[layout])
+    per_rank = BATCH // dims.dp
+    size = per_rank // dims.micro_batch_num
+    return [[d * per_rank + i * size + j for d in range(dims.dp) for j in range(size)]
+            for i in range(dims.micro_batch_num)]
+
+
+def reference_loss_fn(model, groups: List[List[int]] = None):
+    """Plain single-process loss: sum(ce * mask) / sum(mask) from the full logits (log_softmax), plus an MoE
+    model's load-balancing loss over the whole batch, or its mean over the row `groups` (global micro-batches)."""
     ids, labels, mask = make_batch()
     ids_t, labels_t, mask_t = Tensor(ids), Tensor(labels.reshape(-1, 1)), Tensor(mask.reshape(-1))
-
     inputs = model.prepare_inputs(ids_t)
+    parts = [(Tensor(ids[rows]), model.prepare_inputs(Tensor(ids[rows]))) for rows in groups or []]
 
     def loss():
         hidden, _, aux = model.model(ids_t, *inputs, with_aux=True)  # aux: MoE load balancing (0 when dense)
+        if parts:
+            aux = sum(model.model(part, *part_inputs, with_aux=True)[2] for part, part_inputs in parts) / len(parts)
         logits = model.logits(hidden)  # [B,S,V]
         logp = ops.log_softmax(ops.reshape(logits, (-1, logits.shape[-1])), -1)
         ce = -ops.gather_elements(logp, 1, labels_t)[:, 0]
@@ -166,11 +184,15 @@ def reference_loss_fn(model):
     return loss
 
 
-def reference_aux_loss(model_name: str) -> float:
-    """The single-process load-balancing loss of the initial model on the batch (MoE models)."""
+def reference_aux_loss(model_name: str, groups: List[List[int]] = None) -> List[float]:
+    """The single-process load-balancing loss of the initial model on the batch, or on each row group (MoE)."""
     model = build_model(model_name)
-    ids = Tensor(make_batch()[0])
-    return float(model.model(ids, *model.prepare_inputs(ids), with_aux=True)[2].asnumpy())
+    ids = make_batch()[0]
+    values = []
+    for rows in groups or [list(range(len(ids)))]:
+        part = Tensor(ids[rows])
+        values.append(float(model.model(part, *model.prepare_inputs(part), with_aux=True)[2].asnumpy()))
+    return values
 
 
 def _norm_and_coef(grads) -> tuple:
@@ -180,12 +202,12 @@ def _norm_and_coef(grads) -> tuple:
     return norm, clip_coefficient(norm, CLIP)
 
 
-def reference_step(model_name: str = "tiny", gradients: dict = None) -> tuple:
+def reference_step(model_name: str = "tiny", gradients: dict = None, groups: List[List[int]] = None) -> tuple:
     """(loss, gradient norm, {name: updated full parameter}) after one clipped SGD step of the plain model;
-    `gradients` (a dict) receives {name: gradient} of the step."""
+    `gradients` (a dict) receives {name: gradient} of the step; `groups`: see reference_loss_fn."""
     model = build_model(model_name)
     params = model.trainable_params()
-    loss_fn = reference_loss_fn(model)
+    loss_fn = reference_loss_fn(model, groups)
     loss, grads = ms.value_and_grad(loss_fn, None, weights=params)()
     if gradients is not None:
         gradients.update({p.name: g.asnumpy() for p, g in zip(params, grads)})

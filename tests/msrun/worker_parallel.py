@@ -45,12 +45,15 @@ def task_reference(out_dir: str, rank: int, model: str = "") -> None:
     if rank != 0:
         return
     if model:  # another family: the SGD reference only, OUT_DIR/reference_MODEL.{json,npz}
+        name = model  # MODEL@LAYOUT: an MoE model's reference with its aux loss per global micro-batch of LAYOUT
+        model, _, layout = model.partition("@")
+        groups = pc.aux_groups(layout) if layout else None
         gradients = {}
-        loss, norm, state = pc.reference_step(model, gradients)
-        np.savez(os.path.join(out_dir, f"reference_{model}.npz"), **state)
-        np.savez(os.path.join(out_dir, f"reference_{model}_grads.npz"), **gradients)
-        aux = pc.reference_aux_loss(model) if pc.model_config(model).num_experts else None
-        with open(os.path.join(out_dir, f"reference_{model}.json"), "w", encoding="utf-8") as f:
+        loss, norm, state = pc.reference_step(model, gradients, groups)
+        np.savez(os.path.join(out_dir, f"reference_{name}.npz"), **state)
+        np.savez(os.path.join(out_dir, f"reference_{name}_grads.npz"), **gradients)
+        aux = pc.reference_aux_loss(model, groups) if pc.model_config(model).num_experts else None
+        with open(os.path.join(out_dir, f"reference_{name}.json"), "w", encoding="utf-8") as f:
             json.dump({"loss": loss, "norm": norm, "aux_loss": aux}, f)
         return
     loss, norm, state = pc.reference_step()
