@@ -1,8 +1,9 @@
-"""Device dispatch for the three hot kernels: RMSNorm, rotary embedding and attention.
+"""Device dispatch for the hot kernels: RMSNorm, rotary embedding, attention and the experts of an MoE layer.
 
 The plain path (ops available on every device, fp32/fp16) is the reference and what CPU runs. With
 `use_fused=True` on Ascend the fused kernels are used instead (`ops.rms_norm`, `ops.rotary_position_embedding`,
-`ops.flash_attention_score`); each has an `ascend`-marked test against the plain path. Shapes:
+`ops.flash_attention_score`, GroupedMatmul for the experts: `routed_experts`); each has an `ascend`-marked test
+against the plain path. Shapes:
 B batch, n query heads, k kv heads, g = n/k, S query length, T key length, d head dim.
 """
 from __future__ import annotations
@@ -81,6 +82,46 @@ def masking_bias(allowed, kv_heads: int, group: int):
     bias = ops.select(allowed, ops.zeros(allowed.shape, ms.float32), ops.full(allowed.shape, _NEG_INF, dtype=ms.float32))
     bias = ops.tile(ops.reshape(bias, (batch, 1, 1, seq, keys)), (1, kv_heads, group, 1, 1))  # [B,k,g,S,T]
     return ops.reshape(bias, (batch, kv_heads, group * seq, keys))
+
+
+def grouped_matmul(x, weight, group_list):
+    """Ascend's GroupedMatmul: rows group_list[e-1]..group_list[e] of x [M, in] times weight[e]^T ([E, out, in])
+    -> [M, out] (group_list: the cumulative row counts, int64)."""
+    from mindspore.ops.auto_generate import grouped_matmul as gmm
+
+    return gmm([x], [weight], group_list=group_list, split_item=3, group_type=0, transpose_b=True)[0]
+
+
+def grouped_matmul_reference(x, weight, group_list):
+    """What `grouped_matmul` computes, with plain ops one group at a time (PyNative: the bounds are read on the
+    host): the reference the Ascend kernel is tested against, and the CPU test of `routed_experts`."""
+    bounds = [0] + [int(b) for b in group_list.asnumpy()]
+    parts = [ops.matmul(x[lo:hi], ops.transpose(weight[e], (1, 0))) for e, (lo, hi) in
+             enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+    return ops.concat(parts, 0) if parts else ops.zeros((0, weight.shape[1]), x.dtype)
+
+
+def routed_experts(x, combine, top_k: int, w1, w3, w2, bias=None, matmul=None):
+    """Dropless routed experts: each token on its k chosen experts only. x [N,H], combine [N,E] (routing weights,
+    0 where not chosen), w1/w3 [E,F,H], w2 [E,H,F], bias [E,H] -> [N,H]. The N*k (token, expert) pairs are
+    sorted by expert, each expert's rows multiplied by its weights in one grouped matmul (`matmul`, default the
+    Ascend kernel), weighted and summed back per token; as layers.ExpertFFN's dense path without its E/k extra
+    work (dynamic row counts: Ascend, or PyNative with grouped_matmul_reference)."""
+    matmul = matmul or grouped_matmul
+    tokens, experts = combine.shape
+    top_w, top_e = ops.topk(combine, top_k)  # [N,k]: the chosen experts (their weights are > 0, the others 0)
+    flat_e = ops.reshape(top_e, (-1,))  # [N*k]
+    order = ops.sort(ops.cast(flat_e, ms.float32))[1]  # pairs sorted by expert
+    pair_token = ops.cast(ops.floor_div(order, top_k), ms.int32)  # [N*k]: the token of each sorted pair
+    counts = ops.reduce_sum(ops.one_hot(flat_e, experts, ops.ones((), ms.float32), ops.zeros((), ms.float32)), 0)
+    group_list = ops.cast(ops.cumsum(counts, 0), ms.int64)  # [E]
+    rows = ops.gather(x, pair_token, 0)  # [N*k, H]
+    inner = ops.silu(matmul(rows, cast_to(w1, x.dtype), group_list)) * matmul(rows, cast_to(w3, x.dtype), group_list)
+    out = matmul(inner, cast_to(w2, x.dtype), group_list)  # [N*k, H]
+    if bias is not None:
+        out = out + ops.gather(cast_to(bias, x.dtype), ops.gather(flat_e, order, 0), 0)
+    weights = ops.gather(ops.reshape(top_w, (-1,)), order, 0)  # [N*k]
+    return ops.unsorted_segment_sum(out * ops.expand_dims(ops.cast(weights, out.dtype), -1), pair_token, tokens)
 
 
 _SQUARED_SUM_CHUNK = 1 << 25  # elements (128 MiB of float32)

@@ -297,13 +297,14 @@ class ExpertFFN(nn.Cell):
     C slots only (capacity_combine: E*C = capacity_factor x k x N token rows). parallel/experts.py's
     ExpertParallelFFN takes its place under expert and tensor parallelism, with the same construct."""
 
-    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
         super().__init__()
         E, H, F = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
         self.w1 = StackedLinear(E, H, F, False, init, compute_dtype)
         self.w3 = StackedLinear(E, H, F, False, init, compute_dtype)
         self.w2 = StackedLinear(E, F, H, cfg.down_bias, init, compute_dtype)
         self.config = cfg
+        self.use_fused = use_fused  # Ascend: dropless routed experts on GroupedMatmul (kernels.routed_experts)
 
     def swiglu(self, stacked):
         """[E,T,H] -> [E,T,H], expert e on stacked[e]."""
@@ -315,6 +316,10 @@ class ExpertFFN(nn.Cell):
         capacity = expert_capacity(tokens, self.config, experts)
         if capacity:
             return capacity_combine(self.swiglu, x, combine, capacity)
+        if self.use_fused:
+            x = ops.cast(x, self.w1.compute_dtype)
+            return kernels.routed_experts(x, combine, self.config.num_experts_per_tok, self.w1.weight, self.w3.weight,
+                                          self.w2.weight, self.w2.bias if self.w2.has_bias else None)
         stacked = ops.broadcast_to(ops.expand_dims(x, 0), (experts, tokens, hidden))  # [E,T,H]
         expert_out = self.swiglu(stacked)  # [E,T,H]
         weights = ops.expand_dims(ops.transpose(ops.cast(combine, expert_out.dtype), (1, 0)), -1)  # [E,T,1]
@@ -330,10 +335,10 @@ class RoutedExperts(nn.Cell):
     to each expert; they sum to k*B*S), probability mass [E] (the softmax summed over tokens)): the
     load-balancing statistics (model.aux_loss)."""
 
-    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
         super().__init__()
         self.router = Router(cfg, init)
-        self.ffn = ExpertFFN(cfg, init, compute_dtype)
+        self.ffn = ExpertFFN(cfg, init, compute_dtype, use_fused)
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
 
     def gate(self, x):
@@ -365,9 +370,9 @@ class SharedExpertMoE(nn.Cell):
     `feed_forward.shared_experts.w1/w3/w2`, `feed_forward.shared_experts_gate`). Same outputs as RoutedExperts.
     `shared_entry` (identity here) is where tensor parallelism enters the shared expert's region."""
 
-    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32):
+    def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
         super().__init__()
-        self.routed_experts = RoutedExperts(cfg, init, compute_dtype)
+        self.routed_experts = RoutedExperts(cfg, init, compute_dtype, use_fused)
         self.shared_experts = FeedForward(cfg, init, compute_dtype, cfg.shared_expert_ffn_hidden_size)
         self.shared_experts_gate = Linear(cfg.hidden_size, 1, False, init, compute_dtype)
         self.shared_entry = nn.Identity()
@@ -397,9 +402,9 @@ class DecoderLayer(nn.Cell):
         if not sparse:
             self.feed_forward = FeedForward(cfg, init, compute_dtype)
         elif cfg.shared_expert_ffn_hidden_size:
-            self.feed_forward = SharedExpertMoE(cfg, init, compute_dtype)
+            self.feed_forward = SharedExpertMoE(cfg, init, compute_dtype, use_fused)
         else:
-            self.feed_forward = RoutedExperts(cfg, init, compute_dtype)
+            self.feed_forward = RoutedExperts(cfg, init, compute_dtype, use_fused)
 
     def construct(self, h, cos, sin, allowed, cache=None, write_slots=None):
         if isinstance(allowed, (tuple, list)):

@@ -81,3 +81,72 @@ def test_squared_sum_matches_float64_in_one_piece_and_in_pieces(monkeypatch, chu
     want = float((x.astype(np.float64) ** 2).sum())
     got = float(kernels.squared_sum(Tensor(x)).asnumpy())
     assert abs(got - want) <= 1e-6 * want  # fp32 accumulation over ~1e4 terms
+
+
+def _experts_case(seed=0, tokens=24, experts=4, hidden=32, width=16, k=2):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    logits = rng.standard_normal((tokens, experts)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    top = np.argsort(-probs, -1)[:, :k]
+    combine = np.zeros_like(probs)
+    np.put_along_axis(combine, top, np.take_along_axis(probs, top, -1), -1)
+    w1, w3 = (rng.standard_normal((experts, width, hidden)).astype(np.float32) * 0.2 for _ in range(2))
+    w2 = rng.standard_normal((experts, hidden, width)).astype(np.float32) * 0.2
+    bias = rng.standard_normal((experts, hidden)).astype(np.float32) * 0.1
+    return x, combine, k, w1, w3, w2, bias
+
+
+def _dense_experts(x, combine, w1, w3, w2, bias):
+    """Every expert on every token, weighted by the routing weights (layers.ExpertFFN's dropless path), numpy."""
+    gate, up = np.einsum("th,efh->etf", x, w1), np.einsum("th,efh->etf", x, w3)
+    out = np.einsum("etf,ehf->eth", gate / (1 + np.exp(-gate)) * up, w2) + bias[:, None]
+    return np.einsum("te,eth->th", combine, out)
+
+
+def _dense_experts_ms(x, combine, w1, w3, w2, bias):
+    """The same dense path in MindSpore ops (autograd reference)."""
+    from mindspore import ops
+
+    experts, tokens = combine.shape[1], x.shape[0]
+    stacked = ops.broadcast_to(ops.expand_dims(x, 0), (experts,) + tuple(x.shape))
+    matmul = ops.BatchMatMul(transpose_b=True)
+    out = matmul(ops.silu(matmul(stacked, w1)) * matmul(stacked, w3), w2) + ops.expand_dims(bias, 1)
+    return ops.reduce_sum(out * ops.expand_dims(ops.transpose(combine, (1, 0)), -1), 0)
+
+
+def test_routed_experts_with_the_reference_grouped_matmul_equal_every_expert_on_every_token():
+    """kernels.routed_experts (the Ascend GroupedMatmul path) run on CPU with grouped_matmul_reference in its
+    kernel's place: the sort by expert, gather, per-token weighting and segment sum give the dense path's output
+    (numpy, 1e-5) and the same gradients of x, the routing weights (where chosen) and the expert weights and
+    biases as autograd through the dense path (1e-5 of each gradient's largest magnitude)."""
+    import mindspore as ms
+
+    x, combine, k, w1, w3, w2, bias = _experts_case()
+    args = [Tensor(a) for a in (x, combine, w1, w3, w2, bias)]
+
+    def run(x, combine, w1, w3, w2, bias):
+        return kernels.routed_experts(x, combine, k, w1, w3, w2, bias, kernels.grouped_matmul_reference)
+
+    np.testing.assert_allclose(run(*args).asnumpy(), _dense_experts(x, combine, w1, w3, w2, bias), rtol=1e-5,
+                               atol=1e-5)
+    probe = Tensor(RNG.normal(size=x.shape).astype(np.float32))
+    positions = (0, 1, 2, 3, 4, 5)
+    routed = ms.grad(lambda *a: (run(*a) * probe).sum(), grad_position=positions)(*args)
+    dense = ms.grad(lambda *a: (_dense_experts_ms(*a) * probe).sum(), grad_position=positions)(*args)
+    for i, (got, want) in enumerate(zip(routed, dense)):
+        got, want = got.asnumpy(), want.asnumpy()
+        if i == 1:  # an unchosen expert's routing weight is not an input of the routed path
+            got, want = got * (combine > 0), want * (combine > 0)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), i
+
+
+@ascend
+@pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16])
+def test_grouped_matmul_experts_match_the_plain_path_on_ascend(dtype):
+    _on_ascend()
+    x, combine, k, w1, w3, w2, bias = _experts_case(tokens=64, hidden=128, width=64)
+    cast = [Tensor(a).astype(dtype) for a in (x, w1, w3, w2, bias)]
+    fused = kernels.routed_experts(cast[0], Tensor(combine), k, *cast[1:])
+    plain = kernels.routed_experts(cast[0], Tensor(combine), k, *cast[1:], matmul=kernels.grouped_matmul_reference)
+    np.testing.assert_allclose(fused.astype(ms.float32).asnumpy(), plain.astype(ms.float32).asnumpy(), atol=5e-2)
