@@ -182,7 +182,7 @@ def _config_from_dict(hf: Dict[str, Any], name: str, where: str) -> ModelConfig:
 def stored_config(file: str) -> Optional[ModelConfig]:
     """The ModelConfig stored with a checkpoint file: config.json beside it, else the `telechat2_config`
     safetensors metadata; None if it carries none."""
-    if file.endswith(".safetensors"):
+    if file.endswith(".safetensors") and os.path.isfile(file):
         _refuse_gmm(file, SafetensorsFile(file).metadata)
     config_path = os.path.join(os.path.dirname(os.path.abspath(file)), CONFIG_FILE)
     if os.path.isfile(config_path):

@@ -3,6 +3,7 @@ no MindSpore: hand-checkable memory and FLOP terms, the shipped layouts fit in 6
 fit is flagged, and the throughput check against MindFormers' published figures stays within 25%."""
 import re
 
+import numpy as np
 import pytest
 
 from telechat2_ms import cost_model as cm
@@ -34,20 +35,23 @@ def test_per_device_parameters_equal_the_plan_shards(name, tp, pp):
     """The cost model counts per device what parallel/plan.py gives each rank (kv heads replicated when tp
     exceeds them: qwen2_7b at tp8, 115B at tp16; q/k/v biases; tied embeddings, with the last stage's copy
     under pp), read from the lazy skeleton."""
-    from telechat2_ms.model import Telechat2ForCausalLM
-    from telechat2_ms.parallel.plan import param_stages, shard_shape, stage_layer_ranges
-
     cfg = get_config(name)
+    assert cm.stage_params_per_device(cfg, cm.Layout(tp=tp, pp=pp, micro_batches=pp)) == _planned(cfg, tp, pp)
+
+
+def _planned(cfg, tp, pp, ep=1):
+    """Parameters per rank of each stage as parallel/plan.py shards the lazy skeleton's parameters."""
+    from telechat2_ms.model import Telechat2ForCausalLM
+    from telechat2_ms.parallel.plan import param_stages, rank_shape, stage_layer_ranges
+
     shapes = {n: tuple(p.shape) for n, p in Telechat2ForCausalLM(cfg, init_zeros=True).parameters_and_names()}
     ranges = stage_layer_ranges(cfg.num_layers, pp)
     planned = [0] * pp
     for n, shape in shapes.items():
-        count = 1
-        for size in shard_shape(n, shape, tp, cfg.num_kv_heads):
-            count *= size
+        count = int(np.prod(rank_shape(n, shape, tp, cfg.num_kv_heads, ep)))
         for stage in param_stages(n, ranges, cfg.tie_word_embeddings):
             planned[stage] += count
-    assert cm.stage_params_per_device(cfg, cm.Layout(tp=tp, pp=pp, micro_batches=pp)) == planned
+    return planned
 
 
 def test_115b_parameter_count_is_exact():
@@ -196,19 +200,8 @@ def test_moe_parameters_per_device_equal_the_plan_shards(name, tp, ep, pp):
     """Mixture of experts: per device, the whole router, E/ep experts split over tp (down biases whole), Qwen2's
     shared expert split over tp and its gate whole; dense layers (mlp_only_layers) as before; at tp = ep = 1 the
     total is ModelConfig.num_parameters (39B-A12B: 39.3e9, 57B-A14B: 57.4e9)."""
-    from telechat2_ms.model import Telechat2ForCausalLM
-    from telechat2_ms.parallel.plan import param_stages, rank_shape, stage_layer_ranges
-
     cfg = get_config(name)
-    shapes = {n: tuple(p.shape) for n, p in Telechat2ForCausalLM(cfg, init_zeros=True).parameters_and_names()}
-    ranges = stage_layer_ranges(cfg.num_layers, pp)
-    planned = [0] * pp
-    for n, shape in shapes.items():
-        count = 1
-        for size in rank_shape(n, shape, tp, cfg.num_kv_heads, ep):
-            count *= size
-        for stage in param_stages(n, ranges, cfg.tie_word_embeddings):
-            planned[stage] += count
+    planned = _planned(cfg, tp, pp, ep)
     lay = cm.Layout(dp=ep, ep=ep, tp=tp, pp=pp, micro_batches=pp)
     assert cm.stage_params_per_device(cfg, lay) == planned
     if tp == ep == pp == 1:

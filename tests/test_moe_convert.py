@@ -22,16 +22,7 @@ from convert.random_hf import make_random_hf
 from telechat2_ms.checkpoint import load_checkpoint_into
 from telechat2_ms.config import ModelConfig, get_config
 from telechat2_ms.model import Telechat2ForCausalLM, to_tensor_ids
-
-
-def _safetensors(directory):
-    from safetensors.numpy import load_file
-
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, name)))
-    return out
+from tests.test_qwen2_convert import _safetensors
 
 
 def _assert_bit_equal(original, again):

@@ -29,8 +29,7 @@ import numpy as np
 import pytest
 
 from tests.msrun import parallel_cases as pc
-from tests.msrun.launcher import run_msrun
-from tests.test_parallel_msrun import ADAMW_UPDATE_TOL, LOSS_TOL, PARAM_TOL, WORKER, _explain
+from tests.test_parallel_msrun import ADAMW_UPDATE_TOL, LOSS_TOL, PARAM_TOL, _explain, run_worker_job
 
 GRAD_TOL = 1e-5
 
@@ -46,20 +45,14 @@ JOBS = {
 pytestmark = pytest.mark.msrun
 
 
-def _run_job(tmp_path_factory, workers):
-    out = tmp_path_factory.mktemp(f"moe_msrun{workers}")
-    result = run_msrun(WORKER, [str(out), *JOBS[workers]], workers=workers, timeout=420, workdir=str(out))
-    return str(out), result
-
-
 @pytest.fixture(scope="module")
 def moe_job2(tmp_path_factory):
-    return _run_job(tmp_path_factory, 2)
+    return run_worker_job(tmp_path_factory, "moe_msrun2", JOBS[2], 2)
 
 
 @pytest.fixture(scope="module")
 def moe_job4(tmp_path_factory):
-    return _run_job(tmp_path_factory, 4)
+    return run_worker_job(tmp_path_factory, "moe_msrun4", JOBS[4], 4)
 
 
 def _check_layout(job, layout):

@@ -51,10 +51,15 @@ JOBS = {
 pytestmark = pytest.mark.msrun
 
 
-def _run_job(tmp_path_factory, workers):
-    out = tmp_path_factory.mktemp(f"msrun{workers}")
-    result = run_msrun(WORKER, [str(out), *JOBS[workers]], workers=workers, timeout=420, workdir=str(out))
+def run_worker_job(tmp_path_factory, tag: str, tasks, workers: int):
+    """One msrun job of tests/msrun/worker_parallel.py running `tasks` -> (its output directory, MsrunResult)."""
+    out = tmp_path_factory.mktemp(tag)
+    result = run_msrun(WORKER, [str(out), *tasks], workers=workers, timeout=420, workdir=str(out))
     return str(out), result
+
+
+def _run_job(tmp_path_factory, workers):
+    return run_worker_job(tmp_path_factory, f"msrun{workers}", JOBS[workers], workers)
 
 
 @pytest.fixture(scope="module")

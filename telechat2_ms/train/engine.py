@@ -214,7 +214,7 @@ class ParallelEngine:
         targets = max(float(sum(loss_mask.sum() for _, _, loss_mask in shifted)), 1.0)
         scale = self.scaler.scale  # float16: the loss (so every gradient) is scaled by it; 1 otherwise
         # MoE: the mean load-balancing loss of the step's global micro-batches (parallel/experts.py)
-        aux_weight = 1.0 / (len(shifted) * self.plan.dims.micro_batch_num)
+        aux_weight = 1.0 / (len(shifted) * self.parallel.dims.micro_batch_num)
         loss, grads, aux = 0.0, [], 0.0
         for batch in shifted:
             part, part_grads = self.parallel.forward_backward(*batch, tokens=targets / scale,
@@ -230,7 +230,7 @@ class ParallelEngine:
         if finite:
             self.optimizer.step(grads, lr, step, clip_coefficient(norm, self.settings.train.grad_clip) / scale)
         record = {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": scale}
-        if self.plan.config.num_experts:  # the load-balancing part of `loss`
+        if self.parallel.model.config.num_experts:  # the load-balancing part of `loss`
             record["aux_loss"] = aux
         self.scaler.update(finite)
         return record
