@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the metadata of a file hf2ms --gmm wrote; needed for a MindFormers convert_gmm file)")
 
     p = sub.add_parser("reshard", parents=[common], help="full checkpoint or layout -> (tp, pp) layout")
-    p.add_argument("src", help="full .safetensors/.ckpt checkpoint or a layout directory")
+    p.add_argument("src", help="full .safetensors/.ckpt checkpoint, a layout directory, or an HF directory "
+                               "(converted as hf2ms would, tensor by tensor: HF weights to a layout in one command)")
     p.add_argument("output", help="output layout directory, or NAME.safetensors for the full checkpoint")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from telechat2_ms.formats.atomic import atomic_file, check_output_path
-from telechat2_ms.formats.dtypes import target_code
+from telechat2_ms.formats.dtypes import cast, target_code
 from convert.errors import ConversionError
 from convert.keymap import (GMM_METADATA, Fusion, check_names_and_shapes, expected_hf, expected_ms, fusion_of,
                             hf_to_ms_name, is_gmm_weight)
@@ -79,6 +79,25 @@ def plan_hf_to_ms(source: TensorSource, cfg: ModelConfig, dtype: str = "keep",
         info = TensorInfo(codes[0], tuple(shape))
         plans.append(TensorPlan(ms_name, info, sources, build) if build else TensorPlan(ms_name, info, sources))
     return plans
+
+
+class ConvertedSource(TensorSource):
+    """An HF directory seen as the MindSpore checkpoint hf2ms would write from it (names, stacked experts), each
+    tensor built when it is read: lets reshard go from HF weights to a layout in one command."""
+
+    def __init__(self, hf_dir: str):
+        self.hf, self.config = open_hf_dir(hf_dir)
+        self.path = hf_dir
+        self.metadata = config_metadata(self.config)
+        self.plans = {p.name: p for p in plan_hf_to_ms(self.hf, self.config)}
+
+    def infos(self) -> Dict[str, TensorInfo]:
+        return {name: plan.info for name, plan in self.plans.items()}
+
+    def read(self, name: str) -> np.ndarray:
+        plan = self.plans[name]
+        hf_infos = self.hf.infos()
+        return plan.build([cast(self.hf.read(s), hf_infos[s].code, plan.info.code) for s in plan.sources])
 
 
 def _output_format(output: str) -> str:

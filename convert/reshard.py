@@ -95,7 +95,7 @@ def _write_layout(source: TensorSource, plans: List[TensorPlan], cfg: ModelConfi
 def reshard(src: str, output: str, tp: int = 1, pp: int = 1, layer_counts: Optional[Sequence[int]] = None,
             config: Union[None, str, ModelConfig] = None, dtype: str = "keep", overwrite: bool = False,
             progress: bool = True, file: str = SHARD_FILE) -> str:
-    """Write `src` (a full .safetensors/.ckpt checkpoint or a layout directory) as a (tp, pp) layout
+    """Write `src` (a full .safetensors/.ckpt checkpoint, a layout directory, or an HF directory) as a (tp, pp) layout
     directory, or as one full `.safetensors` file when `output` ends in .safetensors (needs tp = pp = 1).
     `file`: which per-rank file of a layout directory to read (a training checkpoint's `exp_avg.safetensors` or
     `exp_avg_sq.safetensors`: AdamW's moments, under the parameters' names)."""
@@ -104,7 +104,7 @@ def reshard(src: str, output: str, tp: int = 1, pp: int = 1, layer_counts: Optio
         raise ConversionError(f"output {output} is a single file, which holds the full checkpoint (tp=1, pp=1); "
                               f"got tp={tp}, pp={pp}: give a directory instead")
     check_output_path(output, overwrite, is_dir=not to_file)
-    source = open_ms_checkpoint(src, file)
+    source = _open_source(src, file)
     cfg = resolve_config(source, config)
     check_tp(cfg, tp)
     ranges = stage_layer_ranges(cfg.num_layers, pp, layer_counts)
@@ -114,6 +114,18 @@ def reshard(src: str, output: str, tp: int = 1, pp: int = 1, layer_counts: Optio
     else:
         _write_layout(source, plans, cfg, output, tp, ranges, overwrite, progress)
     return output
+
+
+def _open_source(src: str, file: str) -> TensorSource:
+    """A MindSpore checkpoint or layout, or an HF directory (config.json beside HF weights, no layout.json),
+    converted tensor by tensor as hf2ms would."""
+    from telechat2_ms.formats.layout import is_layout_dir
+
+    if os.path.isdir(src) and not is_layout_dir(src) and os.path.isfile(os.path.join(src, "config.json")):
+        from convert.hf_to_ms import ConvertedSource
+
+        return ConvertedSource(src)
+    return open_ms_checkpoint(src, file)
 
 
 def merge(src_dir: str, output: str, overwrite: bool = False, progress: bool = True, file: str = SHARD_FILE) -> str:

@@ -181,7 +181,8 @@ def test_grouped_matmul_layout_round_trips_and_is_refused_where_it_cannot_be_rea
 
 @pytest.mark.parametrize("name, pp", [("telechat2_moe_tiny", 2), ("qwen2_moe_tiny", 1)])
 def test_moe_layouts_hold_every_expert_split_over_tp_and_merge_back_bit_exact(tmp_path, name, pp):
-    """HF -> (tp2, pp) layout -> merge equals the direct conversion bit for bit; a rank file holds all E experts,
+    """HF -> (tp2, pp) layout -> merge equals the direct conversion bit for bit, through hf2ms + reshard and with
+    reshard reading the HF directory itself (one command); a rank file holds all E experts,
     each split over tp as the dense FFN is (w1/w3 rows, w2 columns, down biases whole), so a run under any
     expert_parallel takes its experts from it at load time (parallel/experts.py; tests/test_moe_msrun.py)."""
     from safetensors.numpy import load_file
@@ -199,3 +200,7 @@ def test_moe_layouts_hold_every_expert_split_over_tp_and_merge_back_bit_exact(tm
     assert np.array_equal(rank[prefix + "ffn.w1.weight"], whole[prefix + "ffn.w1.weight"][:, F // 2:])
     merged = load_file(merge(layout, str(tmp_path / "merged.safetensors"), progress=False))
     assert sorted(merged) == sorted(whole) and all(np.array_equal(merged[k], whole[k]) for k in whole)
+    # one command from the HF directory to the layout (converted tensor by tensor as hf2ms would)
+    direct = reshard(str(tmp_path / "hf"), str(tmp_path / "direct"), tp=2, pp=pp, progress=False)
+    again = load_file(merge(direct, str(tmp_path / "again.safetensors"), progress=False))
+    assert sorted(again) == sorted(whole) and all(np.array_equal(again[k], whole[k]) for k in whole)
