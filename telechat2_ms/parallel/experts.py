@@ -28,7 +28,12 @@ replicas of this rank's experts), the router over the whole `grad` group like ev
 
 Load balancing (model.aux_loss) is computed from the statistics of the whole global micro-batch: every rank sums
 its (assignments, probability mass) over the grad group (forward all-reduce, backward all-reduce) and adds
-aux / grad_size to its loss share, so the summed loss and every gradient equal one process's.
+aux / grad_size to its loss share, so the summed loss and every gradient equal one process's. Under pipeline
+stages each stage adds the aux of its own layers to its backward (pipeline.StageFunctions.local_loss): exact for
+the per-layer aux of TeleChat2-MoE; Qwen2-MoE's aux over every layer at once is refused with pp (dims.check_experts).
+
+With a capacity factor (ModelConfig.moe_capacity_factor) each of this rank's experts runs on its
+ceil(c k N / E) slots of the block's N tokens, filled in token order (layers.capacity_combine).
 """
 from __future__ import annotations
 
