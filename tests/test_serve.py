@@ -376,3 +376,20 @@ def test_qwen2_is_served_through_its_chatml_template(qwen2_dir, tmp_path):
         assert with_tools.usage.prompt_tokens > got.usage.prompt_tokens + 20  # the tools block is in the prompt
     finally:
         served.stop()
+
+
+def test_a_mixture_of_experts_model_is_served_as_predict_answers(tmp_path):
+    """A mixture-of-experts model (tiny TeleChat2-MoE, random weights) through the same server: the chat answer and
+    its stream equal `--run_mode predict`'s (the sparse layers in the cached, batched decode)."""
+    extra = ["--model", "telechat2_moe_tiny"]
+    want = _predict(["What is 3 plus 4?"], extra=extra)[0]
+    served = Served(str(tmp_path), extra, name="telechat2_moe_tiny")
+    try:
+        messages = [{"role": "user", "content": "What is 3 plus 4?"}]
+        got = served.client.chat.completions.create(model="telechat2_moe_tiny", messages=messages, temperature=0)
+        assert got.choices[0].message.content == want
+        parts = [c.choices[0].delta.content or "" for c in served.client.chat.completions.create(
+            model="telechat2_moe_tiny", messages=messages, temperature=0, stream=True) if c.choices]
+        assert "".join(parts) == want
+    finally:
+        served.stop()
