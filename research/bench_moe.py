@@ -106,7 +106,7 @@ def ours(spec: dict, capacity_factor: float = 0.0) -> dict:
     if capacity_factor:
         tokens = spec["batch"] * spec["seq"]
         combine = block.routed_experts.gate(ops.reshape(x, (tokens, spec["hidden"])))[0]
-        kept = capacity_slots(combine, expert_capacity(tokens, cfg, cfg.num_experts))[2]
+        kept = capacity_slots(combine, expert_capacity(tokens, cfg))[2]
         dropped = 1.0 - float((kept.asnumpy() > 0).sum()) / (tokens * cfg.num_experts_per_tok)
     return {"median_s": _timed(lambda: run(), spec), "output": out.asnumpy().tolist(), "dropped": dropped}
 

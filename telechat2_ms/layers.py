@@ -8,6 +8,8 @@ d head dim, F ffn hidden, T key length (S, or the KV-cache length when decoding)
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 import mindspore as ms
@@ -221,22 +223,39 @@ class FeedForward(nn.Cell):
 
 class StackedLinear(nn.Cell):
     """E experts' Linear layers as one stacked weight [E, out, in] (+ bias [E, out]), MindFormers' layout before
-    its convert_gmm transpose; x [E, T, in] -> [E, T, out], expert e applied to x[e]."""
+    its convert_gmm transpose; x [E, T, in] -> [E, T, out], expert e applied to x[e]. Built from the Parameters
+    (`stacked_linear` draws them; parallel/experts.py hands in this rank's shards)."""
 
-    def __init__(self, experts: int, in_features: int, out_features: int, has_bias: bool, init: ParamInit,
-                 compute_dtype=ms.float32):
+    def __init__(self, weight: Parameter, bias: Optional[Parameter], compute_dtype=ms.float32):
         super().__init__()
-        self.weight = init.normal((experts, out_features, in_features), "weight")
-        self.has_bias = has_bias
-        self.bias = ParamInit.constant((experts, out_features), 0.0, "bias") if has_bias else None
+        self.weight = weight
+        self.has_bias = bias is not None
+        self.bias = bias
         self.compute_dtype = compute_dtype
         self.matmul = ops.BatchMatMul(transpose_b=True)
 
+    def project(self, x):
+        """x [E, T, in] -> [E, T, out] without the bias."""
+        return self.matmul(ops.cast(x, self.compute_dtype), kernels.cast_to(self.weight, self.compute_dtype))
+
     def construct(self, x):
-        y = self.matmul(ops.cast(x, self.compute_dtype), kernels.cast_to(self.weight, self.compute_dtype))
+        y = self.project(x)
         if self.has_bias:
             y = y + ops.expand_dims(ops.cast(self.bias, self.compute_dtype), 1)
         return y
+
+
+def stacked_linear(experts: int, in_features: int, out_features: int, has_bias: bool, init: ParamInit,
+                   compute_dtype=ms.float32) -> StackedLinear:
+    """A StackedLinear with weights drawn by `init` and zero biases."""
+    bias = ParamInit.constant((experts, out_features), 0.0, "bias") if has_bias else None
+    return StackedLinear(init.normal((experts, out_features, in_features), "weight"), bias, compute_dtype)
+
+
+def weighted_sum(expert_out, weights):
+    """expert_out [E,T,H], weights [T,E] (0 where a token did not choose the expert) -> [T,H]."""
+    per_expert = ops.expand_dims(ops.transpose(ops.cast(weights, expert_out.dtype), (1, 0)), -1)  # [E,T,1]
+    return ops.reduce_sum(expert_out * per_expert, 0)
 
 
 class Router(nn.Cell):
@@ -250,8 +269,8 @@ class Router(nn.Cell):
         return self.dense(ops.cast(x, ms.float32))
 
 
-def expert_capacity(tokens: int, cfg: ModelConfig, experts: int) -> int:
-    """Slots of each of `experts` experts for `tokens` tokens: ceil(capacity_factor * k * tokens / E), at most
+def expert_capacity(tokens: int, cfg: ModelConfig) -> int:
+    """Slots of each expert for `tokens` tokens: ceil(capacity_factor * k * tokens / E), at most
     `tokens` (no more can choose one expert); 0 when cfg is dropless."""
     if not cfg.moe_capacity_factor:
         return 0
@@ -300,9 +319,9 @@ class ExpertFFN(nn.Cell):
     def __init__(self, cfg: ModelConfig, init: ParamInit, compute_dtype=ms.float32, use_fused: bool = False):
         super().__init__()
         E, H, F = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
-        self.w1 = StackedLinear(E, H, F, False, init, compute_dtype)
-        self.w3 = StackedLinear(E, H, F, False, init, compute_dtype)
-        self.w2 = StackedLinear(E, F, H, cfg.down_bias, init, compute_dtype)
+        self.w1 = stacked_linear(E, H, F, False, init, compute_dtype)
+        self.w3 = stacked_linear(E, H, F, False, init, compute_dtype)
+        self.w2 = stacked_linear(E, F, H, cfg.down_bias, init, compute_dtype)
         self.config = cfg
         self.use_fused = use_fused  # Ascend: dropless routed experts on GroupedMatmul (kernels.routed_experts)
 
@@ -313,7 +332,7 @@ class ExpertFFN(nn.Cell):
     def construct(self, x, combine):
         """x [T,H], combine [T,E] (each token's weight for each expert, 0 where not chosen) -> [T,H]."""
         experts, (tokens, hidden) = combine.shape[1], x.shape
-        capacity = expert_capacity(tokens, self.config, experts)
+        capacity = expert_capacity(tokens, self.config)
         if capacity:
             return capacity_combine(self.swiglu, x, combine, capacity)
         if self.use_fused:
@@ -321,9 +340,7 @@ class ExpertFFN(nn.Cell):
             return kernels.routed_experts(x, combine, self.config.num_experts_per_tok, self.w1.weight, self.w3.weight,
                                           self.w2.weight, self.w2.bias if self.w2.has_bias else None)
         stacked = ops.broadcast_to(ops.expand_dims(x, 0), (experts, tokens, hidden))  # [E,T,H]
-        expert_out = self.swiglu(stacked)  # [E,T,H]
-        weights = ops.expand_dims(ops.transpose(ops.cast(combine, expert_out.dtype), (1, 0)), -1)  # [E,T,1]
-        return ops.reduce_sum(expert_out * weights, 0)  # [T,H]
+        return weighted_sum(self.swiglu(stacked), combine)  # [T,H]
 
 
 class RoutedExperts(nn.Cell):

@@ -63,7 +63,7 @@ def reduce_gradients(params: Sequence, grads: Sequence, grad_group: comm.Group, 
     of that shard: parallel/experts.py), and over tp for sequence-parallel partials."""
     grads = list(grads)
     experts = [i for i, p in enumerate(params) if getattr(p, "expert_shard", False)]
-    rest = [i for i in range(len(grads)) if i not in set(experts)]
+    rest = [i for i, p in enumerate(params) if not getattr(p, "expert_shard", False)]
     for indices, group in ((rest, grad_group), (experts, expert_group)):
         if not indices:
             continue

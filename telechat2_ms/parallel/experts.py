@@ -44,8 +44,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from telechat2_ms import kernels
-from telechat2_ms.layers import capacity_combine, capacity_slots, expert_capacity, host_parameter
+from telechat2_ms.layers import (StackedLinear, capacity_combine, capacity_slots, expert_capacity, host_parameter,
+                                 weighted_sum)
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -69,9 +69,10 @@ class ExpertParallelFFN(nn.Cell):
                  tp_group: comm.Group, compute_dtype=ms.float32, config=None):
         super().__init__()
         self.config = config  # its moe_capacity_factor: each expert on its capacity slots of the block's tokens
-        self.w1 = _Stacked(w1, None)
-        self.w3 = _Stacked(w3, None)
-        self.w2 = _Stacked(w2, bias)
+        self.w1 = StackedLinear(host_parameter(w1, "weight"), None, compute_dtype)
+        self.w3 = StackedLinear(host_parameter(w3, "weight"), None, compute_dtype)
+        self.w2 = StackedLinear(host_parameter(w2, "weight"), None if bias is None else host_parameter(bias, "bias"),
+                                compute_dtype)
         for param in self.get_parameters():
             mark_expert_shard(param)
         self.first, self.local = first, w1.shape[0]
@@ -81,48 +82,31 @@ class ExpertParallelFFN(nn.Cell):
         self.enter_tp = comm.CopyToRegion(tp_group)
         self.weights_tp = comm.CopyToRegion(tp_group)
         self.reduce_tp = comm.ReduceFromRegion(tp_group)
-        self.matmul = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, x, combine):
         tokens = self.dispatch(x)  # [ep*T, H]
         weights = self.dispatch(combine)[:, self.first:self.first + self.local]  # [ep*T, E_local] fp32
         n, hidden = tokens.shape
-        capacity = expert_capacity(n, self.config, self.config.num_experts) if self.config is not None else 0
+        capacity = expert_capacity(n, self.config) if self.config is not None else 0
         if capacity:  # this rank's experts on their slots of the block's tokens, in token order
             entered = self.enter_tp(ops.cast(tokens, self.compute_dtype))
             out = self.reduce_tp(capacity_combine(self._partial_swiglu, entered, self.weights_tp(weights), capacity))
-            if self.w2.has_bias:
+            if self.w2.has_bias:  # from the weights themselves: the bias path's gradient is whole on every tp rank
                 kept = capacity_slots(weights, capacity)[2]  # [ep*T, E_local]
                 out = out + ops.matmul(ops.cast(kept, self.compute_dtype), ops.cast(self.w2.bias, self.compute_dtype))
             return self.collect(out)
         stacked = ops.broadcast_to(ops.expand_dims(self.enter_tp(ops.cast(tokens, self.compute_dtype)), 0),
                                    (self.local, n, hidden))  # [E_local, ep*T, H]
         partial = self._partial_swiglu(stacked)  # [E_local, ep*T, H], partial over tp
-        tp_weights = ops.expand_dims(ops.transpose(ops.cast(self.weights_tp(weights), partial.dtype), (1, 0)), -1)
-        out = self.reduce_tp(ops.reduce_sum(partial * tp_weights, 0))  # [ep*T, H]
+        out = self.reduce_tp(weighted_sum(partial, self.weights_tp(weights)))  # [ep*T, H]
         if self.w2.has_bias:
             out = out + ops.matmul(ops.cast(weights, self.compute_dtype),
                                    ops.cast(self.w2.bias, self.compute_dtype))  # sum_e C[:, e] * b_e
         return self.collect(out)  # [T, H]
 
-
     def _partial_swiglu(self, stacked):
         """[E_local, C, H] -> [E_local, C, H], partial over tp (no bias)."""
         return self.w2.project(ops.silu(self.w1.project(stacked)) * self.w3.project(stacked))
-
-
-class _Stacked(nn.Cell):
-    """A stacked expert weight shard [E_local, out, in] (+ bias [E_local, out], applied by the caller)."""
-
-    def __init__(self, weight: np.ndarray, bias):
-        super().__init__()
-        self.weight = host_parameter(weight, "weight")
-        self.has_bias = bias is not None
-        self.bias = host_parameter(bias, "bias") if self.has_bias else None
-        self.matmul = ops.BatchMatMul(transpose_b=True)
-
-    def project(self, x):
-        return self.matmul(x, kernels.cast_to(self.weight, x.dtype))
 
 
 class TensorParallelFFN(nn.Cell):

@@ -313,7 +313,7 @@ class TelechatParallel:
                     h, _ = layer(h, cos, sin, allowed)
             share = global_aux_loss(cfg, stats, micro * local_seq, groups.grad) if stats else None
             if share is not None:  # MoE load balancing of this stage's layers over the global micro-batch
-                aux_shares[i] = float(share.asnumpy()) * groups.grad.size
+                aux_shares[i] = ops.stop_gradient(share)  # read once the step is done: no host sync here
             if not self.last_stage:
                 local[0] = None if share is None else share * aux_weight
                 return h
@@ -323,7 +323,7 @@ class TelechatParallel:
             loss = (ce * mask_mb[i]).sum() / tokens
             return loss if share is None else loss + share * aux_weight
 
-        aux_shares: Dict[int, float] = {}  # micro-batch -> this stage's load-balancing loss (a recompute overwrites)
+        aux_shares: Dict[int, Tensor] = {}  # micro-batch -> this rank's aux share (a recompute overwrites)
         local: List = [None]  # the aux share of the last forward of a stage before the last one
         aux_weight = 1.0 / dims.micro_batch_num if aux_weight is None else aux_weight
         act_seq = local_seq // dims.tp if dims.seq_parallel else local_seq
@@ -333,7 +333,8 @@ class TelechatParallel:
         self.aux_losses = []  # the load-balancing loss of each micro-batch (MoE; before aux_weight), every stage's
         earlier_stages = 0.0  # what the stages before the last added to the loss (their layers' aux shares)
         if cfg.num_experts:  # every rank of the layout takes part (a stage may hold no sparse layer)
-            shares = np.array([aux_shares.get(i, 0.0) for i in range(dims.micro_batch_num)], np.float32)
+            shares = np.array([float(aux_shares[i].asnumpy()) * groups.grad.size if i in aux_shares else 0.0
+                               for i in range(dims.micro_batch_num)], np.float32)  # this stage's, whole batch
             if dims.pp > 1:
                 mine = 0.0 if self.last_stage else float(shares.sum()) * aux_weight
                 both = comm.all_reduce(Tensor(np.array([*shares, mine], np.float32)), groups.pp).asnumpy()

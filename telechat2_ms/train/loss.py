@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 
@@ -29,12 +28,7 @@ class CausalLMLoss(nn.Cell):
         self.model = model
         dummy = Tensor(np.zeros((batch_size, seq_length), np.int32))
         self.position_ids, self.allowed, self.inv_freq, self.mscale = model.prepare_inputs(dummy)
-        self.moe = bool(model.config.num_experts)
         self.aux_weight = float(aux_weight)
-
-    def logits(self, input_ids):
-        hidden, _ = self.model.model(input_ids, self.position_ids, self.allowed, self.inv_freq, self.mscale)
-        return self.model.logits(hidden)  # [B,S,V] fp32
 
     def token_loss(self, logits, input_ids, loss_mask, denominator):
         log_probs = ops.log_softmax(logits[:, :-1], -1)  # [B,S-1,V]: position p-1 predicts token p
@@ -44,12 +38,10 @@ class CausalLMLoss(nn.Cell):
 
     def loss_and_aux(self, input_ids, loss_mask, denominator):
         """(the training loss [], the weighted load-balancing part of it []: 0 for a dense model)."""
-        if self.moe:
-            hidden, _, aux = self.model.model(input_ids, self.position_ids, self.allowed, self.inv_freq, self.mscale,
-                                              None, None, True)
-            weighted = aux * self.aux_weight
-            return self.token_loss(self.model.logits(hidden), input_ids, loss_mask, denominator) + weighted, weighted
-        return self.token_loss(self.logits(input_ids), input_ids, loss_mask, denominator), ops.zeros((), ms.float32)
+        hidden, _, aux = self.model.model(input_ids, self.position_ids, self.allowed, self.inv_freq, self.mscale,
+                                          None, None, True)
+        weighted = aux * self.aux_weight
+        return self.token_loss(self.model.logits(hidden), input_ids, loss_mask, denominator) + weighted, weighted
 
     def construct(self, input_ids, loss_mask, denominator):
         return self.loss_and_aux(input_ids, loss_mask, denominator)[0]
