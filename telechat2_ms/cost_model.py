@@ -25,6 +25,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import functools
+import math
 import pathlib
 import sys
 from dataclasses import dataclass
@@ -138,9 +139,10 @@ class Layout:
     infer_batch: int = 1  # sequences decoded together (infer mode; serve: serve.max_batch rows of KV cache)
     prefill_batch: int = 0  # sequences prefilled together (0: infer_batch; serve prefills one prompt at a time)
     ep: int = 1  # expert parallel (mixture of experts): experts split over blocks of ep data-parallel ranks
-    # how an MoE layer's experts see the tokens: "dense", every expert on every token of its ep block weighted by
-    # 0 where not chosen (this project's path: parallel/experts.py, no grouped-matmul kernel yet); "routed", each
-    # token only on its k experts (grouped matmul and all-to-all, MindFormers), capacity_factor x the routed work
+    # how an MoE layer's experts see the tokens: "dense", each token sent (all-to-all) to the ep ranks holding one
+    # of its experts and every expert of a rank run on every token it received, weighted by 0 where not chosen
+    # (this project's training path: parallel/experts.py, no grouped-matmul kernel yet); "routed", each token only
+    # on its k experts (grouped matmul and all-to-all, MindFormers), capacity_factor x the routed work
     moe_dispatch: str = "dense"
     capacity_factor: float = 1.0
 
@@ -330,7 +332,7 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str, layer:
     tp_region = 4 * a * T * F / tp
     if cfg.is_sparse(layer):
         pairs = expert_pairs_per_token(cfg, lay)
-        seen = lay.ep if lay.moe_dispatch == "dense" else pairs  # tokens (copies) the experts read, per token
+        seen = expert_rows_per_token(cfg, lay)  # tokens (copies) the experts read, per token
         tp_region = (4 * a * T * (pairs * cfg.moe_ffn_hidden_size + cfg.shared_expert_ffn_hidden_size) / tp
                      + a * T * H * (pairs + seen) + 8 * T * cfg.num_experts)
     if recompute == "none":
@@ -344,11 +346,21 @@ def layer_activation_bytes(cfg: ModelConfig, lay: Layout, recompute: str, layer:
     return tp_region + norm_region / seq_split
 
 
-def expert_pairs_per_token(cfg: ModelConfig, lay: Layout) -> float:
-    """(token, expert) pairs an MoE layer computes per token: every expert (dense dispatch), or k x the capacity
-    factor (routed)."""
+def expert_rows_per_token(cfg: ModelConfig, lay: Layout) -> float:
+    """Rows an MoE layer's experts receive per token of a device (all-to-all): dense dispatch, one per ep rank
+    holding one of the token's k experts, ep x (1 - C(E - E/ep, k) / C(E, k)) under uniform routing; routed,
+    one per chosen expert, k x the capacity factor."""
     if lay.moe_dispatch == "dense":
-        return float(cfg.num_experts)
+        E, k = cfg.num_experts, cfg.num_experts_per_tok
+        return lay.ep * (1.0 - math.comb(E - E // lay.ep, k) / math.comb(E, k))
+    return cfg.num_experts_per_tok * lay.capacity_factor
+
+
+def expert_pairs_per_token(cfg: ModelConfig, lay: Layout) -> float:
+    """(token, expert) pairs an MoE layer computes per token: the E/ep experts of a rank on every row it received
+    (dense dispatch), or k x the capacity factor (routed)."""
+    if lay.moe_dispatch == "dense":
+        return cfg.num_experts / lay.ep * expert_rows_per_token(cfg, lay)
     return cfg.num_experts_per_tok * lay.capacity_factor
 
 
@@ -526,20 +538,18 @@ def step_time(cfg: ModelConfig, lay: Layout, efficiency: Optional[float] = None,
     p2p_bw = (hw.roce_port_bandwidth if lay.devices > dpn else hw.hccs_link_bandwidth) * hw.collective_efficiency
     p2p = 2 * lay.pp_interleave * a * T * H / tp / p2p_bw if lay.pp > 1 else 0.0
 
-    # MoE layers: the dispatch and combine over the ep block, forward, backward (and a recomputed forward).
-    # Dense dispatch (parallel/experts.py): all-gather of the tokens and reduce-scatter of the outputs, a·ep·T·H
-    # gathered bytes each, and the tp all-reduce of the [ep·T, H] partial sums (forward, and of the input and
-    # routing-weight gradients backward). Routed: two all-to-alls of the k·capacity·T dispatched copies; each
-    # device sends (ep-1)/ep of them, inside a node over its ep-1 links at once, across nodes through its port.
+    # MoE layers: the dispatch and combine over the ep block, forward, backward (and a recomputed forward): two
+    # all-to-alls of the rows the experts receive (expert_rows_per_token); each device sends (ep-1)/ep of them,
+    # inside a node over its ep-1 links at once, across nodes through its port. Dense dispatch also all-reduces
+    # the experts' partial sums over tp ([rows, H]; forward, and the input and routing-weight gradients backward).
     moe_passes = 3 if lay.recompute == "full" else 2  # forward-like passes: forward, backward (+ recompute)
     ep_spans = tp * cp * lay.ep > dpn
+    rows = expert_rows_per_token(cfg, lay) if cfg.num_experts else 0.0
+    link = (hw.roce_port_bandwidth if ep_spans else hw.hccs_link_bandwidth * max(lay.ep - 1, 1))
+    moe_layer_comm = 2 * a * rows * T * H * (lay.ep - 1) / lay.ep / (link * hw.collective_efficiency)
     if lay.moe_dispatch == "dense":
-        moe_layer_comm = moe_passes * (2 * _collective_time(a * lay.ep * T * H, lay.ep, ep_spans, hw, "half")
-                                       + _collective_time(a * lay.ep * T * H, tp, tp_spans, hw, "full"))
-    else:
-        sent = a * expert_pairs_per_token(cfg, lay) * T * H * (lay.ep - 1) / lay.ep
-        link = (hw.roce_port_bandwidth if ep_spans else hw.hccs_link_bandwidth * max(lay.ep - 1, 1))
-        moe_layer_comm = moe_passes * 2 * sent / (link * hw.collective_efficiency) if lay.ep > 1 else 0.0
+        moe_layer_comm += _collective_time(a * rows * T * H, tp, tp_spans, hw, "full")
+    moe_layer_comm *= moe_passes
     ranges = stage_layer_ranges(cfg.num_layers, lay.pp, list(lay.layer_counts) or None, "pipeline_layer_counts")
     pairs = expert_pairs_per_token(cfg, lay) if cfg.num_experts else None
 

@@ -88,10 +88,15 @@ class CachedSteps(nn.Cell):
     Cache layout (telechat2_ms/layers.py, in-place form): layer i's keys and values are 2-D Parameters
     `kv_cache.{i}.key` / `.value` [B*k*T, d], row (b*k + h)*T + t. `prefill` writes slots 0..P-1 and
     `construct` (one decode step) writes slot `slot` ([1], or [B,1]: each row its own); both return
-    last-position logits [B,V] fp32. `prefill_row` runs one prompt alone into one row (serving/engine.py)."""
+    last-position logits [B,V] fp32. `prefill_row` runs one prompt alone into one row (serving/engine.py).
+    Steps that may be compiled: experts split over ep dispatch with shapes independent of the routing."""
 
     def __init__(self, model: Telechat2ForCausalLM, batch: int, slots: int):
         super().__init__()
+        if model.config.num_experts:
+            from telechat2_ms.parallel.experts import use_static_dispatch
+
+            use_static_dispatch(model)
         self.model = model.model
         self.lm_head = model.lm_head
         head_dim = model.config.head_dim

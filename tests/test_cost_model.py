@@ -1,6 +1,7 @@
 """The Atlas 800T A2 cost model (telechat2_ms/cost_model.py) and the Atlas YAMLs it validates. Pure arithmetic,
 no MindSpore: hand-checkable memory and FLOP terms, the shipped layouts fit in 64 GB, a layout known not to
 fit is flagged, and the throughput check against MindFormers' published figures stays within 25%."""
+import math
 import re
 
 import numpy as np
@@ -182,7 +183,7 @@ def test_shipped_finetune_throughputs():
     tps = {p.parent.name: cm.evaluate_config(p)["time"].tokens_per_s_per_device
            for p in cm.shipped_atlas_configs() if p.stem == "finetune"}
     assert tps == pytest.approx({"telechat2_7b": 2796, "telechat2_35b": 450, "telechat2_115b": 156.7,
-                                 "telechat2_39b_a12b": 441.7}, rel=2e-3)
+                                 "telechat2_39b_a12b": 456.4}, rel=2e-3)
 
 
 def test_cli_all_prints_tables(capsys):
@@ -209,16 +210,24 @@ def test_moe_parameters_per_device_equal_the_plan_shards(name, tp, ep, pp):
 
 
 def test_moe_flops_count_the_chosen_experts_and_the_dense_dispatch_its_extra_work():
-    """6N counts the k experts a token meets (the model's own FLOPs: MFU); the time model prices what runs: every
-    expert with this port's dense dispatch, k x capacity routed; a dense model is unchanged by the MoE terms."""
+    """6N counts the k experts a token meets (the model's own FLOPs: MFU); the time model prices what runs: with this
+    port's dense dispatch every expert of an ep rank on each row sent to it (a token goes to each rank holding one
+    of its k experts: under uniform routing 1 - C(E - E/ep, k) / C(E, k) of the tokens per rank), k x capacity
+    routed; a dense model is unchanged by the MoE terms."""
     cfg = get_config("telechat2_39b_a12b")
     H, E, k, Fe = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_ffn_hidden_size
     attention = 2 * H * H + 2 * cfg.kv_dim * H
     assert cm.matmul_params_per_layer(cfg) == attention + E * H + k * 3 * H * Fe
     assert cm.matmul_params_per_layer(cfg, 0, E) == attention + E * H + E * 3 * H * Fe
-    dense = cm.step_time(cfg, cm.Layout(dp=16, ep=8, tp=4, recompute="full"))
-    routed = cm.step_time(cfg, cm.Layout(dp=16, ep=8, tp=4, recompute="full", moe_dispatch="routed"))
-    assert dense.compute > 2 * routed.compute and dense.mfu < routed.mfu
+    lay = cm.Layout(dp=16, ep=8, tp=4, recompute="full")
+    hit = 1 - math.comb(E - E // 8, k) / math.comb(E, k)  # 16 experts top-4 over ep8: 0.45
+    assert cm.expert_rows_per_token(cfg, lay) == pytest.approx(8 * hit)
+    assert cm.expert_pairs_per_token(cfg, lay) == pytest.approx(E * hit)
+    assert cm.expert_pairs_per_token(cfg, cm.Layout(dp=16, recompute="full")) == E  # one rank holds every expert
+    routed_lay = cm.Layout(dp=16, ep=8, tp=4, recompute="full", moe_dispatch="routed", capacity_factor=1.2)
+    assert cm.expert_pairs_per_token(cfg, routed_lay) == pytest.approx(k * 1.2)
+    dense, routed = cm.step_time(cfg, lay), cm.step_time(cfg, routed_lay)
+    assert dense.compute > 1.2 * routed.compute and dense.mfu < routed.mfu
     assert dense.ep_comm > 0 and routed.ep_comm > 0
     qwen = get_config("qwen2_moe_tiny")  # layer 1 dense
     assert cm.matmul_params_per_layer(qwen, 1) == 2 * 64 * 64 + 2 * qwen.kv_dim * 64 + 3 * 64 * qwen.ffn_hidden_size

@@ -1,5 +1,7 @@
 """Expert parallelism under msrun on CPU (parallel/experts.py), compared with one process, for both MoE families:
 TeleChat2-MoE (4 experts, top-2 renormalised, expert down biases) and Qwen2-MoE (shared expert, a dense layer).
+The training step dispatches tokens by all-to-all (comm.AllToAllRows, emulated on CPU), the compiled generation
+steps by all-gather + reduce-scatter (parallel/experts.py).
 
 Layouts (tests/msrun/parallel_cases.py): the experts split over ep2 inside dp2 (2 workers; each rank holds 2 of
 the 4 experts and runs them over both ranks' tokens), every expert also split over tp2 (ep2 x tp2, 4 workers), and
@@ -73,6 +75,7 @@ def _check_layout(job, layout):
         info = pc.rank_info(out, layout, rank)
         assert abs(loss - reference["loss"]) / reference["loss"] <= LOSS_TOL, (layout, rank, loss, reference)
         assert abs(info["norms"][0] - reference["norm"]) / reference["norm"] <= LOSS_TOL, (layout, rank, info)
+        assert info["dispatch"] == (["all_to_all"] if pc.LAYOUTS[layout].get("ep", 1) > 1 else ["all_gather"]), info
         aux = info["aux_losses"]  # one per global micro-batch, every pipeline stage's layers summed
         assert len(aux) == len(reference["aux_loss"]), (layout, rank, aux, reference)
         for got, want in zip(aux, reference["aux_loss"]):

@@ -10,6 +10,10 @@ Two backends, chosen once per process:
   broadcast = non-roots contribute zeros; max/min = all-gather + local reduce; ring shift = blocks placed by rank + all-reduce + pick the
   neighbour's block.
 
+all-to-all (expert parallelism's token dispatch, rows of uneven counts per member): native `ops.AlltoAllV`;
+emulated: every member's pieces padded to the largest count, all-gathered, and each member keeps the pieces
+addressed to it.
+
 `ring_shift` (the point-to-point step of RingAttention and of the pipeline) uses all-gather + pick on the
 native backend as well: it is correct everywhere, costs `size` times the bandwidth of a true send/recv, and
 is the one place to swap in HCCL P2P later.
@@ -27,12 +31,15 @@ the device (custom bprop works on CPU in PyNative and ms.jit):
 | GatherFromRegion     | all-gather       | keep my slice    | leave a sharded region (e.g. logits)      |
 | GatherFromSPRegion   | all-gather       | reduce-scatter   | sequence parallel: before column-parallel |
 | ReduceScatterToSP    | reduce-scatter   | all-gather       | sequence parallel: after row-parallel     |
+| AllToAllRows         | all-to-all       | all-to-all back  | expert parallel: token dispatch, combine  |
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
@@ -148,6 +155,8 @@ def _prim(kind: str, group: Group, *args):
             _PRIMS[key] = ops.ReduceScatter(ops.ReduceOp.SUM, group.name)
         elif kind == "broadcast":
             _PRIMS[key] = ops.Broadcast(args[0], group.name)
+        elif kind == "alltoallv":
+            _PRIMS[key] = ops.AlltoAllV(group.name, args[0])
         else:
             raise ValueError(f"unknown collective {kind}")
     return _PRIMS[key]
@@ -225,6 +234,36 @@ def broadcast(x: Tensor, group: Group, root: int = 0) -> Tensor:
     return _prim("broadcast", group, group.ranks[root])((x,))[0]
 
 
+def exchange_counts(send_counts: Sequence[int], group: Group) -> List[int]:
+    """Every member's row counts for every other -> how many rows each member sends me (all_to_all's recv)."""
+    if group.size == 1:
+        return list(send_counts)
+    mine = np.zeros((group.size, group.size), np.float32)  # fp32 (the CPU all-reduce's type): exact below 2**24
+    mine[group.rank] = send_counts
+    return [int(n) for n in all_reduce(Tensor(mine), group).asnumpy()[:, group.rank]]
+
+
+def all_to_all(x: Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: Group) -> Tensor:
+    """x [sum(send_counts), W]: the first send_counts[0] rows go to member 0, the next to member 1, ... ->
+    [sum(recv_counts), W], the rows member 0 sent me first (recv_counts from `exchange_counts`). PyNative only
+    (the counts are host values)."""
+    if group.size == 1:
+        return x
+    _check_member(group, "all_to_all")
+    width = x.shape[1]
+    if not is_emulated():
+        out = _prim("alltoallv", group, width)(ops.reshape(x, (-1,)), list(send_counts), list(recv_counts))
+        return ops.reshape(out, (sum(recv_counts), width))
+    longest = int(all_reduce(Tensor(np.array([max(send_counts)], np.float32)), group, "max").asnumpy()[0]) or 1
+    pieces, start = [], 0
+    for n in send_counts:
+        piece = x[start:start + n] if n else ops.zeros((0, width), x.dtype)
+        pieces.append(ops.concat((piece, ops.zeros((longest - n, width), x.dtype)), 0) if n < longest else piece)
+        start += n
+    every = all_gather(ops.stack(pieces, 0), group, dim=0)  # [size*size, longest, W]: sender-major
+    return ops.concat([every[s * group.size + group.rank, :n] for s, n in enumerate(recv_counts) if n], 0)
+
+
 def ring_shift(x: Tensor, group: Group, shift: int = 1) -> Tensor:
     """Send x to member (rank+shift) % size and return what member (rank-shift) % size sent.
     Every member must call it with same-shaped x (the ring step of RingAttention and the pipeline)."""
@@ -237,6 +276,22 @@ def ring_shift(x: Tensor, group: Group, shift: int = 1) -> Tensor:
 
 
 # ---- autograd-aware regions ----------------------------------------------------------------------------
+
+class AllToAllRows(nn.Cell):
+    """Forward all_to_all(x, send_counts, recv_counts); backward the rows sent back the way they came.
+    The counts are int32 Tensors [size] (host values, PyNative)."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.group = group
+
+    def construct(self, x, send_counts, recv_counts):
+        return all_to_all(x, send_counts.asnumpy().tolist(), recv_counts.asnumpy().tolist(), self.group)
+
+    def bprop(self, x, send_counts, recv_counts, out, dout):
+        back = all_to_all(dout, recv_counts.asnumpy().tolist(), send_counts.asnumpy().tolist(), self.group)
+        return back, ops.zeros_like(send_counts), ops.zeros_like(recv_counts)
+
 
 class CopyToRegion(nn.Cell):
     """Forward identity; backward all-reduce (the input of a column-parallel linear)."""

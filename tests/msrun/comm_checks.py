@@ -64,6 +64,23 @@ def run_comm_checks(out_dir: str) -> None:
             weight = Tensor(w)
             grad = ms.grad(lambda t: (cell(t) * weight).sum())(x)
             checks[f"grad_{name}"] = (grad, expected_grad)
+        # all-to-all of uneven row counts (some 0): member r sends (r + 2 d) % 3 rows to member d
+        counts = [[(r + 2 * d) % 3 for d in range(group.size)] for r in range(group.size)]
+        rows = [np.arange(3 * sum(c), dtype=np.float32).reshape(sum(c), 3) + 100 * r for r, c in enumerate(counts)]
+        me, send = group.rank, counts[group.rank]
+        recv = comm.exchange_counts(send, group)
+        pieces = [np.split(rows[r], np.cumsum(counts[r])[:-1]) for r in range(group.size)]  # [sender][receiver]
+        want = np.concatenate([pieces[r][me] for r in range(group.size)])
+        checks["exchange_counts"] = (Tensor(np.array(recv, np.float32)),
+                                     np.array([counts[r][me] for r in range(group.size)], np.float32))
+        checks["all_to_all"] = (comm.all_to_all(Tensor(rows[me]), send, recv, group), want)
+        # its gradient: d/dx sum(w * all_to_all(x)), w the receiver's rank-dependent weights -> each row's receiver's
+        weight_rows = [np.split(rank_data(d, (sum(counts[r][d] for r in range(group.size)), 3)),
+                            np.cumsum([counts[r][d] for r in range(group.size)])[:-1]) for d in range(group.size)]
+        cell, weight = comm.AllToAllRows(group), Tensor(np.concatenate(weight_rows[me]))
+        send_t, recv_t = Tensor(np.array(send, np.int32)), Tensor(np.array(recv, np.int32))
+        grad = ms.grad(lambda t: (cell(t, send_t, recv_t) * weight).sum())(Tensor(rows[me]))
+        checks["grad_all_to_all"] = (grad, np.concatenate([weight_rows[d][me] for d in range(group.size)]))
         for name, (got, want) in checks.items():
             got = got.asnumpy()
             err = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")

@@ -95,7 +95,11 @@ def task_train(out_dir: str, rank: int, layout: str) -> None:
         np.savez(os.path.join(out_dir, layout, f"rank{rank}_grads.npz"),
                  **{p.name: g.asnumpy() for p, g in zip(parallel.params, grads)})
         pc.sgd_step(parallel.params, pc.clipped_grads(grads, clip_coefficient(norm, pc.CLIP)), pc.LR)
-        extra = {"norms": [norm], "aux_losses": parallel.aux_losses}
+        from telechat2_ms.parallel.experts import ExpertParallelFFN
+
+        extra = {"norms": [norm], "aux_losses": parallel.aux_losses,
+                 "dispatch": sorted({"all_to_all" if cell.routed else "all_gather" for _, cell in
+                                     parallel.model.cells_and_names() if isinstance(cell, ExpertParallelFFN)})}
     if parallel.groups.embed.size > 1:  # tied embeddings over stages: the bytes of the embedding or of its copy
         import hashlib
 
@@ -225,7 +229,7 @@ def task_load(out_dir: str, rank: int) -> None:
 
 
 def main(out_dir: str, tasks) -> None:
-    ms.set_device("CPU")
+    ms.set_device(os.environ.get("TELECHAT2_TEST_DEVICE", "CPU"))  # Ascend: the native collectives (HCCL)
     ms.runtime.launch_blocking()
     rank, _ = comm.init_distributed()
     for task in tasks:
