@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
 
 _NEG_INF = float(-3.4028234663852886e38)  # fp32 min, as the official masked_fill(dtype-min)
 
@@ -47,17 +47,27 @@ def apply_rope(x, cos, sin, use_fused: bool = False):
     return x * cos + rotate_half(x) * sin
 
 
-def attention(q, k, v, allowed, use_fused: bool = False):
+ATTENTION_BLOCK = 512  # the blockwise path's smallest block (queries and keys); it runs from 2 blocks on
+ATTENTION_MAX_BLOCKS = 16  # longer sequences get longer blocks: at most 136 block pairs per layer (compile size)
+
+
+def attention(q, k, v, allowed, use_fused: bool = False, blockwise=None):
     """Scaled dot-product attention with GQA.
 
     q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] bool (True = may attend) -> out [B,n,S,d].
     Query head j uses kv head j // g. Queries are scaled by 1/sqrt(d) before QK^T (exact when d is a power of 4,
-    ~1e-7 relative otherwise); scores are masked and soft-maxed in fp32.
+    ~1e-7 relative otherwise); scores are masked and soft-maxed in fp32. A causal call (S = T, every caller's
+    mask is causal: prefill, training, scoring) of S >= 2 x ATTENTION_BLOCK runs blockwise (`blockwise`, the
+    caller's BlockwiseAttention:
+    the blocks above the diagonal skipped, memory O(S x block) instead of O(S^2)); shorter ones, and decoding
+    against a cache, run dense.
     """
     batch, n_heads, seq, dim = q.shape
     kv_heads = k.shape[1]
     group = n_heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
+    if blockwise is not None and not use_fused and seq == k.shape[2] and seq >= 2 * ATTENTION_BLOCK:
+        return blockwise(q, k, v, allowed)[0]
     if use_fused:
         k_rep = ops.repeat_interleave(k, group, 1) if group > 1 else k
         v_rep = ops.repeat_interleave(v, group, 1) if group > 1 else v
@@ -82,6 +92,118 @@ def masking_bias(allowed, kv_heads: int, group: int):
     bias = ops.select(allowed, ops.zeros(allowed.shape, ms.float32), ops.full(allowed.shape, _NEG_INF, dtype=ms.float32))
     bias = ops.tile(ops.reshape(bias, (batch, 1, 1, seq, keys)), (1, kv_heads, group, 1, 1))  # [B,k,g,S,T]
     return ops.reshape(bias, (batch, kv_heads, group * seq, keys))
+
+
+def attention_block(seq: int) -> int:
+    """The blockwise path's block length for a sequence of `seq`."""
+    longest = -(-seq // ATTENTION_MAX_BLOCKS)
+    return longest if longest > ATTENTION_BLOCK else ATTENTION_BLOCK
+
+
+class BlockwiseAttention(nn.Cell):
+    """Causal attention computed block by block (flash-attention's algorithm in plain ops): for each query block
+    the key blocks up to the diagonal only (a causal mask sees no later key), each masked by its slice of
+    `allowed` (padding, sliding window) as the dense path masks, merged with the online-softmax rule (running
+    row max m, sum l and output); the S x S scores never exist at once. construct(q [B,n,S,d], k/v [B,k,S,d],
+    allowed [B,1,S,S]) -> (out [B,n,S,d], lse [B,k,g,S,1] fp32). Backward (bprop) recomputes each block's
+    probabilities from lse, the same blocks: dV += P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ += dS K,
+    dK += dS^T Q. Equal to the dense path (rows with an allowed key; a row with none, a left-padding query,
+    averages the keys of its visited blocks where the dense path averages all S, and nothing reads it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul = ops.BatchMatMul()
+        self.matmul_nt = ops.BatchMatMul(transpose_b=True)
+        self.matmul_tn = ops.BatchMatMul(transpose_a=True)
+
+    def _bounds(self, seq: int):
+        """[(first, end)] of the blocks (as attention_block; a bprop graph under ms.jit fails to compile a call of a
+        module-level function or of max/min, so the rule is written out here)."""
+        longest = -(-seq // ATTENTION_MAX_BLOCKS)
+        block = longest if longest > ATTENTION_BLOCK else ATTENTION_BLOCK
+        return [(lo, lo + block if lo + block < seq else seq) for lo in range(0, seq, block)]
+
+    def _scores(self, qi, kj, allowed, i, j):
+        """Scaled queries of block i [B,k,g*ci,d] against keys of block j -> masked scores [B,k,g*ci,cj] fp32.
+        (No nested tuple unpacking in this class: a bprop graph under ms.jit fails to compile it.)"""
+        qlo, qhi = i
+        klo, khi = j
+        batch, kv_heads, rows, _ = qi.shape
+        scores = ops.reshape(ops.cast(self.matmul_nt(qi, kj), ms.float32),
+                             (batch, kv_heads, rows // (qhi - qlo), qhi - qlo, khi - klo))
+        # masking_bias's values (0 allowed, fp32 min not) by arithmetic and broadcast: a bprop graph under ms.jit
+        # compiles neither select/full nor tile here
+        bias = (ops.cast(allowed[:, :, qlo:qhi, klo:khi], ms.float32) - 1.0) * -_NEG_INF  # [B,1,ci,cj]
+        return ops.reshape(scores + ops.expand_dims(bias, 2), (batch, kv_heads, rows, khi - klo))
+
+    @staticmethod
+    def _rows(x5, lo, hi):
+        """[B,k,g,S,d] -> rows lo..hi of every head as [B,k,g*(hi-lo),d]."""
+        b, kv, g, _, d = x5.shape
+        return ops.reshape(x5[:, :, :, lo:hi], (b, kv, g * (hi - lo), d))
+
+    def _pv(self, p, v, j):
+        """probabilities [B,k,g*ci,cj] fp32 times the values of block j -> [B,k,g*ci,d] fp32."""
+        return ops.cast(self.matmul(ops.cast(p, v.dtype), v[:, :, j[0]:j[1]]), ms.float32)
+
+    def construct(self, q, k, v, allowed):
+        batch, n_heads, seq, dim = q.shape
+        kv_heads = k.shape[1]
+        group = n_heads // kv_heads
+        q5 = ops.reshape(q * (1.0 / math.sqrt(dim)), (batch, kv_heads, group, seq, dim))
+        bounds = self._bounds(seq)
+        outs, lses = [], []
+        for i, (qlo, qhi) in enumerate(bounds):
+            qi = self._rows(q5, qlo, qhi)
+            s = self._scores(qi, k[:, :, :bounds[0][1]], allowed, bounds[i], bounds[0])  # [B,k,g*ci,c0]
+            m = ops.amax(s, -1, keepdims=True)
+            p = ops.exp(s - m)
+            l, acc = ops.sum(p, -1, keepdim=True), self._pv(p, v, bounds[0])
+            for j in range(1, i + 1):
+                s = self._scores(qi, k[:, :, bounds[j][0]:bounds[j][1]], allowed, bounds[i], bounds[j])
+                m_new = ops.maximum(m, ops.amax(s, -1, keepdims=True))
+                p, alpha = ops.exp(s - m_new), ops.exp(m - m_new)
+                l, acc = l * alpha + ops.sum(p, -1, keepdim=True), acc * alpha + self._pv(p, v, bounds[j])
+                m = m_new
+            outs.append(ops.reshape(acc / l, (batch, kv_heads, group, qhi - qlo, dim)))
+            lses.append(ops.reshape(m + ops.log(l), (batch, kv_heads, group, qhi - qlo, 1)))
+        out = ops.cast(ops.reshape(ops.concat(outs, 3), (batch, n_heads, seq, dim)), q.dtype)
+        return out, ops.concat(lses, 3)
+
+    def bprop(self, q, k, v, allowed, out, dout):
+        o, lse = out
+        do = ops.cast(dout[0], ms.float32)
+        batch, n_heads, seq, dim = q.shape
+        kv_heads = k.shape[1]
+        group = n_heads // kv_heads
+        scale = dim ** -0.5  # 1 / sqrt(d) (a bprop graph under ms.jit cannot call a module-level function)
+        shape5 = (batch, kv_heads, group, seq, dim)
+        q5 = ops.reshape(ops.cast(q, ms.float32) * scale, shape5)
+        do5 = ops.reshape(do, shape5)
+        delta5 = ops.sum(do5 * ops.reshape(ops.cast(o, ms.float32), shape5), -1, keepdim=True)  # [B,k,g,S,1]
+        k32, v32 = ops.cast(k, ms.float32), ops.cast(v, ms.float32)
+        bounds = self._bounds(seq)
+        dqs = []
+        dks = tuple(ops.zeros((batch, kv_heads, b[1] - b[0], dim), ms.float32) for b in bounds)  # tuples:
+        dvs = dks  # graph mode (ms.jit) rebuilds them, it does not assign into a list
+        for i in range(len(bounds)):
+            qlo, qhi = bounds[i]
+            qi, doi = self._rows(q5, qlo, qhi), self._rows(do5, qlo, qhi)
+            lse_i, delta_i = self._rows(lse, qlo, qhi), self._rows(delta5, qlo, qhi)  # [B,k,g*ci,1]
+            dqi = ops.zeros(qi.shape, ms.float32)
+            for j in range(i + 1):
+                klo, khi = bounds[j]
+                kj, vj = k32[:, :, klo:khi], v32[:, :, klo:khi]
+                p = ops.exp(self._scores(qi, kj, allowed, bounds[i], bounds[j]) - lse_i)  # [B,k,g*ci,cj]
+                ds = p * (self.matmul_nt(doi, vj) - delta_i)
+                dv, dk, dq = self.matmul_tn(p, doi), self.matmul_tn(ds, qi), self.matmul(ds, kj)
+                dvs = dvs[:j] + (dvs[j] + dv,) + dvs[j + 1:]
+                dks = dks[:j] + (dks[j] + dk,) + dks[j + 1:]
+                dqi = dqi + dq
+            dqs.append(ops.reshape(dqi, (batch, kv_heads, group, qhi - qlo, dim)))
+        dq = ops.reshape(ops.concat(dqs, 3), (batch, n_heads, seq, dim)) * scale
+        return (ops.cast(dq, q.dtype), ops.cast(ops.concat(dks, 2), k.dtype), ops.cast(ops.concat(dvs, 2), v.dtype),
+                ops.zeros_like(allowed))
 
 
 def grouped_matmul(x, weight, group_list):

@@ -126,6 +126,7 @@ class Attention(nn.Cell):
             self.wk_v = Linear(H, 2 * cfg.kv_dim, cfg.qkv_bias, init, compute_dtype)
         self.wo = Linear(cfg.num_heads * cfg.head_dim, H, cfg.out_bias, init, compute_dtype)
         self.use_fused = use_fused
+        self.blockwise = kernels.BlockwiseAttention()  # long causal calls (kernels.attention)
 
     @property
     def local_kv_heads(self) -> int:
@@ -155,7 +156,7 @@ class Attention(nn.Cell):
 
     def attend(self, q, k, v, allowed):
         """q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] -> [B,S,H_local] before wo."""
-        out = kernels.attention(q, k, v, allowed, self.use_fused)  # [B,n,S,d]
+        out = kernels.attention(q, k, v, allowed, self.use_fused, self.blockwise)  # [B,n,S,d]
         batch, n_heads, seq, dim = out.shape
         return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (batch, seq, n_heads * dim))
 
