@@ -23,7 +23,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from telechat2_ms.layers import scatter_rows
+from telechat2_ms import kernels
+from telechat2_ms.layers import scatter_rows, use_blockwise_attention
 from telechat2_ms.model import Telechat2ForCausalLM, layer_masks, mask_tensors
 from telechat2_ms.rope import rope_parameters
 from telechat2_ms.sampling import TokenSampler
@@ -178,6 +179,7 @@ class Generator:
         if max_length <= 0:
             raise GenerationError(f"max_length must be positive, got {max_length}")
         self.model = model
+        use_blockwise_attention(model)  # long prompts' prefill (below)
         self.pipeline = pipeline  # a TelechatParallel with pipeline_stage > 1: parallel/generation.py
         self.cfg = model.config
         self.max_length = max_length
@@ -251,6 +253,8 @@ class Generator:
         prompt_len = ids.shape[1]
         sample = self._sampler(gen)
         prefill, decode = self._cached_steps(batch)
+        if prompt_len >= 2 * kernels.ATTENTION_BLOCK and self.pipeline is None:
+            prefill = self._steps[batch][0].prefill  # in PyNative, blockwise: memory O(P x block), not O(P^2)
         share = self._steps[batch][0].share_token if self.pipeline is not None else None
         rng = np.random.default_rng(gen.seed)
 

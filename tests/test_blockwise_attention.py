@@ -7,8 +7,9 @@ query row sees none: the dense path averages all S keys there, the blockwise one
 and nothing reads either), and the gradients of q, k, v through a loss that weights only those rows, in PyNative
 and under ms.jit (the compiled training step); causal with left padding, a sliding window, GQA. Tolerance 1e-5 of
 each tensor's largest magnitude (fp32 summation order differs between the two paths). Then whole models: tiny
-TeleChat2 and tiny Qwen2 (sliding-window layer) logits on a padded batch, and the tiny model's training-loss
-gradients, blockwise vs dense; and a long sequence goes blockwise at the real block length.
+TeleChat2 and tiny Qwen2 (sliding-window layer) logits on a padded batch, the tiny model's training-loss
+gradients (compiled), blockwise vs dense (layers.use_blockwise_attention); and greedy generation of a prompt long
+enough for the blockwise prefill equals the dense model's tokens.
 """
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from mindspore import Tensor
 
 from telechat2_ms import kernels
 from telechat2_ms.config import get_config
+from telechat2_ms.layers import use_blockwise_attention
 from telechat2_ms.model import Telechat2ForCausalLM
 
 TOL = 1e-5
@@ -96,6 +98,7 @@ def test_model_logits_blockwise_equal_dense(monkeypatch, name):
     inputs = (Tensor(ids), Tensor(mask))
     want = model(*inputs).asnumpy()
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
+    use_blockwise_attention(model)
     got = model(*inputs).asnumpy()
     real = mask.astype(bool)
     _close(got[real], want[real], f"{name} logits")
@@ -111,16 +114,43 @@ def test_training_gradients_blockwise_equal_dense(monkeypatch):
     loss_mask = Tensor(np.ones((2, seq), np.float32))
     denominator = Tensor(np.float32(2 * (seq - 1)))
 
-    def grads():
-        net = CausalLMLoss(Telechat2ForCausalLM(cfg, seed=1), 2, seq)
+    def grads(blockwise):
+        model = Telechat2ForCausalLM(cfg, seed=1)
+        use_blockwise_attention(model, blockwise)
+        net = CausalLMLoss(model, 2, seq)
         params = net.trainable_params()
         fn = ms.jit(ms.value_and_grad(net, None, params))
         loss, g = fn(ids, loss_mask, denominator)
         return float(loss.asnumpy()), [x.asnumpy() for x in g]
 
-    want_loss, want = grads()
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
-    got_loss, got = grads()
+    want_loss, want = grads(False)
+    got_loss, got = grads(True)
     assert abs(got_loss - want_loss) <= TOL * abs(want_loss)
     for i, (g, w) in enumerate(zip(got, want)):
         _close(g, w, f"gradient {i}")
+
+
+def test_long_prompt_generation_is_blockwise_and_equals_dense(monkeypatch):
+    """generate.Generator runs a prompt of >= 2 blocks through the PyNative blockwise prefill: the same greedy
+    tokens as the model with dense attention (a Generator without jit and blockwise switched off)."""
+    from telechat2_ms.generate import GenerationConfig, Generator
+
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
+    cfg = get_config("tiny")
+    prompts = [RNG.integers(4, cfg.vocab_size, size=30).tolist(), RNG.integers(4, cfg.vocab_size, size=21).tolist()]
+    gen = GenerationConfig(max_new_tokens=6, repetition_penalty=1.0, eos_token_id=-1, pad_token_id=cfg.pad_token_id)
+    calls = []
+    original = kernels.BlockwiseAttention.construct
+
+    def counted(self, q, k, v, allowed):
+        calls.append(q.shape[2])
+        return original(self, q, k, v, allowed)
+
+    monkeypatch.setattr(kernels.BlockwiseAttention, "construct", counted)
+    got = Generator(Telechat2ForCausalLM(cfg, seed=2), 40).generate(prompts, gen)
+    assert calls and set(calls) == {30}  # the prefill (one call per layer) went blockwise
+    dense_model = Telechat2ForCausalLM(cfg, seed=2)
+    dense = Generator(dense_model, 40, use_jit=False)
+    use_blockwise_attention(dense_model, False)
+    assert dense.generate(prompts, gen) == got
