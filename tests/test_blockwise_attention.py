@@ -1,5 +1,6 @@
-"""The blockwise causal attention (kernels.BlockwiseAttention: key blocks above the diagonal skipped, online
-softmax, a bprop that recomputes each block) against the dense path (kernels.attention without it), fp32 on CPU.
+"""The blockwise causal attention (kernels.BlockwiseAttention: blocks of query rows, each against its causal
+prefix of keys, the blocks above the diagonal skipped, a bprop that recomputes each block) against the dense
+path (kernels.attention without it), fp32 on CPU.
 
 Block length is shrunk (ATTENTION_BLOCK 8) so that small shapes cross many block boundaries, with a sequence that
 is not a multiple of the block. Compared: the output on every query row that may attend to a key (a left-padding
@@ -78,12 +79,16 @@ def test_blockwise_equals_dense_forward_and_gradients(small_blocks, jit, heads, 
         _close(g.asnumpy(), w.asnumpy(), f"d{name}")
 
 
-def test_blocks_skip_above_the_diagonal_and_bound_the_pair_count():
+def test_blocks_of_query_rows_bound_the_scores_held_at_once():
+    """512 query rows per block while rows x keys stays within ATTENTION_MAX_SCORES (2^23 per head: 32 MiB fp32),
+    fewer beyond; the bprop's written-out rule equals attention_block."""
     block = kernels.BlockwiseAttention()
     assert block._bounds(1024) == [(0, 512), (512, 1024)]
-    assert kernels.attention_block(32768) == 2048  # at most ATTENTION_MAX_BLOCKS blocks: 136 pairs per layer
-    assert len(block._bounds(32768)) == kernels.ATTENTION_MAX_BLOCKS
     assert block._bounds(1100)[-1] == (1024, 1100)
+    assert kernels.attention_block(16384) == 512 and kernels.attention_block(32768) == 256
+    for seq in (1024, 8192, 32768, 100000):
+        assert block._bounds(seq)[0][1] == kernels.attention_block(seq)
+        assert kernels.attention_block(seq) * seq <= kernels.ATTENTION_MAX_SCORES
 
 
 @pytest.mark.parametrize("name", ["tiny", "qwen2_tiny"])
