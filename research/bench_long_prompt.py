@@ -1,9 +1,12 @@
-"""Long-prompt prefill: time to the first token and peak RSS of one prompt of --lengths tokens on bench_100m,
-this port with the blockwise causal attention (kernels.BlockwiseAttention, the default for S >= 1024), this
-port with the dense attention forced (the S x S scores), and PyTorch (tests/torch_reference.llama_reference,
-sdpa), each in its own process, one after the other in one run, same weights, --threads threads.
+"""Long sequences on bench_100m: prefill (time to the first token of one prompt of --lengths tokens) or, with
+--train, one training step (forward + backward of the loss on one sequence, compiled), and each one's peak RSS:
+this port with the blockwise causal attention (kernels.BlockwiseAttention, layers.use_blockwise_attention; the
+Generator's default), this port with the dense attention (the S x S scores), PyTorch
+(tests/torch_reference.llama_reference, sdpa); each in its own process, one after the other in one run, same
+weights, --threads threads. The "-pynative" kinds run this port uncompiled.
 
     .venv/bin/python research/bench_long_prompt.py --lengths 8192 32768
+    .venv/bin/python research/bench_long_prompt.py --train --lengths 2048 4096 --kinds blockwise dense torch
 
 Prints a table and writes JSON (--out). A worker that fails (out of memory) is reported as such. Lengths past
 bench_100m's trained window (seq_length) run with the NTK alpha active on this port; the PyTorch reference has
@@ -26,7 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("blockwise", "dense", "blockwise-pynative", "dense-pynative", "torch")
 
 
-def worker(kind: str, length: int, threads: int, weights: str, out: str) -> None:
+def worker(kind: str, length: int, threads: int, weights: str, out: str, train: bool = False) -> None:
     from telechat2_ms.config import get_config
 
     cfg = get_config("bench_100m")
@@ -40,16 +43,23 @@ def worker(kind: str, length: int, threads: int, weights: str, out: str) -> None
         torch.set_num_threads(threads)
         model = llama_reference(cfg, load_file(weights), attn_implementation="sdpa")
         ids = torch.from_numpy(prompt.astype(np.int64))
-        start = time.perf_counter()
-        with torch.inference_mode():
-            token = int(model(ids).logits[0, -1].argmax())
-        seconds = time.perf_counter() - start
+
+        def call():
+            if train:
+                logits = model(ids).logits.float()
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+                loss.backward()
+                return float(loss)
+            with torch.inference_mode():
+                return int(model(ids).logits[0, -1].argmax())
     else:
         import mindspore as ms
 
         from telechat2_ms import kernels
         from telechat2_ms.generate import GenerationConfig, Generator
+        from telechat2_ms.layers import use_blockwise_attention
         from telechat2_ms.model import Telechat2ForCausalLM
+        from telechat2_ms.train.loss import CausalLMLoss
 
         ms.set_device("CPU")
         ms.runtime.launch_blocking()
@@ -61,19 +71,39 @@ def worker(kind: str, length: int, threads: int, weights: str, out: str) -> None
             from safetensors.numpy import save_file
 
             save_file({p.name: p.asnumpy() for p in model.get_parameters()}, weights)
-        generator = Generator(model, length + 1, use_jit=not kind.endswith("pynative"))
-        gen = GenerationConfig(max_new_tokens=1, repetition_penalty=1.0, eos_token_id=-1, pad_token_id=cfg.pad_token_id)
-        start = time.perf_counter()
-        token = generator.generate(prompt.tolist(), gen)[0][0]
-        seconds = time.perf_counter() - start  # compile included (one call)
+        compiled = not kind.endswith("pynative")
+        if train:
+            use_blockwise_attention(model, kind.startswith("blockwise"))
+            net = CausalLMLoss(model, 1, length)
+            step = ms.value_and_grad(net, None, net.trainable_params())
+            step = ms.jit(step) if compiled else step
+            inputs = (ms.Tensor(prompt.astype(np.int32)), ms.Tensor(np.ones((1, length), np.float32)),
+                      ms.Tensor(np.float32(length - 1)))
+
+            def call():
+                return float(step(*inputs)[0].asnumpy())
+        else:
+            generator = Generator(model, length + 1, use_jit=compiled)
+            gen = GenerationConfig(max_new_tokens=1, repetition_penalty=1.0, eos_token_id=-1,
+                                   pad_token_id=cfg.pad_token_id)
+
+            def call():
+                return generator.generate(prompt.tolist(), gen)[0][0]
+    start = time.perf_counter()
+    call()  # compiles (this port), warms up (both)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    token = call()
+    seconds = time.perf_counter() - start
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"seconds": seconds, "token": token}, f)
+        json.dump({"seconds": seconds, "first_call_s": first, "token": token}, f)
 
 
 def run(kind: str, length: int, args, weights: str, workdir: str) -> Dict:
     out = os.path.join(workdir, f"{kind}_{length}.json")
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--lengths", str(length),
-               "--threads", str(args.threads), "--weights", weights, "--worker-out", out]
+               "--threads", str(args.threads), "--weights", weights, "--worker-out", out] + (
+                   ["--train"] if args.train else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GLOG_v=os.environ.get("GLOG_v", "3"),
                PYTHONPATH=REPO_ROOT)
     start = time.perf_counter()
@@ -94,13 +124,14 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train", action="store_true", help="one training step instead of a prefill")
     p.add_argument("--out", default="", help="write the rows as JSON here")
     p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.lengths[0], args.threads, args.weights, args.worker_out)
+        worker(args.worker, args.lengths[0], args.threads, args.weights, args.worker_out, args.train)
         return 0
     rows: List[Dict] = []
     with tempfile.TemporaryDirectory(prefix="long_prompt_") as workdir:
@@ -110,7 +141,7 @@ def main(argv=None) -> int:
             for kind in kinds:
                 rows.append(run(kind, length, args, weights, workdir))
                 r = rows[-1]
-                status = (f"{r['seconds']:8.1f} s {r['tokens_per_s']:8.1f} tok/s" if r["exit_code"] == 0
+                status = (f"{r['seconds']:8.1f} s {r['tokens_per_s']:8.1f} tok/s  ({r['token']})" if r["exit_code"] == 0
                           else f"failed (exit {r['exit_code']})")
                 print(f"{length:6d} {kind:10s} {status}  peak RSS {r['peak_rss_gib']:6.2f} GiB", flush=True)
     if args.out:

@@ -179,7 +179,7 @@ class Generator:
         if max_length <= 0:
             raise GenerationError(f"max_length must be positive, got {max_length}")
         self.model = model
-        use_blockwise_attention(model)  # long prompts' prefill (below)
+        use_blockwise_attention(model)  # long prompts' prefill: memory O(P x rows per block), not O(P^2)
         self.pipeline = pipeline  # a TelechatParallel with pipeline_stage > 1: parallel/generation.py
         self.cfg = model.config
         self.max_length = max_length
@@ -254,7 +254,9 @@ class Generator:
         sample = self._sampler(gen)
         prefill, decode = self._cached_steps(batch)
         if prompt_len >= 2 * kernels.ATTENTION_BLOCK and self.pipeline is None:
-            prefill = self._steps[batch][0].prefill  # in PyNative, blockwise: memory O(P x block), not O(P^2)
+            # uncompiled: MindSpore's compiled CPU graph keeps every block's intermediates alive (8192 tokens on
+            # bench_100m: 20.4 GiB compiled, 3.8 GiB here; research/bench_long_prompt.py)
+            prefill = self._steps[batch][0].prefill
         share = self._steps[batch][0].share_token if self.pipeline is not None else None
         rng = np.random.default_rng(gen.seed)
 

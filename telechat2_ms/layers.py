@@ -182,9 +182,9 @@ class Attention(nn.Cell):
 
 def use_blockwise_attention(model, on: bool = True) -> None:
     """Long causal calls of every Attention in `model` blockwise (kernels.BlockwiseAttention) or dense. Off by
-    default: on CPU a compiled graph (ms.jit) keeps every block's intermediates alive (measured, prefill of 2048
-    tokens on bench_100m: 17.2 GiB peak blockwise vs 5.3 dense, research/bench_long_prompt.py), so the blockwise
-    path pays off in PyNative (generate.Generator's long prompts) and in the kernels' memory-reusing runtimes."""
+    default; generate.Generator turns it on and prefills long prompts uncompiled: MindSpore's compiled CPU graph
+    keeps every intermediate alive, so a compiled blockwise prefill of 8192 tokens on bench_100m still peaks at
+    20.4 GiB (dense: killed at 23 GiB), uncompiled 3.8 GiB (dense 16.4; research/bench_long_prompt.py)."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Attention):
             cell.blockwise = kernels.BlockwiseAttention() if on else None
