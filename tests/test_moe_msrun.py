@@ -37,11 +37,13 @@ GRAD_TOL = 1e-5
 
 JOBS = {
     2: ["reference:moe", "reference:qwen2_moe", "reference:moe_cap", "reference:moe@moe_pp2", "train:moe_pp2",
-        "train:moe_cap_ep2", "train:moe_dp2", "train:moe_ep2", "train:qwen2_moe_ep2",
+        "train:moe_cap_ep2", "train:moe_dp2", "train:moe_ep2", "train:qwen2_moe_ep2", "train:moe_ep2_jit",
+        "train:qwen2_moe_ep2_jit",
         "generate:moe_ep2", "generate:qwen2_moe_ep2", "trainer:moe_ep2", "predict:moe_tp2",
         "trainer:moe_ep2_resume"],
     4: ["reference:moe", "reference:qwen2_moe", "reference:moe_cap", "reference:moe@moe_ep2_pp2", "train:moe_ep2_pp2",
-        "train:moe_cap_ep2_tp2", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2", "trainer:moe_ep2_tp2"],
+        "train:moe_cap_ep2_tp2", "train:moe_ep2_tp2", "train:qwen2_moe_ep2_tp2", "trainer:moe_ep2_tp2",
+        "train:moe_ep2_pp2_jit", "train:moe_cap_ep2_tp2_jit"],
 }
 
 pytestmark = pytest.mark.msrun
@@ -94,6 +96,18 @@ def test_expert_parallel_two_processes_match_single_process(moe_job2, layout):
 @pytest.mark.parametrize("layout", ["moe_ep2_tp2", "qwen2_moe_ep2_tp2", "moe_cap_ep2_tp2", "moe_ep2_pp2"])
 def test_expert_and_tensor_parallel_four_processes_match_single_process(moe_job4, layout):
     _check_layout(moe_job4, layout)
+
+
+@pytest.mark.parametrize("layout, job", [("moe_ep2", "moe_job2"), ("qwen2_moe_ep2", "moe_job2"),
+                                         ("moe_ep2_pp2", "moe_job4"), ("moe_cap_ep2_tp2", "moe_job4")])
+def test_compiled_step_equals_pynative_step(layout, job, request):
+    """The compiled step (each stage's forward and backward as ms.jit graphs; the experts dispatched by all-gather,
+    static shapes) gives the PyNative step's (all-to-all) loss, gradient norm, aux losses and parameters."""
+    out, result = request.getfixturevalue(job)
+    if not os.path.exists(os.path.join(out, layout + "_jit")):
+        pytest.fail(f"layout {layout}_jit produced no result\n{_explain(result, out)}")
+    pc.check_compiled(out, layout)
+    assert pc.rank_info(out, layout + "_jit", 0)["dispatch"] == ["all_gather"]
 
 
 @pytest.mark.parametrize("layout", ["moe_ep2", "qwen2_moe_ep2"])

@@ -43,9 +43,10 @@ JOBS = {
         "train:qwen2_pp2", "train:qwen2_kv1_tp2", "train:qwen2_tied_tp2", "train:qwen2_tied_pp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
         "generate:tp2", "generate:pp2", "generate:qwen2_kv1_tp2", "generate:qwen2_tied_pp2", "load:tp2", "chat:tp2", "predict:dp2",
         "trainer:tp2", "trainer:qwen2_tied_pp2", "trainer:lora_tp2", "trainer:lora_pp2", "trainer:selective_tp2",
-        "trainer:fp16_tp2", "trainer:fp16_pp2"],
+        "trainer:fp16_tp2", "trainer:fp16_pp2", "train:dp2_jit", "train:tp2_jit", "train:tp2_sp_jit", "train:pp2_jit",
+        "train:dp2_zero_jit", "train:qwen2_tp2_jit", "train:qwen2_tied_pp2_jit", "trainer:jit_pp2"],
     4: ["comm", "reference", "reference:qwen2_tiny", "train:tp2_pp2", "train:qwen2_tied_tp2_pp2",
-        "train:dp2_tp2_sp_zero", "generate:tp2_pp2"],
+        "train:dp2_tp2_sp_zero", "generate:tp2_pp2", "train:tp2_pp2_jit", "train:dp2_tp2_sp_zero_jit"],
 }
 
 pytestmark = pytest.mark.msrun
@@ -154,6 +155,18 @@ def test_adamw_with_dp_sharded_states_matches_single_process(job2):
 
 def test_adamw_sharded_states_dp2_tp2_sp_four_processes_matches_single_process(job4):
     _check_layout(job4, "dp2_tp2_sp_zero")
+
+
+@pytest.mark.parametrize("layout, job", [(name, "job2") for name in ("dp2", "tp2", "tp2_sp", "pp2", "dp2_zero", "qwen2_tp2",
+                                                                      "qwen2_tied_pp2")] +
+                         [(name, "job4") for name in ("tp2_pp2", "dp2_tp2_sp_zero")])
+def test_compiled_step_equals_pynative_step(layout, job, request):
+    """Each stage's forward and backward as ms.jit graphs (TelechatParallel.compiled, what settings.jit turns on
+    under msrun) give the PyNative step's loss, gradient norm and updated parameters (rel. 1e-6)."""
+    out, result = request.getfixturevalue(job)
+    if not os.path.exists(os.path.join(out, layout + "_jit")):
+        pytest.fail(f"layout {layout}_jit produced no result\n{_explain(result, out)}")
+    pc.check_compiled(out, layout)
 
 
 def test_chat_tp2_equals_single_process(job2):

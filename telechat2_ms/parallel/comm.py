@@ -141,7 +141,15 @@ def _warm(group: Group) -> Group:
             _prim("reducescatter", group)
             for root in group.ranks:
                 _prim("broadcast", group, root)
+        _collectives(group)
     return group
+
+
+def _collectives(group: Group) -> "Collectives":
+    key = ("collectives", group.name)
+    if key not in _PRIMS:  # only in PyNative (see _warm)
+        _PRIMS[key] = Collectives(group)
+    return _PRIMS[key]
 
 
 def _prim(kind: str, group: Group, *args):
@@ -176,11 +184,12 @@ def all_reduce(x: Tensor, group: Group, op: str = "sum") -> Tensor:
     _check_member(group, "all_reduce")
     if op not in ("sum", "max", "min", "prod"):
         raise ValueError(f"all_reduce: unknown op {op!r}; expected sum, max, min or prod")
-    if op != "sum" and is_emulated():  # mccl AllReduce only sums: gather every member's x, reduce here
+    if op in ("sum", "max"):
+        return _collectives(group).all_reduce(x) if op == "sum" else _collectives(group).all_max(x)
+    if is_emulated():  # mccl AllReduce only sums: gather every member's x, reduce here
         stacked = all_gather(ops.expand_dims(x, 0), group, dim=0)  # [size, *x.shape]
-        return {"max": ops.amax, "min": ops.amin, "prod": ops.prod}[op](stacked, 0)
-    reduce_op = {"sum": ops.ReduceOp.SUM, "max": ops.ReduceOp.MAX, "min": ops.ReduceOp.MIN,
-                 "prod": ops.ReduceOp.PROD}[op]
+        return {"min": ops.amin, "prod": ops.prod}[op](stacked, 0)
+    reduce_op = {"min": ops.ReduceOp.MIN, "prod": ops.ReduceOp.PROD}[op]
     return _prim("allreduce", group, reduce_op)(x)
 
 
@@ -188,11 +197,9 @@ def split(x: Tensor, group: Group, dim: int) -> Tensor:
     """My contiguous slice of x along `dim` (no communication)."""
     if group.size == 1:
         return x
-    n = x.shape[dim]
-    if n % group.size:
-        raise ValueError(f"split: dim {dim} of size {n} is not divisible by group size {group.size}")
-    part = n // group.size
-    return ops.narrow(x, dim, group.rank * part, part)
+    if x.shape[dim] % group.size:
+        raise ValueError(f"split: dim {dim} of size {x.shape[dim]} is not divisible by group size {group.size}")
+    return _collectives(group).split(x, dim % x.ndim)
 
 
 def all_gather(x: Tensor, group: Group, dim: int = 0) -> Tensor:
@@ -200,13 +207,7 @@ def all_gather(x: Tensor, group: Group, dim: int = 0) -> Tensor:
     if group.size == 1:
         return x
     _check_member(group, "all_gather")
-    dim = dim % x.ndim
-    if is_emulated():
-        pieces = [x if i == group.rank else ops.zeros_like(x) for i in range(group.size)]
-        return all_reduce(ops.cat(pieces, axis=dim), group)  # [.., size*n, ..]
-    moved = x if dim == 0 else ops.swapaxes(x, 0, dim)
-    gathered = _prim("allgather", group)(moved)  # [size*n, ..] on dim 0
-    return gathered if dim == 0 else ops.swapaxes(gathered, 0, dim)
+    return _collectives(group).all_gather(x, dim % x.ndim)
 
 
 def reduce_scatter(x: Tensor, group: Group, dim: int = 0) -> Tensor:
@@ -217,11 +218,7 @@ def reduce_scatter(x: Tensor, group: Group, dim: int = 0) -> Tensor:
     dim = dim % x.ndim
     if x.shape[dim] % group.size:
         raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[dim]} is not divisible by {group.size}")
-    if is_emulated():
-        return split(all_reduce(x, group), group, dim)
-    moved = x if dim == 0 else ops.swapaxes(x, 0, dim)
-    out = _prim("reducescatter", group)(moved)
-    return out if dim == 0 else ops.swapaxes(out, 0, dim)
+    return _collectives(group).reduce_scatter(x, dim)
 
 
 def broadcast(x: Tensor, group: Group, root: int = 0) -> Tensor:
@@ -293,72 +290,115 @@ class AllToAllRows(nn.Cell):
         return back, ops.zeros_like(send_counts), ops.zeros_like(recv_counts)
 
 
-class CopyToRegion(nn.Cell):
-    """Forward identity; backward all-reduce (the input of a column-parallel linear)."""
+class Collectives(nn.Cell):
+    """The sum / gather / scatter collectives of one group as methods, from its primitives made here: what the
+    region Cells below derive from, because a compiled (ms.jit) bprop can call its Cell's own methods and
+    primitives but not module-level functions (measured: "The func graph is empty"). Dims are non-negative.
+    The plain functions above delegate to one instance per group."""
 
     def __init__(self, group: Group):
         super().__init__()
         self.group = group
+        self.size, self.rank = group.size, max(group.rank, 0)
+        self.emulated = is_emulated()
+        if group.size > 1 and group.rank >= 0:
+            self.sum_op = _prim("allreduce", group, ops.ReduceOp.SUM)
+            if not self.emulated:
+                self.gather_op, self.scatter_op = _prim("allgather", group), _prim("reducescatter", group)
+                self.max_op = _prim("allreduce", group, ops.ReduceOp.MAX)
+
+    def all_reduce(self, x):
+        if self.size == 1:
+            return x
+        return self.sum_op(x)
+
+    def all_max(self, x):
+        if self.size == 1:
+            return x
+        if self.emulated:  # mccl AllReduce only sums: every member's x, the max taken here
+            return ops.amax(self.all_gather(ops.expand_dims(x, 0), 0), 0)
+        return self.max_op(x)
+
+    def split(self, x, dim):
+        if self.size == 1:
+            return x
+        part = x.shape[dim] // self.size
+        return ops.narrow(x, dim, self.rank * part, part)
+
+    def all_gather(self, x, dim):
+        if self.size == 1:
+            return x
+        if self.emulated:  # my block in a zero buffer, summed
+            pieces = ()
+            for i in range(self.size):
+                pieces = pieces + ((x if i == self.rank else ops.zeros_like(x)),)
+            return self.sum_op(ops.concat(pieces, dim))
+        if dim == 0:
+            return self.gather_op(x)
+        return ops.swapaxes(self.gather_op(ops.swapaxes(x, 0, dim)), 0, dim)
+
+    def reduce_scatter(self, x, dim):
+        if self.size == 1:
+            return x
+        if self.emulated:
+            return self.split(self.sum_op(x), dim)
+        if dim == 0:
+            return self.scatter_op(x)
+        return ops.swapaxes(self.scatter_op(ops.swapaxes(x, 0, dim)), 0, dim)
+
+
+class CopyToRegion(Collectives):
+    """Forward identity; backward all-reduce (the input of a column-parallel linear)."""
 
     def construct(self, x):
         return x
 
     def bprop(self, x, out, dout):
-        return (all_reduce(dout, self.group),)
+        return (self.all_reduce(dout),)
 
 
-class ReduceFromRegion(nn.Cell):
+class ReduceFromRegion(Collectives):
     """Forward all-reduce; backward identity (the output of a row-parallel linear)."""
 
-    def __init__(self, group: Group):
-        super().__init__()
-        self.group = group
-
     def construct(self, x):
-        return all_reduce(x, self.group)
+        return self.all_reduce(x)
 
     def bprop(self, x, out, dout):
         return (dout,)
 
 
-class GatherFromRegion(nn.Cell):
+class _DimRegion(Collectives):
+    def __init__(self, group: Group, dim: int):
+        super().__init__(group)
+        self.dim = dim
+
+
+class GatherFromRegion(_DimRegion):
     """Forward all-gather along `dim`; backward keep my slice (every member holds the full gradient)."""
 
-    def __init__(self, group: Group, dim: int):
-        super().__init__()
-        self.group, self.dim = group, dim
-
     def construct(self, x):
-        return all_gather(x, self.group, self.dim)
+        return self.all_gather(x, self.dim % x.ndim)
 
     def bprop(self, x, out, dout):
-        return (split(dout, self.group, self.dim),)
+        return (self.split(dout, self.dim % dout.ndim),)
 
 
-class GatherFromSPRegion(nn.Cell):
+class GatherFromSPRegion(_DimRegion):
     """Sequence parallel -> tensor parallel: forward all-gather along `dim`; backward reduce-scatter
     (each member's gradient for the full sequence is partial over the TP group)."""
 
-    def __init__(self, group: Group, dim: int):
-        super().__init__()
-        self.group, self.dim = group, dim
-
     def construct(self, x):
-        return all_gather(x, self.group, self.dim)
+        return self.all_gather(x, self.dim % x.ndim)
 
     def bprop(self, x, out, dout):
-        return (reduce_scatter(dout, self.group, self.dim),)
+        return (self.reduce_scatter(dout, self.dim % dout.ndim),)
 
 
-class ReduceScatterToSPRegion(nn.Cell):
+class ReduceScatterToSPRegion(_DimRegion):
     """Tensor parallel -> sequence parallel: forward reduce-scatter along `dim`; backward all-gather."""
 
-    def __init__(self, group: Group, dim: int):
-        super().__init__()
-        self.group, self.dim = group, dim
-
     def construct(self, x):
-        return reduce_scatter(x, self.group, self.dim)
+        return self.reduce_scatter(x, self.dim % x.ndim)
 
     def bprop(self, x, out, dout):
-        return (all_gather(dout, self.group, self.dim),)
+        return (self.all_gather(dout, self.dim % dout.ndim),)

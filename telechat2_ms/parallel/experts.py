@@ -32,7 +32,7 @@ replicas of this rank's experts), the router over the whole `grad` group like ev
 Load balancing (model.aux_loss) is computed from the statistics of the whole global micro-batch: every rank sums
 its (assignments, probability mass) over the grad group (forward all-reduce, backward all-reduce) and adds
 aux / grad_size to its loss share, so the summed loss and every gradient equal one process's. Under pipeline
-stages each stage adds the aux of its own layers to its backward (pipeline.StageFunctions.local_loss): exact for
+stages each stage adds the aux of its own layers to its backward (the `local` term of pipeline.StageFunctions): exact for
 the per-layer aux of TeleChat2-MoE; Qwen2-MoE's aux over every layer at once is refused with pp (dims.check_experts).
 
 With a capacity factor (ModelConfig.moe_capacity_factor) each of this rank's experts runs on its
@@ -49,6 +49,7 @@ from mindspore import Tensor, nn, ops
 
 from telechat2_ms.layers import (StackedLinear, capacity_combine, capacity_slots, expert_capacity, host_parameter,
                                  weighted_sum)
+from telechat2_ms.model import aux_loss
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -209,25 +210,28 @@ def gather_experts(state, ep_group: comm.Group):
     return out
 
 
-class _SumBothWays(nn.Cell):
+class _SumBothWays(comm.Collectives):
     """Forward all-reduce, backward all-reduce: a statistic every rank sums and then uses whole."""
 
-    def __init__(self, group: comm.Group):
-        super().__init__()
-        self.group = group
-
     def construct(self, x):
-        return comm.all_reduce(x, self.group)
+        return self.all_reduce(x)
 
     def bprop(self, x, out, dout):
-        return (comm.all_reduce(dout, self.group),)
+        return (self.all_reduce(dout),)
 
 
-def global_aux_loss(cfg, stats, local_tokens: int, grad_group: comm.Group):
-    """This rank's share [] of the load-balancing loss of the global micro-batch (module docstring): the
-    statistics summed over the grad group, model.aux_loss over grad_size x local_tokens rows, / grad_size."""
-    from telechat2_ms.model import aux_loss
+class GlobalAuxLoss(nn.Cell):
+    """This rank's share [] of the load-balancing loss of the global micro-batch (module docstring) from its sparse
+    layers' (assignments, mass) over `local_tokens` rows: the statistics summed over the grad group, model.aux_loss
+    over grad_size x local_tokens rows, / grad_size."""
 
-    total = _SumBothWays(grad_group)
-    summed = tuple((ops.stop_gradient(total(assigned)), total(mass)) for assigned, mass in stats)
-    return aux_loss(cfg, summed, local_tokens * grad_group.size) / grad_group.size
+    def __init__(self, cfg, grad_group: comm.Group):
+        super().__init__()
+        self.cfg, self.size = cfg, grad_group.size
+        self.total = _SumBothWays(grad_group)
+
+    def construct(self, stats, local_tokens: int):
+        summed = ()
+        for assigned, mass in stats:
+            summed = summed + ((ops.stop_gradient(self.total(assigned)), self.total(mass)),)
+        return aux_loss(self.cfg, summed, local_tokens * self.size) / self.size

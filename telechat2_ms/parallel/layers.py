@@ -169,7 +169,7 @@ class VocabParallelEmbedding(nn.Cell):
 
 class VocabParallelHead(nn.Cell):
     """lm_head [V, H] split on V. `construct` returns full logits [B, S, V] (all-gathered: a drop-in for
-    generation); `local_logits` returns this rank's [B, S, V/tp] for vocab_parallel_cross_entropy."""
+    generation); `local_logits` returns this rank's [B, S, V/tp] for VocabParallelCrossEntropy."""
 
     def __init__(self, weight_shard: Optional[np.ndarray], group: comm.Group, compute_dtype=ms.float32,
                  tied_to: Optional["VocabParallelEmbedding"] = None):
@@ -196,24 +196,28 @@ class VocabParallelHead(nn.Cell):
         return self.gather(self.local_logits(x))  # [B, S, V]
 
 
-def vocab_parallel_cross_entropy(local_logits, labels, group: comm.Group):
+class VocabParallelCrossEntropy(comm.Collectives):
     """Per-token cross entropy from vocab-sharded logits without gathering them.
 
     local_logits [N, V/tp] fp32 (rank r holds vocab ids [r*V/tp, (r+1)*V/tp)), labels [N] int -> ce [N].
     ce = log(sum_v exp(z_v - m)) + m - z_label with m the global max (a constant for autograd); the sums
     over ranks go through ReduceFromRegion (all-reduce forward, identity backward) so each rank
     differentiates only its own shard."""
-    logits = ops.cast(local_logits, ms.float32)
-    part = logits.shape[-1]
-    start = max(group.rank, 0) * part
-    reduce = comm.ReduceFromRegion(group)
-    local_max = ops.amax(logits, -1, keepdims=True)  # [N,1]
-    global_max = ops.stop_gradient(comm.all_reduce(ops.stop_gradient(local_max), group, "max"))
-    shifted = logits - global_max  # [N, V/tp]
-    sum_exp = reduce(ops.sum(ops.exp(shifted), -1))  # [N]
-    local_label = labels - start
-    inside = ops.logical_and(local_label >= 0, local_label < part)
-    picked = ops.gather_elements(shifted, 1, ops.expand_dims(ops.where(inside, local_label,
-                                                                         ops.zeros_like(local_label)), -1))[:, 0]
-    target = reduce(picked * ops.cast(inside, ms.float32))  # [N]
-    return ops.log(sum_exp) - target
+
+    def __init__(self, group: comm.Group):
+        super().__init__(group)
+        self.reduce = comm.ReduceFromRegion(group)
+
+    def construct(self, local_logits, labels):
+        logits = ops.cast(local_logits, ms.float32)
+        part = logits.shape[-1]
+        local_max = ops.amax(logits, -1, keepdims=True)  # [N,1]
+        global_max = ops.stop_gradient(self.all_max(ops.stop_gradient(local_max)))
+        shifted = logits - global_max  # [N, V/tp]
+        sum_exp = self.reduce(ops.sum(ops.exp(shifted), -1))  # [N]
+        local_label = labels - self.rank * part
+        inside = ops.logical_and(local_label >= 0, local_label < part)
+        picked = ops.gather_elements(shifted, 1, ops.expand_dims(ops.where(inside, local_label,
+                                                                             ops.zeros_like(local_label)), -1))[:, 0]
+        target = self.reduce(picked * ops.cast(inside, ms.float32))  # [N]
+        return ops.log(sum_exp) - target

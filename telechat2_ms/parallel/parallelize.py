@@ -26,16 +26,17 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.data_parallel import global_grad_norm, reduce_gradients
 from telechat2_ms.parallel.dims import ParallelDims, ParallelGroups, build_groups
-from telechat2_ms.parallel.experts import apply_expert_parallel, expert_range, global_aux_loss
+from telechat2_ms.parallel.experts import GlobalAuxLoss, apply_expert_parallel, expert_range, use_static_dispatch
 from telechat2_ms.layers import fill_parameter
 from telechat2_ms.parallel.layers import (ColumnParallelLinear, RegionEntryNorm, RowParallelLinear,
-                                          VocabParallelEmbedding, VocabParallelHead, mark_kv_copy, mark_tied_copy,
-                                          vocab_parallel_cross_entropy)
+                                          VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead, mark_kv_copy,
+                                          mark_tied_copy)
 from telechat2_ms.parallel.pipeline import StageFunctions, run_pipeline
 from telechat2_ms.parallel.plan import TP_PLAN, kv_replicas, shard_tensor
 from telechat2_ms.parallel.ring_attention import RingAttention, default_scale, zigzag_positions
@@ -238,6 +239,46 @@ def merged_state(model) -> Dict[str, object]:
     return state
 
 
+class StageForward(nn.Cell):
+    """One micro-batch through this rank's pipeline stage, from Tensors only, so that it compiles under ms.jit:
+    cell(x, (ids, labels, mask, position_ids, inv_freq, mscale, allowed, tokens, aux_weight)) -> (out, local, share).
+    x: the previous stage's activations (the first stage embeds ids instead); out: the activations for the next
+    stage, or on the last stage the micro-batch loss sum(ce * mask) / tokens (+ local); share: the MoE
+    load-balancing share of this stage's layers over the global micro-batch (parallel/experts.py; 0 without sparse
+    layers), local = share x aux_weight. Holds the model's cells without renaming their parameters."""
+
+    def __init__(self, parallel: "TelechatParallel"):
+        super().__init__(auto_prefix=False)
+        model = parallel.model
+        self.backbone, self.head = model.model, model.lm_head
+        self.layer_range = parallel.layer_range
+        self.first, self.last = parallel.first_stage, parallel.last_stage
+        self.sparse = any(model.model.layers[i].sparse for i in range(*parallel.layer_range))
+        self.aux = GlobalAuxLoss(model.config, parallel.groups.grad)
+        self.cross_entropy = VocabParallelCrossEntropy(parallel.groups.tp)
+
+    def construct(self, x, inputs):
+        ids, labels, mask, position_ids, inv_freq, mscale, allowed, tokens, aux_weight = inputs
+        cos, sin = self.backbone.rotary(position_ids, inv_freq, mscale)  # [mb,1,S_local,d]
+        h = self.backbone.tok_embeddings(ids) if self.first else x  # [mb, S_local(/tp), H]
+        stats = ()
+        for i in range(self.layer_range[0], self.layer_range[1]):
+            layer = self.backbone.layers[i]
+            if layer.sparse:
+                h, _, assigned, mass = layer(h, cos, sin, allowed)
+                stats = stats + ((assigned, mass),)
+            else:
+                h, _ = layer(h, cos, sin, allowed)
+        share = self.aux(stats, position_ids.shape[0] * position_ids.shape[1]) if self.sparse else \
+            ops.zeros((), ms.float32)
+        local = share * aux_weight
+        if not self.last:
+            return h, local, ops.stop_gradient(share)
+        local_logits = self.head.local_logits(self.backbone.norm_out(h))  # [mb, S_local, V/tp]
+        ce = self.cross_entropy(ops.reshape(local_logits, (-1, local_logits.shape[-1])), labels)  # [mb*S_local]
+        return (ce * mask).sum() / tokens + local, local, ops.stop_gradient(share)
+
+
 class TelechatParallel:
     """A parallelized model, its groups and the forward + backward of one step of its layout."""
 
@@ -250,6 +291,8 @@ class TelechatParallel:
         self.first_stage = self.stage == 0
         self.last_stage = self.stage == self.dims.pp - 1
         self.aux_losses: List[float] = []
+        self.compiled = False  # run each stage's forward and backward as compiled graphs (settings.jit)
+        self._stage_fns: Optional[StageFunctions] = None
         config = model.config
         self.expert_range = (expert_range(config.num_experts, self.dims.ep, groups.ep.rank) if config.num_experts
                              else (0, 0))  # the experts this rank holds
@@ -297,39 +340,13 @@ class TelechatParallel:
         masks = layer_masks(cfg, np.tril(np.ones((local_seq, local_seq), bool))[None, None], np.arange(local_seq),
                             local_seq)
         allowed = mask_tensors(masks)
-        layers = [self.model.model.layers[i] for i in range(*self.layer_range)]
-        backbone, head = self.model.model, self.model.lm_head
-
-        def forward(i: int, h):
-            cos, sin = backbone.rotary(position_ids, inv_freq, mscale)  # [mb,1,S_local,d]
-            if self.first_stage:
-                h = backbone.tok_embeddings(ids_mb[i])  # [mb, S_local(/tp), H]
-            stats = []
-            for layer in layers:
-                if layer.sparse:
-                    h, _, assigned, mass = layer(h, cos, sin, allowed)
-                    stats.append((assigned, mass))
-                else:
-                    h, _ = layer(h, cos, sin, allowed)
-            share = global_aux_loss(cfg, stats, micro * local_seq, groups.grad) if stats else None
-            if share is not None:  # MoE load balancing of this stage's layers over the global micro-batch
-                aux_shares[i] = ops.stop_gradient(share)  # read once the step is done: no host sync here
-            if not self.last_stage:
-                local[0] = None if share is None else share * aux_weight
-                return h
-            local_logits = head.local_logits(backbone.norm_out(h))  # [mb, S_local, V/tp]
-            ce = vocab_parallel_cross_entropy(ops.reshape(local_logits, (-1, local_logits.shape[-1])),
-                                              labels_mb[i], groups.tp)  # [mb*S_local]
-            loss = (ce * mask_mb[i]).sum() / tokens
-            return loss if share is None else loss + share * aux_weight
-
-        aux_shares: Dict[int, Tensor] = {}  # micro-batch -> this rank's aux share (a recompute overwrites)
-        local: List = [None]  # the aux share of the last forward of a stage before the last one
         aux_weight = 1.0 / dims.micro_batch_num if aux_weight is None else aux_weight
-        act_seq = local_seq // dims.tp if dims.seq_parallel else local_seq
-        stage_fns = StageFunctions(forward, self.params, (micro, act_seq, cfg.hidden_size), self.model.compute_dtype,
-                                   lambda: local[0])
+        step_inputs = (position_ids, inv_freq, mscale, allowed, tokens, Tensor(np.float32(aux_weight)))
+        stage_fns = self._stage_functions((micro, local_seq // dims.tp if dims.seq_parallel else local_seq,
+                                           cfg.hidden_size))
+        stage_fns.begin(lambda i: (ids_mb[i], labels_mb[i], mask_mb[i]) + step_inputs)
         loss, grads = run_pipeline(stage_fns, groups.pp, dims.micro_batch_num)
+        aux_shares = stage_fns.shares  # micro-batch -> this rank's aux share (read once the step is done)
         self.aux_losses = []  # the load-balancing loss of each micro-batch (MoE; before aux_weight), every stage's
         earlier_stages = 0.0  # what the stages before the last added to the loss (their layers' aux shares)
         if cfg.num_experts:  # every rank of the layout takes part (a stage may hold no sparse layer)
@@ -343,6 +360,19 @@ class TelechatParallel:
         grads = reduce_gradients(self.params, grads, groups.grad, groups.tp, groups.expert_grad)
         self._sum_tied_gradients(grads)
         return self._global_loss(loss) + earlier_stages, grads
+
+    def _stage_functions(self, activation_shape) -> StageFunctions:
+        """This stage's forward / backward, built at the first step (after LoRA has set which parameters train).
+        Compiled unless context parallel (RingAttention's ring is driven from Python); a compiled MoE layer
+        dispatches by all-gather (shapes independent of the routing)."""
+        compiled = self.compiled and self.dims.cp == 1
+        if self._stage_fns is None:
+            if compiled and self.model.config.num_experts:
+                use_static_dispatch(self.model)
+            self._stage_fns = StageFunctions(StageForward(self), self.params, activation_shape,
+                                             self.model.compute_dtype, self.first_stage, self.last_stage, compiled)
+        self._stage_fns.activation_shape = tuple(activation_shape)
+        return self._stage_fns
 
     def _sum_tied_gradients(self, grads) -> None:
         """Tied embeddings over several stages: the embedding (first stage) and its copy in lm_head (last stage)

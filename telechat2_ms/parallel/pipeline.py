@@ -11,7 +11,8 @@ the pipeline group does one exchange: activations go to the next stage, gradient
 (comm.all_gather of [to_next, to_prev], then each stage picks its neighbours' blocks; on CPU that is the
 AllReduce emulation, there being no Send/Recv). A stage's forward runs without autograd; its backward
 recomputes the forward under `ms.grad` of sum(output * incoming gradient) (full activation recompute:
-MindSpore PyNative cannot keep several pending vjp closures alive at once, measured). A single stage (no
+MindSpore PyNative cannot keep several pending vjp closures alive at once, measured). Each of these runs as one
+compiled graph with settings.jit (StageFunctions). A single stage (no
 pipeline) needs no such split: each micro-batch's loss and gradients come from one value_and_grad pass, so
 train.recompute (none / selective / full, Cell.recompute on the layers) decides there as in one process.
 """
@@ -72,20 +73,68 @@ def timetable(pp: int, micro_batches: int) -> List[List[Optional[Step]]]:
 
 
 class StageFunctions:
-    """What one stage computes for micro-batch i (built by parallelize.TelechatParallel):
-    forward(i, x) -> output (hidden states, or the micro-batch loss on the last stage; x is None on the
-    first stage), params: the stage's trainable parameters; `local_loss()`: a loss term the last forward of a
-    stage before the last one computed from its own layers (an MoE stage's load-balancing share) or None, whose
-    gradient the stage's backward adds to the one flowing back from the next stage."""
+    """What one stage computes, from `cell` (parallelize.StageForward): cell(x, inputs) -> (out, local, share)
+    with x the previous stage's activations (a placeholder on the first stage), inputs a tuple of Tensors; out the
+    activations for the next stage, or on the last stage the micro-batch loss; local a loss term of the stage's own
+    layers (an MoE stage's load-balancing share) that a stage before the last adds to its backward; share a value
+    to record (stop_gradient). `begin(inputs)` starts a step: inputs(i) gives micro-batch i's inputs. With `compiled` the forward, the
+    backward and the single-stage value_and_grad each run as one ms.jit graph (compiled once per input shape);
+    without, op by op (PyNative). Both compute the same values: one function, two ways to run it.
 
-    def __init__(self, forward: Callable[[int, Optional[Tensor]], Tensor], params: Sequence,
-                 activation_shape: Tuple[int, ...], activation_dtype=ms.float32,
-                 local_loss: Optional[Callable[[], Optional[Tensor]]] = None):
-        self.forward = forward
+        forward(i, x) -> out                       the F step (no autograd); records shares[i]
+        backward(i, x, sens) -> (dx or None, grads) the B step: gradients of sum(out * sens) (+ local), the
+                                                   forward recomputed inside
+        value_and_grad(i) -> (loss, grads)         a single stage: loss and gradients in one pass"""
+
+    def __init__(self, cell, params: Sequence, activation_shape: Tuple[int, ...], activation_dtype=ms.float32,
+                 first: bool = True, last: bool = True, compiled: bool = False):
         self.params = list(params)
+        self.inputs: Callable[[int], tuple] = lambda i: ()
         self.activation_shape = tuple(activation_shape)
         self.activation_dtype = activation_dtype
-        self.local_loss = local_loss or (lambda: None)
+        self.first = first
+        self.compiled = compiled
+        self.shares: Dict[int, Tensor] = {}
+        self.placeholder = ops.zeros((1,), ms.float32)  # the first stage's x
+        weights = ms.ParameterTuple(self.params)
+
+        def forward(x, inputs):
+            out, _, share = cell(x, inputs)
+            return out, share
+
+        def surrogate(x, sens, inputs):
+            out, local, _ = cell(x, inputs)
+            value = (ops.cast(out, ms.float32) * sens).sum()
+            return value if last else value + local
+
+        def loss(inputs):
+            out, _, share = cell(self.placeholder, inputs)
+            return ops.cast(out, ms.float32), share
+
+        wrap = ms.jit if compiled else (lambda fn: fn)
+        self._forward = wrap(forward)
+        self._backward = wrap(ms.grad(surrogate, grad_position=None if first else 0, weights=weights))
+        self._value_and_grad = wrap(ms.value_and_grad(loss, None, weights=weights, has_aux=True))
+
+    def begin(self, inputs: Callable[[int], tuple]) -> None:
+        """A new step: `inputs(i)` gives micro-batch i's inputs; the recorded shares are cleared."""
+        # mutable: a compiled function takes a plain tuple argument as a constant (new Tensors, a new graph per call)
+        self.inputs = (lambda i: ms.mutable(inputs(i))) if self.compiled else inputs
+        self.shares = {}
+
+    def forward(self, i: int, x: Optional[Tensor]) -> Tensor:
+        out, self.shares[i] = self._forward(self.placeholder if x is None else x, self.inputs(i))
+        return out
+
+    def backward(self, i: int, x: Optional[Tensor], sens: Tensor):
+        if self.first:
+            return None, self._backward(self.placeholder, sens, self.inputs(i))
+        dx, grads = self._backward(x, sens, self.inputs(i))
+        return dx, grads
+
+    def value_and_grad(self, i: int):
+        (loss, self.shares[i]), grads = self._value_and_grad(self.inputs(i))
+        return loss, grads
 
 
 def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: int):
@@ -116,17 +165,7 @@ def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: in
             i = step[1]
             x = None if first else inputs.pop(i)
             sens = ops.ones((), ms.float32) if last else grads_in.pop(i)
-
-            def surrogate(x_in, i=i, sens=sens):
-                value = (ops.cast(stage_fns.forward(i, x_in), ms.float32) * sens).sum()
-                extra = None if last else stage_fns.local_loss()
-                return value if extra is None else value + extra
-
-            if first:
-                weight_grads = ms.grad(lambda: surrogate(None), grad_position=None, weights=stage_fns.params)()
-            else:
-                dx, weight_grads = ms.grad(surrogate, grad_position=0, weights=stage_fns.params)(x)
-                to_prev = dx
+            to_prev, weight_grads = stage_fns.backward(i, x, sens)
             accumulate(grads, weight_grads)
         if pp > 1 and _anyone_sends(table[tick], pp):
             from_prev, from_next = _exchange(to_next, to_prev, zeros, group)
@@ -142,10 +181,7 @@ def run_pipeline(stage_fns: StageFunctions, group: comm.Group, micro_batches: in
 def _single_stage(stage_fns: StageFunctions, micro_batches: int):
     total_loss, grads = None, []
     for i in range(micro_batches):
-        def loss_of(i=i):
-            return ops.cast(stage_fns.forward(i, None), ms.float32)
-
-        loss, weight_grads = ms.value_and_grad(loss_of, None, weights=stage_fns.params)()
+        loss, weight_grads = stage_fns.value_and_grad(i)
         total_loss = loss if total_loss is None else total_loss + loss
         accumulate(grads, weight_grads)
     return total_loss, grads

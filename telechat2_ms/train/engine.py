@@ -17,7 +17,8 @@ for float16, LoRA, recompute. Checkpoint: model.safetensors (LoRA merged in), op
 lora.safetensors.
 ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.TelechatParallel's
 forward_backward per accumulation step (1F1B over micro_batch_num micro-batches, gradients reduced over
-replicas), the global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), the
+replicas; with settings.jit each stage's forward and backward run as compiled graphs, except under cp), the
+global norm over every shard, ParallelAdamW (states sharded over dp with optimizer_shard), the
 same dynamic loss scaling for float16 (the global norm decides, so an overflow on any rank skips the step on
 every rank), LoRA with the adapters sharded with their projections, and train.recompute as in one process when
 there is one pipeline stage (several stages always rerun each stage's forward in its backward).
@@ -186,6 +187,7 @@ class ParallelEngine:
         # resumed LoRA run its base weights as the original run did (the checkpoint's are merged)
         weights = training_checkpoint(resume_path)[0] if resume_path and not t.lora_rank else None
         self.model, self.parallel = build_model(plan, weights=weights)
+        self.parallel.compiled = self.settings.jit  # each stage's forward / backward one graph (not with cp)
         self.lora_names: List[str] = []
         if t.lora_rank:  # adapters sharded with their projections, the single-process initialisation
             from telechat2_ms.parallel.parallelize import apply_lora_adapters

@@ -18,6 +18,7 @@ from mindspore import Tensor, ops
 from telechat2_ms.config import get_config
 from telechat2_ms.model import Telechat2ForCausalLM
 from telechat2_ms.parallel.dims import ParallelDims
+from telechat2_ms.parallel.parallelize import parallelize_telechat2
 from telechat2_ms.parallel.plan import merge_shards
 
 BATCH, SEQ, SEED, LR = 4, 16, 7, 0.5
@@ -70,6 +71,8 @@ TRAINER_LAYOUTS = {
                  ["--parallel_config.model_parallel=2"]),
     "fp16_pp2": (["--compute_dtype=float16", "--train.loss_scale=262144", "--train.total_steps=4",
                   "--parallel_config.micro_batch_num=2"], ["--parallel_config.pipeline_stage=2"]),
+    # compiled (settings.jit): each stage's forward and backward as graphs, in one process the compiled TrainStep
+    "jit_pp2": (["--jit=true", "--parallel_config.micro_batch_num=2"], ["--parallel_config.pipeline_stage=2"]),
 }
 FP16_TRAINER_LAYOUTS = ("fp16_tp2", "fp16_pp2")
 # the train run mode of a mixture-of-experts model (tests/test_moe_msrun.py), from the checkpoint save_moe_init
@@ -120,6 +123,26 @@ GENERATE_LAYOUTS.update({"moe_ep2": dict(dp=2, ep=2), "qwen2_moe_ep2": dict(dp=2
 LAYOUTS.update({"moe_pp2": dict(pp=2, micro_batch_num=2), "moe_ep2_pp2": dict(dp=2, ep=2, pp=2, micro_batch_num=2)})
 LAYOUT_MODELS.update({"moe_pp2": "moe", "moe_ep2_pp2": "moe"})
 GROUPED_AUX_LAYOUTS = ("moe_pp2", "moe_ep2_pp2")
+# the same step compiled (parallelize.TelechatParallel.compiled: each stage's forward and backward one ms.jit graph):
+# LAYOUT_jit runs LAYOUT's step so, and must give what the PyNative LAYOUT gives (cp stays PyNative: the ring is
+# driven from Python)
+COMPILED_LAYOUTS = ("dp2", "tp2", "tp2_sp", "pp2", "tp2_pp2", "dp2_zero", "dp2_tp2_sp_zero", "qwen2_tp2",
+                    "qwen2_tied_pp2", "moe_ep2", "moe_cap_ep2_tp2", "moe_ep2_pp2", "qwen2_moe_ep2")
+for _name in COMPILED_LAYOUTS:
+    LAYOUTS[_name + "_jit"] = LAYOUTS[_name]
+    if _name in LAYOUT_MODELS:
+        LAYOUT_MODELS[_name + "_jit"] = LAYOUT_MODELS[_name]
+ADAMW_LAYOUTS = ADAMW_LAYOUTS + tuple(name + "_jit" for name in ADAMW_LAYOUTS)
+GROUPED_AUX_LAYOUTS = GROUPED_AUX_LAYOUTS + tuple(name + "_jit" for name in GROUPED_AUX_LAYOUTS
+                                                  if name in COMPILED_LAYOUTS)
+
+
+def parallelize_layout(layout: str, model=None):
+    """parallelize_telechat2 of LAYOUT's model (or `model`) under its dims, compiled for a LAYOUT_jit."""
+    parallel = parallelize_telechat2(model if model is not None else build_model(LAYOUT_MODELS.get(layout, "tiny")),
+                                     ParallelDims(**LAYOUTS[layout]))
+    parallel.compiled = layout.endswith("_jit")
+    return parallel
 
 
 def model_config(model: str = "tiny"):
@@ -291,6 +314,34 @@ def merge_layout(out_dir: str, layout: str, suffix: str = "") -> tuple:
 
 def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+COMPILED_TOL = 1e-6  # compiled vs PyNative step: the same ops, fused or ordered differently by the graph compiler
+# AdamW layouts: m / (sqrt(v) + eps) turns the ~1e-9 summation-order noise of a gradient element near eps into update
+# noise up to ~1e-3 of lr (tests/test_parallel_msrun.py), so their parameters are held to 1e-4 of a tensor's largest
+# (measured: 1.1e-5 on the embedding of dp2_zero); losses and gradient norms still to COMPILED_TOL
+COMPILED_ADAMW_PARAM_TOL = 1e-4
+
+
+def check_compiled(out_dir: str, layout: str) -> None:
+    """LAYOUT_jit (each stage's forward and backward compiled) against the PyNative LAYOUT, rank by rank: loss, global
+    gradient norm(s), MoE aux losses and the updated parameters within COMPILED_TOL (relative; AdamW layouts' parameters
+    within COMPILED_ADAMW_PARAM_TOL)."""
+    jit = layout + "_jit"
+    losses, merged = merge_layout(out_dir, layout)
+    jit_losses, jit_merged = merge_layout(out_dir, jit)
+    for got, want in zip(jit_losses, losses):
+        assert abs(got - want) <= COMPILED_TOL * abs(want), (jit, "loss", got, want)
+    for rank in range(len(losses)):
+        mine, theirs = rank_info(out_dir, jit, rank), rank_info(out_dir, layout, rank)
+        for key in ("norms", "losses", "aux_losses"):
+            assert len(mine.get(key, [])) == len(theirs.get(key, [])), (jit, rank, key)
+            for got, want in zip(mine.get(key, []), theirs.get(key, [])):
+                assert abs(got - want) <= COMPILED_TOL * abs(want), (jit, rank, key, got, want)
+    assert sorted(jit_merged) == sorted(merged)
+    param_tol = COMPILED_ADAMW_PARAM_TOL if layout in ADAMW_LAYOUTS else COMPILED_TOL
+    for name, want in merged.items():
+        assert max_rel_diff(jit_merged[name], want) <= param_tol, (jit, name, max_rel_diff(jit_merged[name], want))
 
 
 def layout_names() -> List[str]:

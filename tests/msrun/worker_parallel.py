@@ -7,7 +7,8 @@ Usage: python worker_parallel.py OUT_DIR TASK [TASK ...], TASK one of
   reference:MODEL   the same SGD reference for parallel_cases.model_config(MODEL) (reference_MODEL.*)
   train:LAYOUT      one clipped SGD step (or, for parallel_cases.ADAMW_LAYOUTS, the clipped AdamW steps
                     with dp-sharded states) under a layout of parallel_cases.LAYOUTS; each rank dumps its
-                    loss, global gradient norm and local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz}
+                    loss, global gradient norm and local parameters to OUT_DIR/LAYOUT/rank{r}.{json,npz};
+                    LAYOUT_jit: the same step compiled (parallel_cases.COMPILED_LAYOUTS)
   trainer:LAYOUT    the train run mode (the one Trainer, parallel engine) under a layout of
                     parallel_cases.TRAINER_LAYOUTS or MOE_TRAINER_LAYOUTS (from pc.save_moe_init's model); OUT_DIR/trainer_LAYOUT/ (its output dir) and
                     OUT_DIR/trainer/LAYOUT/rank{r}.json (its summary)
@@ -71,13 +72,13 @@ def task_train(out_dir: str, rank: int, layout: str) -> None:
 
     dims = ParallelDims(**pc.LAYOUTS[layout])
     start = time.monotonic()
-    parallel = parallelize_telechat2(pc.build_model(pc.LAYOUT_MODELS.get(layout, "tiny")), dims)
+    parallel = pc.parallelize_layout(layout)
     batch = pc.make_batch()
     if layout in pc.ADAMW_LAYOUTS:
         optimizer = pc.make_adamw(parallel)
         steps = [pc.adamw_step(parallel, batch, optimizer, step) for step in range(1, pc.ADAMW_STEPS + 1)]
         # the same steps with replicated optimizer states: sharding must not change a single bit of the math
-        replicated = parallelize_telechat2(pc.build_model(), dims)
+        replicated = pc.parallelize_layout(layout)
         replicated_opt = ParallelAdamW(replicated.params, replicated.groups.grad, False, pc.ADAMW["beta1"],
                                        pc.ADAMW["beta2"], pc.ADAMW["eps"], pc.ADAMW["weight_decay"])
         for step in range(1, pc.ADAMW_STEPS + 1):
