@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="bench_100m", help="registry size (default bench_100m, ~100M parameters)")
     p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     p.add_argument("--batch", type=int, default=4, help="global batch in sequences, even (default 4)")
-    p.add_argument("--steps", type=int, default=4, help="training steps per run, the first not timed (default 4)")
+    p.add_argument("--steps", type=int, default=6, help="training steps per run, the first not timed (default 6)")
     p.add_argument("--threads", type=int, default=2, help="total CPU threads of a run (default 2)")
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -117,6 +117,10 @@ def main(argv=None) -> int:
 
     import platform
 
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     results: Dict[str, Dict[str, Dict]] = {}
     for layout in args.layouts:
         for mode in args.modes:
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
         return results.get(layout, {}).get(mode, {}).get("tokens_per_s")
 
     print(f"\n{args.model}, {args.batch} x {args.seq} tokens per step, {args.threads} threads per run in total, "
-          f"{args.steps} steps (the first not timed); CPU: {platform.processor() or platform.machine()}")
+          f"{args.steps} steps (the first not timed); CPU: {cpu}")
     print("| layout | compiled tok/s | x one process | PyNative tok/s | x one process | compiled / PyNative |")
     print("|---|---|---|---|---|---|")
     for layout in args.layouts:
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
               f"{fmt(eager / ref_eager if eager and ref_eager else None, '.2f')} | "
               f"{fmt(jit / eager if jit and eager else None, '.2f')} |")
     report = {"model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-              "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "results": results}
+              "threads": args.threads, "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

@@ -38,15 +38,18 @@ from tests.msrun import parallel_cases as pc
 
 WORKER = os.path.join(os.path.dirname(__file__), "msrun", "worker_parallel.py")
 LOSS_TOL, PARAM_TOL, ADAMW_UPDATE_TOL, SHARDED_VS_REPLICATED_TOL = 1e-5, 1e-4, 1e-3, 1e-7
+# the layouts whose step also runs compiled (LAYOUT_jit) in each job, checked against the PyNative step
+COMPILED = {2: ("dp2", "tp2", "tp2_sp", "pp2", "dp2_zero", "qwen2_tp2", "qwen2_pp2", "qwen2_kv1_tp2", "qwen2_tied_tp2",
+                "qwen2_tied_pp2"),
+            4: ("tp2_pp2", "dp2_tp2_sp_zero", "qwen2_tied_tp2_pp2")}
 JOBS = {
     2: ["reference", "reference:qwen2", "reference:qwen2_kv1", "reference:qwen2_tiny", "train:qwen2_tp2",
         "train:qwen2_pp2", "train:qwen2_kv1_tp2", "train:qwen2_tied_tp2", "train:qwen2_tied_pp2", "train:dp2", "train:tp2", "train:tp2_sp", "train:pp2", "train:cp2", "train:dp2_zero",
         "generate:tp2", "generate:pp2", "generate:qwen2_kv1_tp2", "generate:qwen2_tied_pp2", "load:tp2", "chat:tp2", "predict:dp2",
         "trainer:tp2", "trainer:qwen2_tied_pp2", "trainer:lora_tp2", "trainer:lora_pp2", "trainer:selective_tp2",
-        "trainer:fp16_tp2", "trainer:fp16_pp2", "train:dp2_jit", "train:tp2_jit", "train:tp2_sp_jit", "train:pp2_jit",
-        "train:dp2_zero_jit", "train:qwen2_tp2_jit", "train:qwen2_tied_pp2_jit", "trainer:jit_pp2"],
+        "trainer:fp16_tp2", "trainer:fp16_pp2", "trainer:jit_pp2"] + [f"train:{name}_jit" for name in COMPILED[2]],
     4: ["comm", "reference", "reference:qwen2_tiny", "train:tp2_pp2", "train:qwen2_tied_tp2_pp2",
-        "train:dp2_tp2_sp_zero", "generate:tp2_pp2", "train:tp2_pp2_jit", "train:dp2_tp2_sp_zero_jit"],
+        "train:dp2_tp2_sp_zero", "generate:tp2_pp2"] + [f"train:{name}_jit" for name in COMPILED[4]],
 }
 
 pytestmark = pytest.mark.msrun
@@ -157,9 +160,7 @@ def test_adamw_sharded_states_dp2_tp2_sp_four_processes_matches_single_process(j
     _check_layout(job4, "dp2_tp2_sp_zero")
 
 
-@pytest.mark.parametrize("layout, job", [(name, "job2") for name in ("dp2", "tp2", "tp2_sp", "pp2", "dp2_zero", "qwen2_tp2",
-                                                                      "qwen2_tied_pp2")] +
-                         [(name, "job4") for name in ("tp2_pp2", "dp2_tp2_sp_zero")])
+@pytest.mark.parametrize("layout, job", [(name, f"job{n}") for n, names in COMPILED.items() for name in names])
 def test_compiled_step_equals_pynative_step(layout, job, request):
     """Each stage's forward and backward as ms.jit graphs (TelechatParallel.compiled, what settings.jit turns on
     under msrun) give the PyNative step's loss, gradient norm and updated parameters (rel. 1e-6)."""

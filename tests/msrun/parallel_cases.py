@@ -126,8 +126,8 @@ GROUPED_AUX_LAYOUTS = ("moe_pp2", "moe_ep2_pp2")
 # the same step compiled (parallelize.TelechatParallel.compiled: each stage's forward and backward one ms.jit graph):
 # LAYOUT_jit runs LAYOUT's step so, and must give what the PyNative LAYOUT gives (cp stays PyNative: the ring is
 # driven from Python)
-COMPILED_LAYOUTS = ("dp2", "tp2", "tp2_sp", "pp2", "tp2_pp2", "dp2_zero", "dp2_tp2_sp_zero", "qwen2_tp2",
-                    "qwen2_tied_pp2", "moe_ep2", "moe_cap_ep2_tp2", "moe_ep2_pp2", "qwen2_moe_ep2")
+# every training layout but cp2 (RingAttention's ring runs from Python, never compiled), also as LAYOUT_jit
+COMPILED_LAYOUTS = tuple(name for name in LAYOUTS if name != "cp2")
 for _name in COMPILED_LAYOUTS:
     LAYOUTS[_name + "_jit"] = LAYOUTS[_name]
     if _name in LAYOUT_MODELS:
