@@ -17,6 +17,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
+from telechat2_ms.generate import last_logits
 from telechat2_ms.layers import scatter_rows
 from telechat2_ms.parallel import comm
 
@@ -62,7 +63,7 @@ class PipelineCachedSteps:
                 h = comm.ring_shift(h, self.group)  # stage k's hidden states to stage k + 1
         if not self.last:
             return ops.zeros((batch, self.vocab_size), ms.float32)
-        return ops.cast(self.lm_head(self.backbone.norm_out(h[:, -1:])), ms.float32)[:, 0]  # [B,V]
+        return last_logits(self.lm_head, self.backbone.norm_out(h[:, -1:]))  # [B,V]
 
     def prefill(self, input_ids, position_ids, allowed, inv_freq, mscale):
         return self._forward(input_ids, position_ids, allowed, inv_freq, mscale)

@@ -13,7 +13,10 @@ scratch slot that is never attended). A request owns one row from admission to i
   rows whose tables differ run in separate calls, the others writing into their scratch slot). Free rows
   compute on a pad token into their scratch slot.
 - sampling: per row, with the row's own settings and seed (sampling.TokenSampler on the row's logits; the
-  uniform draw from the request's own numpy Generator, as generate.Generator draws it).
+  uniform draw from the request's own numpy Generator, as generate.Generator draws it). Greedy rows without a
+  repetition penalty take the argmax the compiled step computed beside the logits (no sampler call).
+- before serving, `Runner.warm_up` compiles the decode step for every row count it will use, so no request
+  waits for a compilation (3-4 s each at 100M parameters on CPU).
 - a row ends at an end-of-sequence / stop token, a stop string, max_tokens, or when its client is gone
   (cancel); its slot is free for the next waiting request at once.
 Every decision is made by the scheduler thread; the model work it asks for goes through `Runner`, which under
@@ -137,11 +140,29 @@ class Runner:
         self.batch, self.slots = max_batch, max_length + 1
         self.steps = CachedSteps(model, max_batch, self.slots)
         self.prefill_fn = ms.jit(self.steps.prefill_row) if use_jit else self.steps.prefill_row
-        self.decode_fn = ms.jit(self.steps.construct) if use_jit else self.steps
+        self.decode_fn = ms.jit(self.steps.decode_rows) if use_jit else self.steps.decode_rows
+        self.use_jit = use_jit
         self._rope_tensors: Dict[Tuple[float, float], Tuple[Tensor, Tensor]] = {}
 
     def idle(self) -> None:
         """Nothing to do (the msrun heartbeat)."""
+
+    def widths(self) -> List[int]:
+        """The row counts of the decode calls (decode_rows of 1..max_batch)."""
+        return sorted({decode_rows(n, self.batch) for n in range(1, self.batch + 1)})
+
+    def warm_up(self, log: Optional[Callable[[str], None]] = None) -> None:
+        """Compile the decode step for every row count before serving (every rank alike under msrun). Every
+        row is free: a pad token written into its scratch slot, which nothing attends."""
+        if not self.use_jit:
+            return
+        start = time.monotonic()
+        scratch = self.slots - 1
+        for width in self.widths():
+            self.decode([0] * width, [0] * width, [scratch] * width, [scratch] * width, 1)[1].asnumpy()
+        if log is not None:
+            log(f"compiled the decode step for {', '.join(map(str, self.widths()))} rows in "
+                f"{time.monotonic() - start:.1f} s")
 
     def rope_key(self, key_length: int) -> Tuple[float, float]:
         params = rope_parameters(key_length, self.cfg)
@@ -151,7 +172,8 @@ class Runner:
         return key
 
     def prefill(self, row: int, prompt: Sequence[int], padded: int, pad_id: int):
-        """The prompt left-padded to `padded` tokens into cache row `row` -> last-position logits [1,V] (device)."""
+        """The prompt left-padded to `padded` tokens into cache row `row` -> (last-position logits [1,V], its
+        argmax [1]) (device)."""
         prompt = [int(t) for t in prompt]
         pads = padded - len(prompt)
         ids = np.full((1, padded), pad_id, np.int32)
@@ -168,7 +190,7 @@ class Runner:
     def decode(self, tokens, positions, write, starts, key_length: int):
         """One step for every row: tokens/positions [B], write [B] (each row's slot for this token), starts [B]
         (its first valid slot; slots start..write are attended), key_length (the RoPE tables' key count, the
-        same table for every row of the call) -> logits [B,V] (device)."""
+        same table for every row of the call) -> (logits [B,V], each row's argmax [B]) (device)."""
         tokens, positions, write, starts = (np.asarray(a, np.int64) for a in (tokens, positions, write, starts))
         slots = np.arange(self.slots)  # rows: the first len(tokens) cache rows (a power of two, or max_batch)
         allowed = ((slots[None] >= starts[:, None]) & (slots[None] <= write[:, None]))[:, None, None, :]  # [B,1,1,T]
@@ -303,8 +325,8 @@ class Scheduler:
             self._lengths[row] = padded
             self._seen[row] = False
             self._seen[row, req.prompt] = True
-            logits = self._call("prefill", row, req.prompt, padded, self.pad_id)
-            self._sample_rows([row], logits, [0])
+            logits, greedy = self._call("prefill", row, req.prompt, padded, self.pad_id)
+            self._sample_rows([row], logits, greedy, [0])
             budget -= padded
             admitted += 1
 
@@ -334,10 +356,10 @@ class Scheduler:
             write[rows] = self._lengths[rows]
             starts[rows] = self._starts[rows]
             positions[rows] = self._lengths[rows] - self._starts[rows]
-            logits = self._call("decode", tokens.tolist(), positions.tolist(), write.tolist(), starts.tolist(),
-                                key_length)
+            logits, greedy = self._call("decode", tokens.tolist(), positions.tolist(), write.tolist(),
+                                        starts.tolist(), key_length)
             self._lengths[rows] += 1
-            self._sample_rows(rows, logits, rows)
+            self._sample_rows(rows, logits, greedy, rows)
         self.steps += 1
 
     def _sampler(self, key: Tuple) -> TokenSampler:
@@ -345,19 +367,24 @@ class Scheduler:
             self._samplers[key] = TokenSampler(self.cfg.vocab_size, *key)
         return self._samplers[key]
 
-    def _sample_rows(self, rows: Sequence[int], logits, at: Sequence[int]) -> None:
-        """Sample the next token of each row from its line `at[i]` of logits [n, V] (device) and hand it to
-        its request."""
+    def _sample_rows(self, rows: Sequence[int], logits, greedy, at: Sequence[int]) -> None:
+        """Sample the next token of each row from its line `at[i]` of logits [n, V] (device; greedy [n]: each
+        line's argmax) and hand it to its request."""
         by_key: Dict[Tuple, List[Tuple[int, int]]] = {}
         for row, line in zip(rows, at):
             by_key.setdefault(self._rows[row].params.sampler_key, []).append((row, line))
         for key, pairs in by_key.items():
             group = [row for row, _ in pairs]
             lines = [line for _, line in pairs]
-            picked = logits if lines == list(range(logits.shape[0])) else ops.gather(
-                logits, Tensor(np.asarray(lines, np.int32)), 0)
-            uniform = np.array([self._rows[r].rng.random(dtype=np.float32) for r in group], np.float32)
-            tokens = self._sampler(key)(picked, Tensor(self._seen[group]), Tensor(uniform)).asnumpy()
+            do_sample, penalty = key[0], key[-1]
+            if not do_sample and penalty == 1.0:  # plain greedy: the step's own argmax
+                tokens = greedy.asnumpy()[lines]
+            else:
+                picked = logits if lines == list(range(logits.shape[0])) else ops.gather(
+                    logits, Tensor(np.asarray(lines, np.int32)), 0)
+                uniform = np.array([self._rows[r].rng.random(dtype=np.float32) for r in group], np.float32)
+                seen = Tensor(self._seen[group]) if penalty != 1.0 else None
+                tokens = self._sampler(key)(picked, seen, Tensor(uniform)).asnumpy()
             for row, token in zip(group, tokens):
                 self._accept(row, int(token))
 
