@@ -27,7 +27,7 @@ from telechat2_ms import kernels
 from telechat2_ms.layers import scatter_rows, use_blockwise_attention
 from telechat2_ms.model import Telechat2ForCausalLM, layer_masks, mask_tensors
 from telechat2_ms.rope import rope_parameters
-from telechat2_ms.sampling import TokenSampler
+from telechat2_ms.sampling import TokenSampler, greedy_tokens
 
 
 class GenerationError(ValueError):
@@ -141,7 +141,7 @@ class CachedSteps(nn.Cell):
                 new = ops.cast(ops.reshape(kvs[i][part], (-1, dim)), self.cache_params[2 * i + part].dtype)
                 ops.scatter_update(self.cache_params[2 * i + part], rows, new)
         logits = last_logits(self.lm_head, hidden)  # [1,V]
-        return logits, ops.cast(ops.argmax(logits, -1), ms.int32)
+        return logits, greedy_tokens(logits)
 
     def construct(self, token, position, allowed, inv_freq, mscale, slot):
         """token/position [B,1] int32, allowed [B,1,1,T], slot [1] or [B,1] int32 -> logits [B,V] fp32."""
@@ -152,7 +152,7 @@ class CachedSteps(nn.Cell):
         """construct, and each row's greedy token in the same graph (serving/engine.py: greedy rows need no
         sampler call) -> (logits [B,V] fp32, greedy tokens [B] int32; TokenSampler's argmax)."""
         logits = self.construct(token, position, allowed, inv_freq, mscale, slot)
-        return logits, ops.cast(ops.argmax(logits, -1), ms.int32)
+        return logits, greedy_tokens(logits)
 
 
 class SampleStep(nn.Cell):

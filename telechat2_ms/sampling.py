@@ -18,6 +18,12 @@ def apply_repetition_penalty(logits, seen, penalty: float):
     return ops.where(seen, penalised, logits)
 
 
+def greedy_tokens(logits):
+    """logits [B,V] -> each row's argmax [B] int32 (the greedy choice; also computed inside the compiled decode
+    step for serving's greedy rows)."""
+    return ops.cast(ops.argmax(logits, -1), ms.int32)
+
+
 class TokenSampler(nn.Cell):
     """(logits [B,V] fp32, seen [B,V] bool, uniform [B] fp32 in [0,1)) -> next token ids [B] int32."""
 
@@ -41,7 +47,7 @@ class TokenSampler(nn.Cell):
     def construct(self, logits, seen, uniform):
         logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
         if not self.do_sample:
-            return ops.cast(ops.argmax(logits, -1), ms.int32)
+            return greedy_tokens(logits)
         values, indices = ops.topk(logits / self.temperature, self.num_candidates)  # [B,K] sorted descending
         probs = ops.softmax(values, -1)
         cumulative = ops.cumsum(probs, -1)
