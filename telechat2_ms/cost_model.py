@@ -527,7 +527,9 @@ def step_time(cfg: ModelConfig, lay: Layout, efficiency: Optional[float] = None,
     half_ops_per_layer = 4 + 4 + (2 if lay.sp else 0) + (4 if lay.recompute == "full" else 0)
     t_half = _collective_time(a * T * H, tp, tp_spans, hw, "half")
     # Ring attention: (cp-1) K/V block sends forward, K/V + dK/dV backward (x4/3 with full recompute),
-    # hidden behind the attention compute of the same layer when shorter.
+    # hidden behind the attention compute of the same layer when shorter. Sends here and for the pipeline below
+    # are point to point, one block per step over one link: what comm.ring_shift / comm.neighbour_exchange do
+    # on Ascend (HCCL batch_isend_irecv); the all-gather they fall back to elsewhere would move `size` blocks.
     kv = kv_local_dim(cfg, tp)
     cp_bw = (hw.roce_port_bandwidth if tp * cp > dpn else hw.hccs_link_bandwidth) * hw.collective_efficiency
     cp_bytes = (mult * (cp - 1) * 2 * a * T * kv) if cp > 1 else 0.0

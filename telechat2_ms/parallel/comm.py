@@ -14,9 +14,11 @@ all-to-all (expert parallelism's token dispatch, rows of uneven counts per membe
 emulated: every member's pieces padded to the largest count, all-gathered, and each member keeps the pieces
 addressed to it.
 
-`ring_shift` (the point-to-point step of RingAttention and of the pipeline) uses all-gather + pick on the
-native backend as well: it is correct everywhere, costs `size` times the bandwidth of a true send/recv, and
-is the one place to swap in HCCL P2P later.
+Point-to-point: `ring_shift` (RingAttention's ring step, pipeline generation) and `neighbour_exchange` (the
+pipeline's activations forward and gradients back) send on HCCL with `mint.distributed.batch_isend_irecv` on
+Ascend (`send_recv`: each member sends only to the members that need its data; MindSpore has it on Ascend only,
+in PyNative). Elsewhere (the CPU emulation, GPU) they all-gather and pick, which is correct everywhere and costs
+`size` times the bandwidth of a send; the cost model prices the send.
 
 A group of size 1 (and a world of size 1, i.e. a plain `python` run without msrun) makes every op the
 identity, so the same model code runs in one process.
@@ -261,15 +263,55 @@ def all_to_all(x: Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]
     return ops.concat([every[s * group.size + group.rank, :n] for s, n in enumerate(recv_counts) if n], 0)
 
 
+def uses_send_recv() -> bool:
+    """Whether ring_shift and neighbour_exchange send point to point (HCCL on Ascend) rather than all-gather."""
+    return not is_emulated() and ms.get_context("device_target") == "Ascend"
+
+
+def send_recv(sends: Sequence[Tuple[Tensor, int]], receives: Sequence[Tuple[Tensor, int]], group: Group) -> List[Tensor]:
+    """Point to point in one batched HCCL call: sends [(tensor, member index)], receives [(a tensor of the shape
+    and dtype to receive, member index)] -> the received tensors in the order of `receives`. Every send must
+    meet a receive of the same shape on its member (ring_shift and neighbour_exchange pair them). PyNative."""
+    from mindspore.mint.distributed import P2POp, batch_isend_irecv
+
+    buffers = [ops.zeros_like(like) for like, _ in receives]
+    op_list = ([P2POp("isend", t, group.ranks[m], group.name) for t, m in sends]
+               + [P2POp("irecv", b, group.ranks[m], group.name) for b, (_, m) in zip(buffers, receives)])
+    for handle in batch_isend_irecv(op_list):
+        handle.wait()
+    return buffers
+
+
 def ring_shift(x: Tensor, group: Group, shift: int = 1) -> Tensor:
     """Send x to member (rank+shift) % size and return what member (rank-shift) % size sent.
-    Every member must call it with same-shaped x (the ring step of RingAttention and the pipeline)."""
+    Every member must call it with same-shaped x (the ring step of RingAttention and pipeline generation)."""
     if group.size == 1:
         return x
     _check_member(group, "ring_shift")
     source = (group.rank - shift) % group.size
+    if uses_send_recv():
+        return send_recv([(x, (group.rank + shift) % group.size)], [(x, source)], group)[0]
     stacked = all_gather(ops.expand_dims(x, 0), group, dim=0)  # [size, *x.shape]
     return stacked[source]
+
+
+def neighbour_exchange(to_next: Tensor, to_prev: Tensor, group: Group) -> Tuple[Tensor, Tensor]:
+    """A chain's step (the pipeline's): member i sends to_next to member i+1 and to_prev to member i-1 and gets
+    (from_prev, from_next): what member i-1 sent forward and member i+1 sent back (zeros at the chain's ends).
+    Every member passes tensors of the same shape (zeros when it has nothing to send)."""
+    if group.size == 1:
+        return ops.zeros_like(to_next), ops.zeros_like(to_prev)
+    _check_member(group, "neighbour_exchange")
+    me, last = group.rank, group.size - 1
+    if uses_send_recv():
+        sends = ([(to_next, me + 1)] if me < last else []) + ([(to_prev, me - 1)] if me > 0 else [])
+        received = send_recv(sends, ([(to_next, me - 1)] if me > 0 else []) + ([(to_prev, me + 1)] if me < last else []),
+                             group)
+        from_prev = received.pop(0) if me > 0 else ops.zeros_like(to_next)
+        return from_prev, (received.pop(0) if me < last else ops.zeros_like(to_prev))
+    everyone = all_gather(ops.stack([to_next, to_prev], 0), group, dim=0)  # [size*2, *shape]: member-major
+    from_prev = everyone[2 * (me - 1)] if me > 0 else ops.zeros_like(to_next)
+    return from_prev, (everyone[2 * (me + 1) + 1] if me < last else ops.zeros_like(to_prev))
 
 
 # ---- autograd-aware regions ----------------------------------------------------------------------------

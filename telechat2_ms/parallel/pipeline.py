@@ -7,9 +7,9 @@ per stage per tick, a message sent in tick t is usable from tick t+1); every ran
 so all pipeline ranks know which micro-batch each message carries.
 
 `run_pipeline` executes one stage's part of the table. After each tick in which any stage sent something,
-the pipeline group does one exchange: activations go to the next stage, gradients to the previous one
-(comm.all_gather of [to_next, to_prev], then each stage picks its neighbours' blocks; on CPU that is the
-AllReduce emulation, there being no Send/Recv). A stage's forward runs without autograd; its backward
+the pipeline group does one exchange (comm.neighbour_exchange): activations go to the next stage, gradients to
+the previous one (HCCL sends on Ascend; on CPU an all-gather of every stage's [to_next, to_prev] from which each
+stage picks its neighbours' blocks, there being no Send/Recv). A stage's forward runs without autograd; its backward
 recomputes the forward under `ms.grad` of sum(output * incoming gradient) (full activation recompute:
 MindSpore PyNative cannot keep several pending vjp closures alive at once, measured). Each of these runs as one
 compiled graph with settings.jit (StageFunctions). A single stage (no
@@ -203,11 +203,7 @@ def _anyone_sends(row: List[Optional[Step]], pp: int) -> bool:
 
 
 def _exchange(to_next, to_prev, zeros, group: comm.Group):
-    """One collective per tick: every stage contributes [to_next, to_prev] (zeros when idle) and picks
-    (activation from stage-1, gradient from stage+1)."""
-    mine = ops.stack([zeros if t is None else ops.cast(t, zeros.dtype) for t in (to_next, to_prev)], 0)
-    everyone = comm.all_gather(ops.expand_dims(mine, 0), group, dim=0)  # [pp, 2, *shape]
-    stage, pp = group.rank, group.size
-    from_prev = everyone[stage - 1][0] if stage > 0 else zeros
-    from_next = everyone[stage + 1][1] if stage < pp - 1 else zeros
-    return from_prev, from_next
+    """One exchange per tick: every stage sends (zeros when idle) and gets (activation from stage-1, gradient
+    from stage+1)."""
+    return comm.neighbour_exchange(*(zeros if t is None else ops.cast(t, zeros.dtype) for t in (to_next, to_prev)),
+                                   group)

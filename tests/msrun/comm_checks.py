@@ -46,6 +46,11 @@ def run_comm_checks(out_dir: str) -> None:
             "ring_shift-1": (comm.ring_shift(x, group, -1), others[(group.rank + 1) % group.size]),
             "split_d1": (comm.split(x, group, 1), np.split(mine, group.size, 1)[group.rank]),
         }
+        # the pipeline's step: x forward, 2x back; zeros past the chain's ends
+        from_prev, from_next = comm.neighbour_exchange(x, x * 2, group)
+        me, zero = group.rank, np.zeros_like(mine)
+        checks["neighbour_exchange_from_prev"] = (from_prev, others[me - 1] if me > 0 else zero)
+        checks["neighbour_exchange_from_next"] = (from_next, 2 * others[me + 1] if me < group.size - 1 else zero)
         # autograd regions: d/dx sum(w * f(x)) with a rank-dependent w
         w_full = rank_data(rank, (2, 4 * group.size, 3)) * 0.5
         w_same = rank_data(rank) * 0.5
