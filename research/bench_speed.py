@@ -6,9 +6,19 @@
 
 Both frameworks run the same weights (the MindSpore model's seeded initialisation, handed to the PyTorch
 worker as a safetensors file and mapped to HF `LlamaForCausalLM` by tests/torch_reference.py, the parity
-tests' reference), the same token ids, in fp32 on the CPU with the same thread count, each in its own child
-process one after the other (so they never share cores, and each peak RSS is its own: ru_maxrss of that
-child from os.wait4, framework import included).
+tests' reference), the same token ids, in fp32 on the CPU with the same thread count. Each measure (generation
+at one batch size, the training step at one batch size) runs in its own child process, this port's then
+PyTorch's, one after the other (so they never share cores, and each peak RSS is that measure's own: ru_maxrss
+of the child from os.wait4, framework import included).
+
+Also measured in the same run, in a child of its own: this machine's limits, for a roofline. The fp32 matmul
+peak with the best library here (PyTorch's MKL sgemm, a 3072^3 product, --threads threads) and the read
+bandwidth of one thread and of --threads threads (a sum over 512 MiB). Each tokens/s figure is also printed as
+a fraction of its bound: prefill and training by FLOPs (matmuls counted 2 per weight per token, the lm_head at
+every training position but once per prefill row, causal attention 4 * layers * hidden per (query, earlier key)
+pair; training 3x the forward), decode by bytes (every matmul weight plus each row's K/V cache read once per
+step) over the all-thread bandwidth. Printed with them: the CPU model, its vector extensions, and the matmul
+kernels each side runs (this port's from oneDNN's verbose log of one MatMul; PyTorch's BLAS and CPU capability).
 
 Measured, each as median [min, max] of --repeats runs after a warm-up (compilation excluded); prefill and
 decode come from the same --repeats generations:
@@ -19,7 +29,7 @@ decode come from the same --repeats generations:
   decode   the same prompts, --new-tokens greedy tokens: time from the first to the last new token;
            tokens/s = batch * (new_tokens - 1) / time. Eos is disabled on both sides so every run makes
            exactly new_tokens tokens; no repetition penalty.
-  train    one optimizer step on batch --train-batch x --train-seq tokens: forward, masked next-token
+  train    one optimizer step on each of --train-batches x --train-seq tokens: forward, masked next-token
            cross-entropy, backward, global-norm clipping (1.0), AdamW. This port: the trainer's compiled
            TrainStep (telechat2_ms/train/step.py); PyTorch: eager autograd + torch.optim.AdamW.
            tokens/s = batch * seq / step time.
@@ -63,14 +73,20 @@ def time_repeats(fn, repeats: int) -> List[float]:
     return [fn() for _ in range(repeats)]
 
 
-def record_generation(result: Dict, batch: int, run, repeats: int, new_tokens: int) -> None:
+def record_generation(result: Dict, run, repeats: int, new_tokens: int) -> None:
     """Warm up (compiles the prefill and decode steps: 2 new tokens), then `repeats` timed generations of
     new_tokens; each gives one prefill time (to the first token) and one decode time (first to last token).
     run(new_tokens) -> {"prefill": s, "decode": s}."""
     run(2)
     timings = [run(new_tokens) for _ in range(repeats)]
-    result["prefill"][str(batch)] = [t["prefill"] for t in timings]
-    result["decode"][str(batch)] = [t["decode"] for t in timings]
+    result["prefill"] = [t["prefill"] for t in timings]
+    result["decode"] = [t["decode"] for t in timings]
+
+
+def parse_measure(measure: str):
+    """'generate:8' -> ('generate', 8); 'train:4' -> ('train', 4)."""
+    kind, _, batch = measure.partition(":")
+    return kind, int(batch)
 
 
 # ---- this port --------------------------------------------------------------------------------------
@@ -90,10 +106,13 @@ def mindspore_worker(args) -> Dict:
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
     cfg = get_config(args.size)
     model = Telechat2ForCausalLM(cfg, seed=args.seed)
-    save_file({p.name: p.asnumpy() for p in model.get_parameters()}, args.weights)
-    generator = Generator(model, args.prompt_len + args.new_tokens)
-    result: Dict = {"prefill": {}, "decode": {}, "tokens": {}}
-    for batch in args.batches:
+    if not os.path.exists(args.weights):  # the first measure hands the weights to PyTorch's workers
+        save_file({p.name: p.asnumpy() for p in model.get_parameters()}, args.weights + ".partial")
+        os.replace(args.weights + ".partial", args.weights)
+    kind, batch = parse_measure(args.measure)
+    result: Dict = {}
+    if kind == "generate":
+        generator = Generator(model, args.prompt_len + args.new_tokens)
         prompts = make_prompts(batch, args.prompt_len, cfg.vocab_size, args.seed).tolist()
 
         def run(new_tokens: int) -> Dict[str, float]:
@@ -101,18 +120,18 @@ def mindspore_worker(args) -> Dict:
                                    pad_token_id=cfg.pad_token_id)
             outputs = generator.generate(prompts, gen)
             assert all(len(o) == new_tokens for o in outputs), "generation stopped early"
-            result["tokens"][str(batch)] = outputs[0]
+            result["tokens"] = outputs[0]
             return dict(generator.last_timing)
 
-        record_generation(result, batch, run, args.repeats, args.new_tokens)
-    del generator
+        record_generation(result, run, args.repeats, args.new_tokens)
+        return result
 
     params = model.trainable_params()
     optimizer = AdamW(params, 0.9, 0.95, 1e-8, 0.1)
-    step = TrainStep(CausalLMLoss(model, args.train_batch, args.train_seq), params, optimizer, use_jit=True)
-    ids = ms.Tensor(make_prompts(args.train_batch, args.train_seq, cfg.vocab_size, args.seed + 1))
-    mask = ms.Tensor(np.ones((args.train_batch, args.train_seq), np.float32))
-    denominator = ms.Tensor(np.float32(args.train_batch * (args.train_seq - 1)))
+    step = TrainStep(CausalLMLoss(model, batch, args.train_seq), params, optimizer, use_jit=True)
+    ids = ms.Tensor(make_prompts(batch, args.train_seq, cfg.vocab_size, args.seed + 1))
+    mask = ms.Tensor(np.ones((batch, args.train_seq), np.float32))
+    denominator = ms.Tensor(np.float32(batch * (args.train_seq - 1)))
     one = ms.Tensor(np.float32(1.0))
     count = [0]
 
@@ -144,24 +163,24 @@ def torch_worker(args) -> Dict:
     cfg = get_config(args.size)
     model = llama_reference(cfg, load_file(args.weights), attn_implementation=args.torch_attention)
     model.generation_config.eos_token_id = None  # eos disabled: exactly new_tokens tokens (as the port)
+    kind, batch = parse_measure(args.measure)
+    result: Dict = {}
+    if kind == "generate":
+        class Clock(BaseStreamer):
+            """generate() calls put() with the prompt, then once per new token: times the first and the last."""
 
-    class Clock(BaseStreamer):
-        """generate() calls put() with the prompt, then once per new token: times the first and the last."""
+            def __init__(self):
+                self.calls, self.first, self.last = 0, None, None
 
-        def __init__(self):
-            self.calls, self.first, self.last = 0, None, None
+            def put(self, value):
+                self.calls += 1
+                if self.calls == 2:
+                    self.first = time.perf_counter()
+                self.last = time.perf_counter()
 
-        def put(self, value):
-            self.calls += 1
-            if self.calls == 2:
-                self.first = time.perf_counter()
-            self.last = time.perf_counter()
+            def end(self):
+                self.last = time.perf_counter()
 
-        def end(self):
-            self.last = time.perf_counter()
-
-    result: Dict = {"prefill": {}, "decode": {}, "tokens": {}}
-    for batch in args.batches:
         prompts = torch.from_numpy(make_prompts(batch, args.prompt_len, cfg.vocab_size, args.seed).astype(np.int64))
 
         def run(new_tokens: int) -> Dict[str, float]:
@@ -171,15 +190,16 @@ def torch_worker(args) -> Dict:
                 out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                      do_sample=False, pad_token_id=cfg.pad_token_id, streamer=clock)
             assert out.shape[1] == args.prompt_len + new_tokens, "generation stopped early"
-            result["tokens"][str(batch)] = out[0, args.prompt_len:].tolist()
+            result["tokens"] = out[0, args.prompt_len:].tolist()
             return {"prefill": clock.first - start, "decode": clock.last - clock.first}
 
-        record_generation(result, batch, run, args.repeats, args.new_tokens)
+        record_generation(result, run, args.repeats, args.new_tokens)
+        return result
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ids = torch.from_numpy(make_prompts(args.train_batch, args.train_seq, cfg.vocab_size, args.seed + 1).astype(np.int64))
+    ids = torch.from_numpy(make_prompts(batch, args.train_seq, cfg.vocab_size, args.seed + 1).astype(np.int64))
 
     def train_step() -> float:
         start = time.perf_counter()
@@ -197,15 +217,81 @@ def torch_worker(args) -> Dict:
     return result
 
 
-WORKERS = {"mindspore": mindspore_worker, "torch": torch_worker}
+# ---- this machine's limits and kernels ------------------------------------------------------------------
+
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "amx_tile", "amx_bf16")
+ONEDNN_PROBE = """
+import numpy as np, mindspore as ms
+ms.set_device("CPU")
+a = ms.Tensor(np.ones((256, 256), np.float32))
+ms.ops.MatMul(transpose_b=True)(a, a).asnumpy()
+"""
+
+
+def cpu_description() -> Dict:
+    """CPU model name and which of VECTOR_FLAGS it has (from /proc/cpuinfo; empty elsewhere)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
+
+
+def limits_worker(args) -> Dict:
+    """fp32 matmul peak (PyTorch/MKL, --threads threads) and read bandwidth (1 and --threads threads);
+    which matmul kernels each framework runs."""
+    import torch
+
+    def best(fn, repeats=5) -> float:
+        fn()
+        return min(timed(fn) for _ in range(repeats))
+
+    torch.set_num_threads(args.threads)
+    n = 3072
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    matmul_flops = 2 * n ** 3 / best(lambda: torch.mm(a, b))
+    del a, b
+    data = torch.ones(128 * 1024 ** 2)  # 512 MiB of fp32, far beyond any cache
+    bandwidth = {}
+    for threads in sorted({1, args.threads}):
+        torch.set_num_threads(threads)
+        bandwidth[str(threads)] = data.numel() * 4 / best(lambda: data.sum())
+    probe = subprocess.run([sys.executable, "-c", ONEDNN_PROBE], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, ONEDNN_VERBOSE="1", GLOG_v="3"))
+    isa = [line.split("isa:")[1].strip() for line in probe.stdout.splitlines() if "isa:" in line]
+    impl = [line.split(",")[6] for line in probe.stdout.splitlines() if ",exec,cpu,matmul," in line]
+    config = torch.__config__.show()
+    blas = next((part.split("=")[1] for part in config.replace(",", " ").split() if part.startswith("BLAS_INFO=")),
+                "unknown")
+    return {"matmul_flops": matmul_flops, "read_bandwidth": bandwidth,
+            "kernels": {"port": f"oneDNN {impl[0] if impl else 'not seen'} ({isa[0] if isa else 'isa not reported'})",
+                        "torch": f"{blas} sgemm, CPU capability {torch.backends.cpu.get_cpu_capability()}"}}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+WORKERS = {"mindspore": mindspore_worker, "torch": torch_worker, "limits": limits_worker}
 
 
 # ---- the parent: runs both workers and prints the table -------------------------------------------------
 
-def run_worker(kind: str, args, weights: str, out_json: str) -> Dict:
+def run_worker(kind: str, args, weights: str, out_json: str, measure: str = "") -> Dict:
     """Run one worker as a child process; returns its result plus peak RSS and wall seconds."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--weights", weights,
-               "--worker-out", out_json] + args.passthrough
+               "--worker-out", out_json, "--measure", measure] + args.passthrough
     # the child runs in the temporary directory (MindSpore's compile files land there); PYTHONPATH names the
     # repository root so it imports tests/torch_reference.py (the project packages are pip-installed)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GLOG_v=os.environ.get("GLOG_v", "3"),
@@ -215,7 +301,7 @@ def run_worker(kind: str, args, weights: str, out_json: str) -> Dict:
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise SystemExit(f"the {kind} worker failed with exit code {code}")
+        raise SystemExit(f"error: the {kind} worker ({measure or 'limits'}) failed with exit code {code}")
     with open(out_json, encoding="utf-8") as f:
         result = json.load(f)
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024
@@ -223,41 +309,90 @@ def run_worker(kind: str, args, weights: str, out_json: str) -> Dict:
     return result
 
 
-def rows(args, port: Dict, ref: Dict) -> List[Dict]:
-    """One row per measurement: tokens/s of each side (median, min, max) and the ratio of medians."""
+def measures(args) -> List[str]:
+    return [f"generate:{b}" for b in args.batches] + [f"train:{b}" for b in args.train_batches]
+
+
+# ---- the roofline ------------------------------------------------------------------------------------------
+
+def matmul_weights(cfg) -> int:
+    """Weights each token multiplies in the decoder layers (attention and SwiGLU projections)."""
+    H, F = cfg.hidden_size, cfg.ffn_hidden_size
+    return cfg.num_layers * (2 * H * H + 2 * cfg.kv_dim * H + 3 * H * F)
+
+
+def forward_flops(cfg, batch: int, seq: int, head_positions: int) -> float:
+    """One causal forward of [batch, seq]: 2 FLOPs per weight per token, the lm_head at head_positions per row,
+    4 * hidden per (query, key <= query) pair per layer (scores and weighted values)."""
+    pairs = seq * (seq + 1) // 2
+    return batch * (2.0 * matmul_weights(cfg) * seq + 2.0 * cfg.vocab_size * cfg.hidden_size * head_positions
+                    + 4.0 * cfg.num_layers * cfg.hidden_size * pairs)
+
+
+def roofline_fraction(args, kind: str, batch: int, tokens_per_s: float, limits: Dict) -> float:
+    """Achieved FLOP/s (prefill, train) or bytes/s (decode) over this machine's peak."""
+    cfg = get_config(args.size)
+    if kind == "prefill":
+        per_token = forward_flops(cfg, batch, args.prompt_len, 1) / (batch * args.prompt_len)
+        return tokens_per_s * per_token / limits["matmul_flops"]
+    if kind == "train":
+        per_token = 3 * forward_flops(cfg, batch, args.train_seq, args.train_seq) / (batch * args.train_seq)
+        return tokens_per_s * per_token / limits["matmul_flops"]
+    # decode: every step reads the fp32 weights once and each row's K/V cache (mean context over the steps)
+    context = args.prompt_len + args.new_tokens / 2
+    step_bytes = 4 * (matmul_weights(cfg) + cfg.vocab_size * cfg.hidden_size) + \
+        batch * 2 * cfg.num_layers * cfg.kv_dim * context * 4
+    bandwidth = limits["read_bandwidth"][str(args.threads)]
+    return tokens_per_s / batch * step_bytes / bandwidth
+
+
+def rows(args, port: Dict, ref: Dict, limits: Dict) -> List[Dict]:
+    """One row per measurement: tokens/s of each side (median, min, max), the ratio of medians, each side's
+    peak RSS (of the process that ran the measure) and fraction of its roofline."""
     table = []
 
-    def add(name: str, tokens: int, port_s: List[float], ref_s: List[float]):
+    def add(name: str, kind: str, batch: int, tokens: int, measure: str, key: str):
         rate = lambda seconds: summarize([tokens / s for s in seconds])
-        mine, theirs = rate(port_s), rate(ref_s)
+        mine, theirs = rate(port[measure][key]), rate(ref[measure][key])
         table.append({"measure": name, "port_tokens_per_s": mine, "torch_tokens_per_s": theirs,
-                      "ratio": mine["median"] / theirs["median"]})
+                      "ratio": mine["median"] / theirs["median"],
+                      "peak_rss_bytes": {"port": port[measure]["peak_rss_bytes"], "torch": ref[measure]["peak_rss_bytes"]},
+                      "roofline": {side: roofline_fraction(args, kind, batch, r["median"], limits)
+                                   for side, r in (("port", mine), ("torch", theirs))}})
 
     for batch in args.batches:
-        add(f"prefill b{batch} x {args.prompt_len}", batch * args.prompt_len,
-            port["prefill"][str(batch)], ref["prefill"][str(batch)])
+        add(f"prefill b{batch} x {args.prompt_len}", "prefill", batch, batch * args.prompt_len,
+            f"generate:{batch}", "prefill")
     for batch in args.batches:
-        add(f"decode b{batch}, {args.new_tokens} new after {args.prompt_len}", batch * (args.new_tokens - 1),
-            port["decode"][str(batch)], ref["decode"][str(batch)])
-    add(f"train step b{args.train_batch} x {args.train_seq}", args.train_batch * args.train_seq,
-        port["train"], ref["train"])
+        add(f"decode b{batch}, {args.new_tokens} new after {args.prompt_len}", "decode", batch,
+            batch * (args.new_tokens - 1), f"generate:{batch}", "decode")
+    for batch in args.train_batches:
+        add(f"train step b{batch} x {args.train_seq}", "train", batch, batch * args.train_seq, f"train:{batch}",
+            "train")
     return table
 
 
-def print_table(args, table: List[Dict], port: Dict, ref: Dict, agree: int) -> None:
+def print_table(args, table: List[Dict], limits: Dict, cpu: Dict, agree: int) -> None:
     cfg = get_config(args.size)
     print(f"\nTeleChat2 {args.size} ({cfg.num_parameters() / 1e6:.1f}M parameters), fp32, CPU, {args.threads} "
           f"threads, {args.repeats} runs each; tokens/s as median [min, max]")
+    print(f"CPU: {cpu['model']}; vector extensions: {' '.join(cpu['vector_extensions']) or 'none reported'}")
+    print(f"matmul kernels: this port {limits['kernels']['port']}; PyTorch {limits['kernels']['torch']}")
+    bw = limits["read_bandwidth"]
+    print(f"limits: fp32 matmul {limits['matmul_flops'] / 1e9:.1f} GFLOP/s ({args.threads} threads); read bandwidth "
+          + ", ".join(f"{bw[t] / 1e9:.1f} GB/s ({t} thread{'s' if t != '1' else ''})" for t in sorted(bw, key=int)))
     print(f"PyTorch reference: HF transformers LlamaForCausalLM, attention {args.torch_attention}\n")
     fmt = lambda r: f"{r['median']:9.1f} [{r['min']:.1f}, {r['max']:.1f}]"
-    print(f"| {'measure':<36} | {'this port':<28} | {'PyTorch':<28} | ratio |")
-    print(f"|{'-' * 38}|{'-' * 30}|{'-' * 30}|-------|")
-    for row in table:
-        print(f"| {row['measure']:<36} | {fmt(row['port_tokens_per_s']):<28} | {fmt(row['torch_tokens_per_s']):<28} "
-              f"| {row['ratio']:5.2f} |")
     gib = lambda b: b / 1024 ** 3
-    print(f"\npeak RSS: this port {gib(port['peak_rss_bytes']):.2f} GiB, PyTorch {gib(ref['peak_rss_bytes']):.2f} GiB;"
-          f" worker wall time {port['wall_s']:.0f} s / {ref['wall_s']:.0f} s")
+    print(f"| {'measure':<36} | {'this port':<28} | {'PyTorch':<28} | ratio | peak RSS GiB | roofline |")
+    print(f"|{'-' * 38}|{'-' * 30}|{'-' * 30}|-------|--------------|----------|")
+    for row in table:
+        rss, roof = row["peak_rss_bytes"], row["roofline"]
+        print(f"| {row['measure']:<36} | {fmt(row['port_tokens_per_s']):<28} | {fmt(row['torch_tokens_per_s']):<28} "
+              f"| {row['ratio']:5.2f} | {gib(rss['port']):5.2f} / {gib(rss['torch']):4.2f} "
+              f"| {100 * roof['port']:3.0f}% / {100 * roof['torch']:2.0f}% |")
+    print("\npeak RSS: of the process that ran the measure (this port / PyTorch); roofline: FLOP/s over the matmul "
+          "peak (prefill, train) or bytes/s over the all-thread read bandwidth (decode), this port / PyTorch")
     print(f"greedy tokens of the first prompt equal between the two: first {agree} of {args.new_tokens}")
 
 
@@ -279,7 +414,7 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes for prefill and decode")
-    p.add_argument("--train-batch", type=int, default=1)
+    p.add_argument("--train-batches", type=int, nargs="+", default=[1, 4], help="batch sizes of the training step")
     p.add_argument("--train-seq", type=int, default=512)
     p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"],
                    help="HF attention implementation of the reference (default sdpa, HF's default)")
@@ -288,6 +423,7 @@ def parse_args(argv):
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--measure", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.threads < 1:
         p.error("--new-tokens must be >= 2 and --prompt-len, --repeats, --threads >= 1")
@@ -295,7 +431,9 @@ def parse_args(argv):
         get_config(args.size)
     except ConfigError as err:  # an unknown size: one line naming the known ones
         p.error(str(err))
-    skip = {"--json", "--worker", "--weights", "--worker-out"}
+    if min(args.batches + args.train_batches) < 1:
+        p.error("--batches and --train-batches must be >= 1")
+    skip = {"--json", "--worker", "--weights", "--worker-out", "--measure"}
     args.passthrough = []
     for key, value in vars(args).items():
         flag = "--" + key.replace("_", "-")
@@ -315,18 +453,24 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
         weights = os.path.join(tmp, "weights.safetensors")
-        print(f"running this port (MindSpore) on {args.size} ...", flush=True)
-        port = run_worker("mindspore", args, weights, os.path.join(tmp, "mindspore.json"))
-        print("running the PyTorch reference ...", flush=True)
-        ref = run_worker("torch", args, weights, os.path.join(tmp, "torch.json"))
-    table = rows(args, port, ref)
-    first = str(args.batches[0])
-    agree = leading_agreement(port["tokens"][first], ref["tokens"][first])
-    print_table(args, table, port, ref, agree)
+        print("measuring this machine's limits ...", flush=True)
+        limits = run_worker("limits", args, weights, os.path.join(tmp, "limits.json"))
+        port, ref = {}, {}
+        for measure in measures(args):  # this port then PyTorch, each measure in a process of its own
+            print(f"running {measure} on {args.size}: this port (MindSpore) ...", flush=True)
+            port[measure] = run_worker("mindspore", args, weights, os.path.join(tmp, "mindspore.json"), measure)
+            print(f"running {measure} on {args.size}: the PyTorch reference ...", flush=True)
+            ref[measure] = run_worker("torch", args, weights, os.path.join(tmp, "torch.json"), measure)
+    table = rows(args, port, ref, limits)
+    first = f"generate:{args.batches[0]}"
+    agree = leading_agreement(port[first]["tokens"], ref[first]["tokens"])
+    cpu = cpu_description()
+    print_table(args, table, limits, cpu, agree)
     report = {"size": args.size, "parameters": get_config(args.size).num_parameters(), "threads": args.threads,
               "repeats": args.repeats, "torch_attention": args.torch_attention, "rows": table,
-              "peak_rss_bytes": {"port": port["peak_rss_bytes"], "torch": ref["peak_rss_bytes"]},
-              "greedy_tokens_agree": agree, "machine": platform.platform(), "cpus": os.cpu_count(),
+              "greedy_tokens_agree": agree, "machine": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu,
+              "limits": limits, "worker_wall_s": {m: {"port": port[m]["wall_s"], "torch": ref[m]["wall_s"]}
+                                                  for m in port},
               "total_wall_s": time.perf_counter() - started}
     print(json.dumps(report))
     if args.json:

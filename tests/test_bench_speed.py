@@ -12,21 +12,30 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def test_bench_speed_runs_both_frameworks_on_the_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, SCRIPT, "--size", "tiny", "--prompt-len", "16", "--new-tokens", "6",
-                           "--batches", "1", "2", "--train-seq", "16", "--repeats", "1", "--json", str(out)],
+                           "--batches", "1", "2", "--train-seq", "16", "--train-batches", "1", "2", "--repeats", "1",
+                           "--json", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, GLOG_v="3"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| prefill b2 x 16" in proc.stdout and "| train step b1 x 16" in proc.stdout
+    assert "| prefill b2 x 16" in proc.stdout and "| train step b2 x 16" in proc.stdout
     report = json.loads(out.read_text())
     assert [row["measure"] for row in report["rows"]] == [
         "prefill b1 x 16", "prefill b2 x 16", "decode b1, 6 new after 16", "decode b2, 6 new after 16",
-        "train step b1 x 16"]
+        "train step b1 x 16", "train step b2 x 16"]
     for row in report["rows"]:
         for side in ("port_tokens_per_s", "torch_tokens_per_s"):
             assert row[side]["runs"] == 1 and row[side]["median"] > 0
         assert row["ratio"] > 0
+        for side in ("port", "torch"):  # each measure's own process: its peak RSS, its fraction of the roofline
+            assert row["peak_rss_bytes"][side] > 0 and 0 < row["roofline"][side]
+    # four processes a side, one per measure: every generation and training process is its own
+    assert sorted(report["worker_wall_s"]) == ["generate:1", "generate:2", "train:1", "train:2"]
     assert report["greedy_tokens_agree"] == 6
-    assert report["peak_rss_bytes"]["port"] > 0 and report["peak_rss_bytes"]["torch"] > 0
+    limits = report["limits"]
+    assert limits["matmul_flops"] > 1e9 and set(limits["read_bandwidth"]) >= {"1"}
+    assert limits["kernels"]["port"].startswith("oneDNN ") and "not seen" not in limits["kernels"]["port"]
+    assert "sgemm" in limits["kernels"]["torch"]
+    assert "CPU: " in proc.stdout and "GFLOP/s" in proc.stdout and report["cpu"]["model"]
 
 
 def test_bench_speed_refuses_bad_arguments(tmp_path):
