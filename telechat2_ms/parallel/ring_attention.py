@@ -4,7 +4,10 @@ Zig-zag split: the sequence is cut into 2*cp equal chunks; cp rank r holds chunk
 rank gets the same amount of causal work. Each rank keeps its queries; the key/value blocks travel around
 the ring (rank r sends to r+1) for cp steps. Per (query chunk, key chunk) pair the causal structure is known
 from the chunk indices alone: earlier key chunk -> fully visible, same chunk -> lower-triangular mask,
-later key chunk -> skipped. Block results are merged with the online-softmax (log-sum-exp) rule.
+later key chunk -> skipped. Block results are merged with the online-softmax (log-sum-exp) rule. Inside a
+pair, query rows go one block at a time (kernels.attention_block's rows: 512 up to 16K-token chunks), a diagonal
+pair's block against its causal prefix of keys only, so no c x c score matrix exists for long chunks and the
+keys after a block's last row are skipped, forward and backward.
 
 Backward is explicit (flash-attention style, no recompute): the forward returns (out, lse); the backward
 sends (k, v, dk, dv) around the ring again, each rank adding its queries' contribution to the travelling
@@ -24,6 +27,8 @@ import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+
+from telechat2_ms import kernels
 
 _MASKED = -1e30  # finite: a diagonal block always leaves each row one visible key, so exp() of this is 0
 
@@ -68,32 +73,59 @@ def _pair_kind(q_chunk: int, k_chunk: int) -> str:
     return "diag" if k_chunk == q_chunk else "skip"
 
 
-def _tril(c: int) -> Tensor:
-    return Tensor(np.tril(np.ones((c, c), dtype=bool)))  # [c,c] True = visible
+def _row_blocks(c: int) -> List[Tuple[int, int]]:
+    """[(first, end)] query-row blocks of a chunk of c tokens, as kernels.BlockwiseAttention cuts a sequence
+    (one block up to kernels.ATTENTION_BLOCK rows): the scores of one block at a time, never all c x c."""
+    block = kernels.attention_block(c)
+    return [(lo, min(lo + block, c)) for lo in range(0, c, block)]
 
 
-def _scores(q, k, kind: str, scale: float):
-    """q [B,n,c,d], k [B,k,c,d] -> scores [B,k,g*c,c] fp32 (masked for a diagonal pair)."""
-    batch, n_heads, c, dim = q.shape
-    kv_heads = k.shape[1]
-    qg = ops.reshape(q, (batch, kv_heads, (n_heads // kv_heads) * c, dim))  # [B,k,g*c,d]
-    scores = ops.BatchMatMul(transpose_b=True)(qg, k) * scale  # [B,k,g*c,c]
+def _rows(x, kv_heads: int, lo: int, hi: int):
+    """[B,n,c,e] -> rows lo..hi of every query head, grouped by kv head: [B,k,g*(hi-lo),e]."""
+    batch, n_heads, c, e = x.shape
+    x5 = ops.reshape(x, (batch, kv_heads, n_heads // kv_heads, c, e))
+    return ops.reshape(x5[:, :, :, lo:hi], (batch, kv_heads, (n_heads // kv_heads) * (hi - lo), e))
+
+
+def _unrows(parts, n_heads: int):
+    """Inverse of _rows over consecutive row blocks: [[B,k,g*r,e]] -> [B,n,c,e]."""
+    batch, kv_heads, _, e = parts[0].shape
+    g = n_heads // kv_heads
+    blocks = [ops.reshape(p, (batch, kv_heads, g, p.shape[2] // g, e)) for p in parts]
+    whole = blocks[0] if len(blocks) == 1 else ops.concat(blocks, 3)
+    return ops.reshape(whole, (batch, n_heads, whole.shape[3], e))
+
+
+def _keys(kind: str, c: int, hi: int) -> int:
+    """Keys a row block sees: a diagonal pair's rows lo..hi see keys [0, hi) (the rest are after every row)."""
+    return hi if kind == "diag" else c
+
+
+def _scores(qi, k, kind: str, scale: float, lo: int, hi: int):
+    """Rows lo..hi grouped [B,k,g*r,d] against the keys they see -> scores [B,k,g*r,keys] fp32 (masked for a
+    diagonal pair)."""
+    end = _keys(kind, k.shape[2], hi)
+    scores = ops.BatchMatMul(transpose_b=True)(qi, k[:, :, :end]) * scale
     if kind == "diag":
-        visible = ops.tile(_tril(c), (n_heads // kv_heads, 1))  # [g*c,c]
+        g = qi.shape[2] // (hi - lo)
+        visible = Tensor(np.tile(np.tril(np.ones((hi, hi), dtype=bool))[lo:hi], (g, 1)))  # [g*r, hi]
         scores = ops.where(visible, scores, ops.full_like(scores, _MASKED))
     return scores
 
 
 def block_forward(q, k, v, kind: str, scale: float):
-    """One (query chunk, key chunk) pair -> (out [B,n,c,d], lse [B,n,c,1]) of softmax attention over it."""
-    batch, n_heads, c, dim = q.shape
-    scores = _scores(q, k, kind, scale)  # [B,k,g*c,c]
-    row_max = ops.amax(scores, -1, keepdims=True)  # [B,k,g*c,1]
-    probs = ops.exp(scores - row_max)
-    denom = ops.sum(probs, -1, keepdim=True)
-    out = ops.BatchMatMul()(probs / denom, v)  # [B,k,g*c,d]
-    lse = row_max + ops.log(denom)
-    return ops.reshape(out, (batch, n_heads, c, dim)), ops.reshape(lse, (batch, n_heads, c, 1))
+    """One (query chunk, key chunk) pair -> (out [B,n,c,d], lse [B,n,c,1]) of softmax attention over it, one
+    block of query rows at a time (_row_blocks)."""
+    n_heads, c, kv_heads = q.shape[1], q.shape[2], k.shape[1]
+    outs, lses = [], []
+    for lo, hi in _row_blocks(c):
+        scores = _scores(_rows(q, kv_heads, lo, hi), k, kind, scale, lo, hi)  # [B,k,g*r,keys]
+        row_max = ops.amax(scores, -1, keepdims=True)
+        probs = ops.exp(scores - row_max)
+        denom = ops.sum(probs, -1, keepdim=True)
+        outs.append(ops.BatchMatMul()(probs / denom, v[:, :, :scores.shape[3]]))  # [B,k,g*r,d]
+        lses.append(row_max + ops.log(denom))
+    return _unrows(outs, n_heads), _unrows(lses, n_heads)
 
 
 def merge(acc, block):
@@ -107,20 +139,25 @@ def merge(acc, block):
 
 
 def block_backward(q, k, v, lse, dout, delta, kind: str, scale: float):
-    """Gradients of one pair given the final lse and delta = rowsum(dout * out):
-    -> (dq [B,n,c,d], dk [B,k,c,d], dv [B,k,c,d])."""
-    batch, n_heads, c, dim = q.shape
-    kv_heads = k.shape[1]
-    gc = (n_heads // kv_heads) * c
-    scores = _scores(q, k, kind, scale)  # [B,k,g*c,c]
-    probs = ops.exp(scores - ops.reshape(lse, (batch, kv_heads, gc, 1)))  # masked entries -> 0
-    dout_g = ops.reshape(dout, (batch, kv_heads, gc, dim))  # [B,k,g*c,d]
-    dv = ops.BatchMatMul(transpose_a=True)(probs, dout_g)  # [B,k,c,d]
-    dprobs = ops.BatchMatMul(transpose_b=True)(dout_g, v)  # [B,k,g*c,c]
-    dscores = probs * (dprobs - ops.reshape(delta, (batch, kv_heads, gc, 1)))
-    dq = ops.BatchMatMul()(dscores, k) * scale  # [B,k,g*c,d]
-    dk = ops.BatchMatMul(transpose_a=True)(dscores, ops.reshape(q, (batch, kv_heads, gc, dim))) * scale
-    return ops.reshape(dq, (batch, n_heads, c, dim)), dk, dv
+    """Gradients of one pair given the final lse and delta = rowsum(dout * out), one block of query rows at a
+    time: -> (dq [B,n,c,d], dk [B,k,c,d], dv [B,k,c,d])."""
+    n_heads, c, kv_heads = q.shape[1], q.shape[2], k.shape[1]
+    dk, dv, dqs = None, None, []
+    for lo, hi in _row_blocks(c):
+        qi, dout_i = _rows(q, kv_heads, lo, hi), _rows(dout, kv_heads, lo, hi)  # [B,k,g*r,d]
+        scores = _scores(qi, k, kind, scale, lo, hi)  # [B,k,g*r,keys]
+        end = scores.shape[3]
+        probs = ops.exp(scores - _rows(lse, kv_heads, lo, hi))  # masked entries -> 0
+        dv_i = ops.BatchMatMul(transpose_a=True)(probs, dout_i)  # [B,k,keys,d]
+        dprobs = ops.BatchMatMul(transpose_b=True)(dout_i, v[:, :, :end])  # [B,k,g*r,keys]
+        dscores = probs * (dprobs - _rows(delta, kv_heads, lo, hi))
+        dqs.append(ops.BatchMatMul()(dscores, k[:, :, :end]) * scale)  # [B,k,g*r,d]
+        dk_i = ops.BatchMatMul(transpose_a=True)(dscores, qi) * scale  # [B,k,keys,d]
+        if end < c:
+            rest = ops.zeros((dk_i.shape[0], kv_heads, c - end, dk_i.shape[3]), dk_i.dtype)
+            dk_i, dv_i = ops.concat((dk_i, rest), 2), ops.concat((dv_i, rest), 2)
+        dk, dv = (dk_i, dv_i) if dk is None else (dk + dk_i, dv + dv_i)
+    return _unrows(dqs, n_heads), dk, dv
 
 
 def _halves(x):
