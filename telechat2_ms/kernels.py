@@ -22,6 +22,18 @@ def cast_to(x, dtype):
     return x if x.dtype == dtype else ops.cast(x, dtype)
 
 
+def tiled(small, shape):
+    """`small` repeated along its size-1 (or missing leading) axes to `shape`, for a binary op between tensors of
+    one shape: in a compiled CPU graph a broadcasting Mul / Add holds about 4x its output's bytes that are never
+    reused, for every such op of the graph (measured on MindSpore 2.10: [8,512,768] fp32 * [8,512,1] 8 times in
+    one graph, 419 MiB; tiled first, 55 MiB, and 13% faster; broadcast_to instead of tile: 48 MiB but 60% slower).
+    Used by the norms, rotary embedding and biases (README Performance: the prefill's peak RSS)."""
+    lead = len(shape) - len(small.shape)
+    small = ops.reshape(small, (1,) * lead + small.shape) if lead else small
+    multiples = tuple(s // t for s, t in zip(shape, small.shape))
+    return ops.tile(small, multiples) if any(m != 1 for m in multiples) else small
+
+
 def rms_norm(x, weight, eps: float, use_fused: bool = False):
     """x [..., H] -> weight * cast(x_fp32 * rsqrt(mean(x_fp32^2) + eps), x.dtype) (spec 1.4)."""
     if use_fused:
@@ -29,8 +41,8 @@ def rms_norm(x, weight, eps: float, use_fused: bool = False):
         return out
     x32 = ops.cast(x, ms.float32)
     variance = ops.mean(ops.square(x32), -1, keep_dims=True)
-    normed = ops.cast(x32 * ops.rsqrt(variance + eps), x.dtype)
-    return ops.cast(weight, x.dtype) * normed
+    normed = ops.cast(x32 * tiled(ops.rsqrt(variance + eps), x32.shape), x.dtype)
+    return tiled(ops.cast(weight, x.dtype), normed.shape) * normed
 
 
 def rotate_half(x):
@@ -43,7 +55,7 @@ def apply_rope(x, cos, sin, use_fused: bool = False):
     """x [B,h,S,d], cos/sin [B,1,S,d] fp32 -> x rotated, in x.dtype."""
     if use_fused:
         return ops.rotary_position_embedding(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
-    cos, sin = ops.cast(cos, x.dtype), ops.cast(sin, x.dtype)
+    cos, sin = tiled(ops.cast(cos, x.dtype), x.shape), tiled(ops.cast(sin, x.dtype), x.shape)  # over the heads
     return x * cos + rotate_half(x) * sin
 
 
