@@ -104,8 +104,10 @@ FA_STATS_BYTES_PER_TOKEN_HEAD = 64
 # Activation bytes per decoder layer measured on the CPU (research/bench_recompute_memory.py, 2026-12-04, AMD EPYC,
 # MindSpore 2.10 PyNative, fp32, plain kernels): hidden 256, 4 heads, ffn 768, batch 2, seq 1024; slope of peak
 # RSS over 2 -> 10 layers less the layer's weights, gradient accumulators and AdamW moments (4 x 3149824 bytes;
-# up to one more copy, the gradients being produced, may remain in). Under ms.jit the CPU runtime reuses no
-# buffers, so there recompute saves nothing: 527392768 / 712345088 / 713286144 bytes per layer.
+# up to one more copy, the gradients being produced, may remain in). Under ms.jit the CPU runtime keeps the
+# outputs of transposes and broadcasts, so there recompute saves nothing: 527392768 / 712345088 / 713286144 bytes
+# per layer. Since kernels.tiled (2026-12-05) PyNative keeps 93.9 / 39.1 / 4.1 MiB (the tiled operands saved for
+# the backward; README, recompute memory), 17-22% over these figures and the formula: left open.
 MEASURED_CPU_LAYER_ACTIVATION = {
     "shapes": {"hidden_size": 256, "num_heads": 4, "ffn_hidden_size": 768, "vocab_size": 512,
                "micro_batch_size": 2, "seq_length": 1024},

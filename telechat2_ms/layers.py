@@ -183,8 +183,8 @@ class Attention(nn.Cell):
 def use_blockwise_attention(model, on: bool = True) -> None:
     """Long causal calls of every Attention in `model` blockwise (kernels.BlockwiseAttention) or dense. Off by
     default; generate.Generator turns it on and prefills long prompts uncompiled: MindSpore's compiled CPU graph
-    keeps every intermediate alive, so a compiled blockwise prefill of 8192 tokens on bench_100m still peaks at
-    20.4 GiB (dense: killed at 23 GiB), uncompiled 3.8 GiB (dense 16.4; research/bench_long_prompt.py)."""
+    keeps the outputs of its transposes and broadcasts, so a compiled blockwise prefill of 8192 tokens on
+    bench_100m peaks at 10.0 GiB (dense: killed at 23 GiB), uncompiled 3.7 GiB (README, Long prompts)."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Attention):
             cell.blockwise = kernels.BlockwiseAttention() if on else None

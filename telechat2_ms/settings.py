@@ -132,7 +132,7 @@ class TrainSettings:
     recompute: str = key("none", "recompute activations in backward: none, full (every layer) or selective "
                                  "(attention only); with pipeline_stage > 1 every stage reruns its whole forward in "
                                  "backward whatever this says; on CPU it saves memory only with jit false (the CPU "
-                                 "graph runtime reuses no buffers)", ("none", "full", "selective"))
+                                 "graph runtime keeps many intermediates)", ("none", "full", "selective"))
     lora_rank: int = key(0, "LoRA rank; 0: full fine-tune")
     lora_alpha: float = key(16.0, "LoRA scaling alpha (scale = alpha / rank)")
     lora_targets: List[str] = key(list(LORA_TARGET_NAMES), "projections that get LoRA adapters")
