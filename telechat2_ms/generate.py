@@ -118,9 +118,12 @@ class CachedSteps(nn.Cell):
                        for part in ("key", "value")]
         self.cache_params = ms.ParameterTuple(caches)
         self.num_layers = len(self.model.layers)
+        self.slots = slots
 
     def _caches(self):
-        return tuple((self.cache_params[2 * i], self.cache_params[2 * i + 1]) for i in range(self.num_layers))
+        """Per layer (keys, values, slots per row): a step whose mask has fewer slots reads only those."""
+        return tuple((self.cache_params[2 * i], self.cache_params[2 * i + 1], self.slots)
+                     for i in range(self.num_layers))
 
     def prefill(self, input_ids, position_ids, allowed, inv_freq, mscale):
         """input_ids/position_ids [B,P], allowed [B,1,P,P] -> logits [B,V]; K/V land in slots 0..P-1."""
@@ -144,7 +147,8 @@ class CachedSteps(nn.Cell):
         return logits, greedy_tokens(logits)
 
     def construct(self, token, position, allowed, inv_freq, mscale, slot):
-        """token/position [B,1] int32, allowed [B,1,1,T], slot [1] or [B,1] int32 -> logits [B,V] fp32."""
+        """token/position [B,1] int32, allowed [B,1,1,W] (W <= T: attention over each row's first W slots, which
+        must hold every slot the row attends), slot [1] or [B,1] int32 -> logits [B,V] fp32."""
         hidden, _ = self.model(token, position, allowed, inv_freq, mscale, self._caches(), slot)
         return last_logits(self.lm_head, hidden)  # [B,V]
 

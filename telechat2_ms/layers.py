@@ -170,13 +170,17 @@ class Attention(nn.Cell):
         - in place (generation's fast path): k_cache/v_cache 2-D Parameters [R*k*T, d] (row (b*k + h)*T + t,
           R >= B cache rows) and `write_slots` [S] or [B,S] int32 slot indices; the S new rows per (b, h) are
           scattered into the Parameters (no copy of the cache) and attention reads the first B rows as
-          [B,k,T,d] (T: allowed's last axis).
-        Returns (out [B,S,H], (k, v)): the updated cache ([B,k,T,d]) or, without a cache, this call's K/V.
+          [B,k,W,d]: the first W = allowed's last axis slots of each row. The slots per row T are the cache's
+          third entry (k_cache, v_cache, T) when W < T (serving: a decode step reads only the slots its rows
+          use), else W.
+        Returns (out [B,S,H], (k, v)): the updated cache ([B,k,W,d]) or, without a cache, this call's K/V.
         """
         q, k, v = self.project_qkv(x, cos, sin)
         if cache is not None:
-            k = _write_cache(cache[0], k, write_slots, allowed.shape[-1])
-            v = _write_cache(cache[1], v, write_slots, allowed.shape[-1])
+            window = allowed.shape[-1]
+            slots = cache[2] if len(cache) > 2 else window
+            k = _write_cache(cache[0], k, write_slots, slots, window)
+            v = _write_cache(cache[1], v, write_slots, slots, window)
         return self.wo(self.attend(q, k, v, allowed)), (k, v)
 
 
@@ -190,31 +194,36 @@ def use_blockwise_attention(model, on: bool = True) -> None:
             cell.blockwise = kernels.BlockwiseAttention() if on else None
 
 
-def _write_cache(cache, new, write_slots, num_slots: int):
-    """Write new [B,k,S,d] into a cache (the two forms of Attention.construct) -> the cache as [B,k,T,d].
-    Functional form: exact, every output is either the old value or one new value times 1 plus zeros."""
+def _write_cache(cache, new, write_slots, num_slots: int, window: int):
+    """Write new [B,k,S,d] into a cache (the two forms of Attention.construct) -> the cache as [B,k,W,d] (the
+    functional form: W = T). Functional form: exact, every output is either the old value or one new value
+    times 1 plus zeros."""
     if len(cache.shape) == 2:
-        return scatter_rows(cache, new, write_slots, num_slots)
+        return scatter_rows(cache, new, write_slots, num_slots, window)
     keep = 1.0 - ops.reduce_sum(write_slots, 0)  # [T]: 0 where a new token lands
     placed = ops.matmul(ops.cast(ops.transpose(write_slots, (1, 0)), new.dtype), new)  # [T,S]@[B,k,S,d]->[B,k,T,d]
     return cache * ops.reshape(ops.cast(keep, cache.dtype), (1, 1, -1, 1)) + placed
 
 
-def scatter_rows(cache, new, slots, num_slots: int = 0):
+def scatter_rows(cache, new, slots, num_slots: int = 0, window: int = 0):
     """In-place cache write: cache Parameter [R*k*T, d] (row (b*k + h)*T + t), new [B,k,S,d] for its first
     B <= R rows, slots [S] int32 (the same slots for every row) or [B,S] (each row its own: continuous
-    batching), num_slots T (default: the cache holds exactly B rows) -> the first B rows of the updated cache
-    as [B,k,T,d]. A ScatterUpdate along axis 0 is the in-place scatter that does not copy the whole Parameter
-    on CPU (ScatterNdUpdate and TensorScatterUpdate do), hence the 2-D layout; the reshape back is a view
-    (the first-B slice, when B < R, copies those rows)."""
+    batching), num_slots T (default: the cache holds exactly B rows), window W <= T (default T) -> the first
+    W slots of the first B rows of the updated cache as [B,k,W,d]. A ScatterUpdate along axis 0 is the in-place
+    scatter that does not copy the whole Parameter on CPU (ScatterNdUpdate and TensorScatterUpdate do), hence
+    the 2-D layout; the reshape back is a view (the slice, when B < R or W < T, copies what it reads)."""
     batch, heads, seq, dim = new.shape
     num_slots = num_slots or cache.shape[0] // (batch * heads)
+    window = window or num_slots
     first_rows = ops.reshape(ops.arange(0, batch * heads, dtype=ms.int32) * num_slots, (batch, heads, 1))  # [B,k,1]
     rows = ops.reshape(first_rows + ops.reshape(slots, (-1, 1, seq)), (-1,))  # [B*k*S]
     updated = ops.scatter_update(cache, rows, ops.reshape(ops.cast(new, cache.dtype), (-1, dim)))  # [R*k*T,d]
-    if updated.shape[0] == batch * heads * num_slots:
+    if updated.shape[0] == batch * heads * num_slots and window == num_slots:
         return ops.reshape(updated, (batch, heads, num_slots, dim))
-    return ops.reshape(updated[:batch * heads * num_slots], (batch, heads, num_slots, dim))
+    if window == num_slots:
+        return ops.reshape(updated[:batch * heads * num_slots], (batch, heads, num_slots, dim))
+    read = ops.reshape(updated, (-1, num_slots, dim))[:batch * heads, :window]  # [B*k,W,d]
+    return ops.reshape(read, (batch, heads, window, dim))
 
 
 class FeedForward(nn.Cell):

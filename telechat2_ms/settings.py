@@ -82,6 +82,9 @@ class ServeSettings:
     prefill_bucket: int = key(32, "prompts are left-padded to a multiple of this many tokens (one compiled prefill "
                                   "per bucket)")
     prefill_tokens: int = key(512, "prompt tokens admitted between two decode steps at most (at least one request)")
+    key_window: int = key(256, "a decode step reads each row's first W cache slots: W the smallest of this, twice "
+                               "this, ... up to half of seq_length+1, or all of them, that holds its longest row "
+                               "(one compiled step per W)")
     log_level: str = key("warning", "uvicorn's log level", ("critical", "error", "warning", "info", "debug"))
 
 
@@ -403,7 +406,7 @@ def check_enumerations(settings: RunSettings) -> None:
 
 def _check_serve(settings: RunSettings) -> None:
     s = settings.serve
-    for name in ("max_batch", "queue_size", "prefill_bucket", "prefill_tokens"):
+    for name in ("max_batch", "queue_size", "prefill_bucket", "prefill_tokens", "key_window"):
         if getattr(s, name) < 1:
             raise ConfigError(f"serve.{name} must be at least 1, got {getattr(s, name)}")
     if not 0 < s.port < 65536:

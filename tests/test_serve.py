@@ -95,7 +95,9 @@ class Served:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve")
-    served = Served(str(directory), ["--serve.max_batch", "4", "--serve.prefill_bucket", "16"])
+    # decode steps read 64, 128 or all 257 slots per row (serve.key_window): each answer below equals predict's
+    served = Served(str(directory), ["--serve.max_batch", "4", "--serve.prefill_bucket", "16",
+                                     "--serve.key_window", "64"])
     yield served
     served.stop()
 

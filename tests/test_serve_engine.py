@@ -59,9 +59,14 @@ def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name):
                                pad_token_id=tokenizer.pad_id, stop_token_ids=tuple(tokenizer.stop_ids))
         ids = generator.generate([prompt], gen)[0]
         want.append(ids + ([] if len(ids) == n else [tokenizer.eos_id]))  # the scheduler keeps the end token
-    # 3 rows for 6 requests: later ones join while earlier ones decode; bucket 8 pads most prompts
-    scheduler = Scheduler(Runner(model, 3, MAX_LENGTH, use_jit=False), tokenizer, queue_size=16, prefill_bucket=8,
-                          prefill_tokens=16)
+    # 3 rows for 6 requests: later ones join while earlier ones decode; bucket 8 pads most prompts; decode calls
+    # read 16, 32 or all 81 slots per row, the fewest that hold the longest row of the call
+    runner = Runner(model, 3, MAX_LENGTH, use_jit=False, min_window=16)
+    assert runner.key_windows == [16, 32, MAX_LENGTH + 1]
+    windows = []
+    decode = runner.decode
+    runner.decode = lambda *args: windows.append(args[-1]) or decode(*args)
+    scheduler = Scheduler(runner, tokenizer, queue_size=16, prefill_bucket=8, prefill_tokens=16)
     scheduler.start()
     try:
         got = _run(scheduler, tokenizer, prompts, max_tokens)
@@ -69,6 +74,7 @@ def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name):
     finally:
         scheduler.stop()
     assert got == want
+    assert set(windows) == {16, 32, MAX_LENGTH + 1}, sorted(set(windows))  # rows of 5..48 slots
 
 
 def test_queue_bound_and_cancel_of_a_waiting_request():

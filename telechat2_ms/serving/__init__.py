@@ -21,7 +21,7 @@ def make_server(settings: RunSettings, run):
     from telechat2_ms.serving.engine import Runner, Scheduler
 
     s = settings.serve
-    runner = Runner(run.model, s.max_batch, settings.seq_length, settings.jit)
+    runner = Runner(run.model, s.max_batch, settings.seq_length, settings.jit, s.key_window)
     broadcast = None
     if run.world > 1:
         from telechat2_ms.parallel.ranks import broadcast_object

@@ -8,14 +8,16 @@ scratch slot that is never attended). A request owns one row from admission to i
   `prefill_tokens` prompt tokens are admitted per step (at least one request), so newcomers do not stall
   the running rows for long.
 - decode: one compiled step over the first n cache rows (n the smallest power of two holding every active
-  row, rows being taken lowest first; one compiled step per n); each row writes its own slot (its length so
-  far), attends to its own valid slots, and has its own position and RoPE table (the dynamic NTK rule for its own key length;
+  row, rows being taken lowest first) and their first W slots (W the smallest of Runner.key_windows that
+  holds the longest row: powers of two from `min_window` up to half the slots, then all; short rows do not
+  read and attend over the whole cache); one compiled step per (n, W); each row writes its own slot (its
+  length so far), attends to its own valid slots, and has its own position and RoPE table (the dynamic NTK rule for its own key length;
   rows whose tables differ run in separate calls, the others writing into their scratch slot). Free rows
   compute on a pad token into their scratch slot.
 - sampling: per row, with the row's own settings and seed (sampling.TokenSampler on the row's logits; the
   uniform draw from the request's own numpy Generator, as generate.Generator draws it). Greedy rows without a
   repetition penalty take the argmax the compiled step computed beside the logits (no sampler call).
-- before serving, `Runner.warm_up` compiles the decode step for every row count it will use, so no request
+- before serving, `Runner.warm_up` compiles the decode step for every row count and key window, so no request
   waits for a compilation (3-4 s each at 100M parameters on CPU).
 - a row ends at an end-of-sequence / stop token, a stop string, max_tokens, or when its client is gone
   (cancel); its slot is free for the next waiting request at once.
@@ -134,10 +136,13 @@ class Request:
 class Runner:
     """The model work of the scheduler, on this process's model (a tensor-parallel shard under msrun)."""
 
-    def __init__(self, model, max_batch: int, max_length: int, use_jit: bool):
+    def __init__(self, model, max_batch: int, max_length: int, use_jit: bool, min_window: int = 256):
         self.model = model
         self.cfg = model.config
         self.batch, self.slots = max_batch, max_length + 1
+        # the key windows of the decode calls: min_window, twice that, ... up to half the slots, then every slot
+        self.key_windows = [min_window << i for i in range(self.slots.bit_length())
+                            if 0 < min_window << i <= self.slots // 2] + [self.slots]
         self.steps = CachedSteps(model, max_batch, self.slots)
         self.prefill_fn = ms.jit(self.steps.prefill_row) if use_jit else self.steps.prefill_row
         self.decode_fn = ms.jit(self.steps.decode_rows) if use_jit else self.steps.decode_rows
@@ -151,18 +156,23 @@ class Runner:
         """The row counts of the decode calls (decode_rows of 1..max_batch)."""
         return sorted({decode_rows(n, self.batch) for n in range(1, self.batch + 1)})
 
+    def key_window(self, needed: int) -> int:
+        """The slots a decode call reads per row: the smallest key window holding `needed` slots."""
+        return next(w for w in self.key_windows if w >= needed)
+
     def warm_up(self, log: Optional[Callable[[str], None]] = None) -> None:
-        """Compile the decode step for every row count before serving (every rank alike under msrun). Every
-        row is free: a pad token written into its scratch slot, which nothing attends."""
+        """Compile the decode step for every row count and key window before serving (every rank alike under
+        msrun). Every row is free: a pad token written into its scratch slot, which nothing attends."""
         if not self.use_jit:
             return
         start = time.monotonic()
         scratch = self.slots - 1
         for width in self.widths():
-            self.decode([0] * width, [0] * width, [scratch] * width, [scratch] * width, 1)[1].asnumpy()
+            for window in self.key_windows:
+                self.decode([0] * width, [0] * width, [scratch] * width, [scratch] * width, 1, window)[1].asnumpy()
         if log is not None:
-            log(f"compiled the decode step for {', '.join(map(str, self.widths()))} rows in "
-                f"{time.monotonic() - start:.1f} s")
+            log(f"compiled the decode step for {', '.join(map(str, self.widths()))} rows x "
+                f"{', '.join(map(str, self.key_windows))} key slots in {time.monotonic() - start:.1f} s")
 
     def rope_key(self, key_length: int) -> Tuple[float, float]:
         params = rope_parameters(key_length, self.cfg)
@@ -187,14 +197,16 @@ class Runner:
         return self.prefill_fn(Tensor(ids), Tensor(positions), masks, inv_freq, mscale,
                                Tensor(rows.astype(np.int32)))
 
-    def decode(self, tokens, positions, write, starts, key_length: int):
+    def decode(self, tokens, positions, write, starts, key_length: int, window: int):
         """One step for every row: tokens/positions [B], write [B] (each row's slot for this token), starts [B]
         (its first valid slot; slots start..write are attended), key_length (the RoPE tables' key count, the
-        same table for every row of the call) -> (logits [B,V], each row's argmax [B]) (device)."""
+        same table for every row of the call), window (one of key_windows: slots 0..window-1 are read, every
+        row's start..write must lie in them; free rows write their scratch slot, outside it, and attend to
+        nothing) -> (logits [B,V], each row's argmax [B]) (device)."""
         tokens, positions, write, starts = (np.asarray(a, np.int64) for a in (tokens, positions, write, starts))
-        slots = np.arange(self.slots)  # rows: the first len(tokens) cache rows (a power of two, or max_batch)
-        allowed = ((slots[None] >= starts[:, None]) & (slots[None] <= write[:, None]))[:, None, None, :]  # [B,1,1,T]
-        masks = mask_tensors(layer_masks(self.cfg, allowed, write[:, None], self.slots))
+        slots = np.arange(window)  # rows: the first len(tokens) cache rows (a power of two, or max_batch)
+        allowed = ((slots[None] >= starts[:, None]) & (slots[None] <= write[:, None]))[:, None, None, :]  # [B,1,1,W]
+        masks = mask_tensors(layer_masks(self.cfg, allowed, write[:, None], window))
         inv_freq, mscale = self._rope_tensors[self.rope_key(key_length)]
         return self.decode_fn(Tensor(tokens.reshape(-1, 1).astype(np.int32)),
                               Tensor(positions.reshape(-1, 1).astype(np.int32)), masks, inv_freq, mscale,
@@ -356,8 +368,9 @@ class Scheduler:
             write[rows] = self._lengths[rows]
             starts[rows] = self._starts[rows]
             positions[rows] = self._lengths[rows] - self._starts[rows]
+            window = self.runner.key_window(int(self._lengths[rows].max()) + 1)
             logits, greedy = self._call("decode", tokens.tolist(), positions.tolist(), write.tolist(),
-                                        starts.tolist(), key_length)
+                                        starts.tolist(), key_length, window)
             self._lengths[rows] += 1
             self._sample_rows(rows, logits, greedy, rows)
         self.steps += 1
