@@ -198,7 +198,7 @@ class Generator:
         if max_length <= 0:
             raise GenerationError(f"max_length must be positive, got {max_length}")
         self.model = model
-        use_blockwise_attention(model)  # long prompts' prefill: memory O(P x rows per block), not O(P^2)
+        use_blockwise_attention(model, eager=True)  # long prompts' prefill (uncompiled): memory O(P x rows per block)
         self.pipeline = pipeline  # a TelechatParallel with pipeline_stage > 1: parallel/generation.py
         self.cfg = model.config
         self.max_length = max_length

@@ -6,8 +6,9 @@ Block length is shrunk (ATTENTION_BLOCK 8) so that small shapes cross many block
 is not a multiple of the block. Compared: the output on every query row that may attend to a key (a left-padding
 query row sees none: the dense path averages all S keys there, the blockwise one the keys of its visited blocks,
 and nothing reads either), and the gradients of q, k, v through a loss that weights only those rows, in PyNative
-and under ms.jit (the compiled training step); causal with left padding, a sliding window, GQA. Tolerance 1e-5 of
-each tensor's largest magnitude (fp32 summation order differs between the two paths). Then whole models: tiny
+and under ms.jit (the compiled training step), and its op-by-op form (`eager`: one head at a time, the
+Generator's prefill); causal with left padding, a sliding window, GQA. Tolerance 1e-5 of each tensor's largest
+magnitude (fp32 summation order differs between the two paths). Then whole models: tiny
 TeleChat2 and tiny Qwen2 (sliding-window layer) logits on a padded batch, the tiny model's training-loss
 gradients (compiled), blockwise vs dense (layers.use_blockwise_attention); and greedy generation of a prompt long
 enough for the blockwise prefill equals the dense model's tokens.
@@ -47,20 +48,20 @@ def _close(got, want, what):
     assert np.abs(got - want).max() <= TOL * np.abs(want).max(), (what, np.abs(got - want).max())
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["pynative", "jit"])
+@pytest.mark.parametrize("jit, eager", [(False, False), (True, False), (False, True)], ids=["pynative", "jit", "eager"])
 @pytest.mark.parametrize("heads, kv_heads, seq, pad, window", [
     (4, 2, 37, 5, 0),   # GQA, 5 blocks (the last one 5 long), left padding
     (2, 2, 24, 0, 6),   # sliding window of 6: whole visited blocks masked for later queries
     (3, 1, 16, 9, 0),   # multi-query, padding past the first block
 ])
-def test_blockwise_equals_dense_forward_and_gradients(small_blocks, jit, heads, kv_heads, seq, pad, window):
+def test_blockwise_equals_dense_forward_and_gradients(small_blocks, jit, eager, heads, kv_heads, seq, pad, window):
     batch, dim = 2, 16
     q, k, v = (Tensor(RNG.normal(size=(batch, h, seq, dim)).astype(np.float32)) for h in (heads, kv_heads, kv_heads))
     allowed = _masks(batch, seq, pad, window)
     rows = allowed.any(-1)[:, :, :, None]  # [B,1,S,1]: query rows with a visible key
     weight = Tensor(RNG.normal(size=(batch, heads, seq, dim)).astype(np.float32) * rows)
     mask = Tensor(allowed)
-    blockwise = kernels.BlockwiseAttention()
+    blockwise = kernels.BlockwiseAttention(eager)  # eager: the op-by-op form (the Generator's prefill)
 
     def dense_loss(q, k, v):
         return (kernels.attention(q, k, v, mask) * weight).sum()
@@ -137,8 +138,8 @@ def test_training_gradients_blockwise_equal_dense(monkeypatch):
 
 
 def test_long_prompt_generation_is_blockwise_and_equals_dense(monkeypatch):
-    """generate.Generator runs a prompt of >= 2 blocks through the PyNative blockwise prefill: the same greedy
-    tokens as the model with dense attention (a Generator without jit and blockwise switched off)."""
+    """generate.Generator runs a prompt of >= 2 blocks through the PyNative blockwise prefill (its eager form):
+    the same greedy tokens as the model with dense attention (a Generator without jit and blockwise switched off)."""
     from telechat2_ms.generate import GenerationConfig, Generator
 
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
@@ -149,12 +150,12 @@ def test_long_prompt_generation_is_blockwise_and_equals_dense(monkeypatch):
     original = kernels.BlockwiseAttention.construct
 
     def counted(self, q, k, v, allowed):
-        calls.append(q.shape[2])
+        calls.append((q.shape[2], self.eager))
         return original(self, q, k, v, allowed)
 
     monkeypatch.setattr(kernels.BlockwiseAttention, "construct", counted)
     got = Generator(Telechat2ForCausalLM(cfg, seed=2), 40).generate(prompts, gen)
-    assert calls and set(calls) == {30}  # the prefill (one call per layer) went blockwise
+    assert calls and set(calls) == {(30, True)}  # the prefill (one call per layer) went blockwise, eager
     dense_model = Telechat2ForCausalLM(cfg, seed=2)
     dense = Generator(dense_model, 40, use_jit=False)
     use_blockwise_attention(dense_model, False)
