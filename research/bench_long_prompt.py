@@ -3,7 +3,8 @@
 this port with the blockwise causal attention (kernels.BlockwiseAttention, layers.use_blockwise_attention; the
 Generator's default), this port with the dense attention (the S x S scores), PyTorch
 (tests/torch_reference.llama_reference, sdpa); each in its own process, one after the other in one run, same
-weights, --threads threads. The "-pynative" kinds run this port uncompiled.
+weights, --threads threads, the second of two calls timed (--no-warm-up: the first). The "-pynative" kinds run
+this port uncompiled.
 
     .venv/bin/python research/bench_long_prompt.py --lengths 8192 32768
     .venv/bin/python research/bench_long_prompt.py --train --lengths 2048 4096 --kinds blockwise dense torch
@@ -29,7 +30,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("blockwise", "dense", "blockwise-pynative", "dense-pynative", "torch")
 
 
-def worker(kind: str, length: int, threads: int, weights: str, out: str, train: bool = False) -> None:
+def worker(kind: str, length: int, threads: int, weights: str, out: str, train: bool = False,
+           warm_up: bool = True) -> None:
     from telechat2_ms.config import get_config
 
     cfg = get_config("bench_100m")
@@ -90,20 +92,21 @@ def worker(kind: str, length: int, threads: int, weights: str, out: str, train: 
             def call():
                 return generator.generate(prompt.tolist(), gen)[0][0]
     start = time.perf_counter()
-    call()  # compiles (this port), warms up (both)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    token = call()
-    seconds = time.perf_counter() - start
+    token = call()  # compiles (this port), warms up (both)
+    first = seconds = time.perf_counter() - start
+    if warm_up:
+        start = time.perf_counter()
+        token = call()
+        seconds = time.perf_counter() - start
     with open(out, "w", encoding="utf-8") as f:
-        json.dump({"seconds": seconds, "first_call_s": first, "token": token}, f)
+        json.dump({"seconds": seconds, "first_call_s": first, "token": token, "timed_call": 2 if warm_up else 1}, f)
 
 
 def run(kind: str, length: int, args, weights: str, workdir: str) -> Dict:
     out = os.path.join(workdir, f"{kind}_{length}.json")
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--lengths", str(length),
                "--threads", str(args.threads), "--weights", weights, "--worker-out", out] + (
-                   ["--train"] if args.train else [])
+                   ["--train"] if args.train else []) + (["--no-warm-up"] if args.no_warm_up else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), GLOG_v=os.environ.get("GLOG_v", "3"),
                PYTHONPATH=REPO_ROOT)
     start = time.perf_counter()
@@ -126,12 +129,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train", action="store_true", help="one training step instead of a prefill")
     p.add_argument("--out", default="", help="write the rows as JSON here")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="time the first call (default: the second of two); for lengths where a second call would "
+                        "double a long run (the uncompiled kinds and PyTorch compile nothing)")
     p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.lengths[0], args.threads, args.weights, args.worker_out, args.train)
+        worker(args.worker, args.lengths[0], args.threads, args.weights, args.worker_out, args.train,
+               not args.no_warm_up)
         return 0
     rows: List[Dict] = []
     with tempfile.TemporaryDirectory(prefix="long_prompt_") as workdir:

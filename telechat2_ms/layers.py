@@ -189,7 +189,7 @@ def use_blockwise_attention(model, on: bool = True, eager: bool = False) -> None
     for op-by-op runs, one head at a time) or dense. Off by default; generate.Generator turns it on (eager) and
     prefills long prompts uncompiled: MindSpore's compiled CPU graph keeps the outputs of its transposes and
     broadcasts, so a compiled blockwise prefill of 8192 tokens on bench_100m peaks at 10.0 GiB (dense: killed
-    at 23 GiB), uncompiled 3.7 GiB (README, Long prompts)."""
+    at 23 GiB), uncompiled (eager) 3.0 GiB (README, Long prompts)."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Attention):
             cell.blockwise = kernels.BlockwiseAttention(eager) if on else None
