@@ -82,9 +82,9 @@ class ServeSettings:
     prefill_bucket: int = key(32, "prompts are left-padded to a multiple of this many tokens (one compiled prefill "
                                   "per bucket)")
     prefill_tokens: int = key(512, "prompt tokens admitted between two decode steps at most (at least one request)")
-    key_window: int = key(256, "a decode step reads each row's first W cache slots: W the smallest of this, twice "
-                               "this, ... up to half of seq_length+1, or all of them, that holds its longest row "
-                               "(one compiled step per W)")
+    key_window: int = key(256, "a decode step of 16 rows or more reads each row's first W cache slots: W the "
+                               "smallest of this, twice this, ... up to half of seq_length+1, or all of them, that "
+                               "holds its longest row (one compiled step per W)")
     log_level: str = key("warning", "uvicorn's log level", ("critical", "error", "warning", "info", "debug"))
 
 

@@ -95,8 +95,9 @@ class Served:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve")
-    # decode steps read 64, 128 or all 257 slots per row (serve.key_window): each answer below equals predict's
-    served = Served(str(directory), ["--serve.max_batch", "4", "--serve.prefill_bucket", "16",
+    # decode steps of 16 rows read 64, 128 or all 257 slots per row (serve.key_window, engine.WINDOW_ROWS): the
+    # sixteen concurrent requests below answer as each does alone (whole cache, fewer rows)
+    served = Served(str(directory), ["--serve.max_batch", "16", "--serve.prefill_bucket", "16",
                                      "--serve.key_window", "64"])
     yield served
     served.stop()
@@ -114,7 +115,7 @@ def _predict(prompts, raw=False, extra=()):
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == ["tiny"]
     health = server.health()
-    assert health["status"] == "ok" and health["max_batch"] == 4
+    assert health["status"] == "ok" and health["max_batch"] == 16
 
 
 def test_chat_and_completion_equal_predict_streamed_and_not(server):

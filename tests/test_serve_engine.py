@@ -61,7 +61,7 @@ def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name):
         want.append(ids + ([] if len(ids) == n else [tokenizer.eos_id]))  # the scheduler keeps the end token
     # 3 rows for 6 requests: later ones join while earlier ones decode; bucket 8 pads most prompts; decode calls
     # read 16, 32 or all 81 slots per row, the fewest that hold the longest row of the call
-    runner = Runner(model, 3, MAX_LENGTH, use_jit=False, min_window=16)
+    runner = Runner(model, 3, MAX_LENGTH, use_jit=False, min_window=16, window_rows=1)
     assert runner.key_windows == [16, 32, MAX_LENGTH + 1]
     windows = []
     decode = runner.decode

@@ -8,9 +8,10 @@ scratch slot that is never attended). A request owns one row from admission to i
   `prefill_tokens` prompt tokens are admitted per step (at least one request), so newcomers do not stall
   the running rows for long.
 - decode: one compiled step over the first n cache rows (n the smallest power of two holding every active
-  row, rows being taken lowest first) and their first W slots (W the smallest of Runner.key_windows that
-  holds the longest row: powers of two from `min_window` up to half the slots, then all; short rows do not
-  read and attend over the whole cache); one compiled step per (n, W); each row writes its own slot (its
+  row, rows being taken lowest first) and, from WINDOW_ROWS rows on, their first W slots only (W the smallest
+  of Runner.key_windows that holds the longest row: powers of two from `min_window` up to half the slots,
+  then all; short rows do not read and attend over the whole cache); one compiled step per (n, W); each row
+  writes its own slot (its
   length so far), attends to its own valid slots, and has its own position and RoPE table (the dynamic NTK rule for its own key length;
   rows whose tables differ run in separate calls, the others writing into their scratch slot). Free rows
   compute on a pad token into their scratch slot.
@@ -47,6 +48,10 @@ from telechat2_ms.sampling import TokenSampler
 
 
 HEARTBEAT_SECONDS = 10.0  # msrun: an idle scheduler still sends a call this often
+# decode calls of fewer rows read every slot: gathering a window of a few rows' cache costs more than it saves
+# (bench_serve model, 1025 slots: 1 row 31.5 ms whole vs 34.3 ms at 256 slots; 8 rows 45.6 vs 42.5 (256) and
+# 52.2 (512); 32 rows 114.7 vs 89.8 (256) and 97.7 (512))
+WINDOW_ROWS = 16
 
 
 class QueueFull(Exception):
@@ -136,13 +141,15 @@ class Request:
 class Runner:
     """The model work of the scheduler, on this process's model (a tensor-parallel shard under msrun)."""
 
-    def __init__(self, model, max_batch: int, max_length: int, use_jit: bool, min_window: int = 256):
+    def __init__(self, model, max_batch: int, max_length: int, use_jit: bool, min_window: int = 256,
+                 window_rows: int = WINDOW_ROWS):
         self.model = model
         self.cfg = model.config
         self.batch, self.slots = max_batch, max_length + 1
         # the key windows of the decode calls: min_window, twice that, ... up to half the slots, then every slot
         self.key_windows = [min_window << i for i in range(self.slots.bit_length())
                             if 0 < min_window << i <= self.slots // 2] + [self.slots]
+        self.window_rows = window_rows
         self.steps = CachedSteps(model, max_batch, self.slots)
         self.prefill_fn = ms.jit(self.steps.prefill_row) if use_jit else self.steps.prefill_row
         self.decode_fn = ms.jit(self.steps.decode_rows) if use_jit else self.steps.decode_rows
@@ -156,9 +163,13 @@ class Runner:
         """The row counts of the decode calls (decode_rows of 1..max_batch)."""
         return sorted({decode_rows(n, self.batch) for n in range(1, self.batch + 1)})
 
-    def key_window(self, needed: int) -> int:
-        """The slots a decode call reads per row: the smallest key window holding `needed` slots."""
-        return next(w for w in self.key_windows if w >= needed)
+    def windows(self, width: int) -> List[int]:
+        """The key windows of a decode call of `width` rows (all slots below window_rows rows)."""
+        return self.key_windows if width >= self.window_rows else [self.slots]
+
+    def key_window(self, needed: int, width: int) -> int:
+        """The slots a decode call of `width` rows reads per row: the smallest of its windows holding `needed`."""
+        return next(w for w in self.windows(width) if w >= needed)
 
     def warm_up(self, log: Optional[Callable[[str], None]] = None) -> None:
         """Compile the decode step for every row count and key window before serving (every rank alike under
@@ -167,12 +178,12 @@ class Runner:
             return
         start = time.monotonic()
         scratch = self.slots - 1
-        for width in self.widths():
-            for window in self.key_windows:
-                self.decode([0] * width, [0] * width, [scratch] * width, [scratch] * width, 1, window)[1].asnumpy()
+        calls = [(width, window) for width in self.widths() for window in self.windows(width)]
+        for width, window in calls:
+            self.decode([0] * width, [0] * width, [scratch] * width, [scratch] * width, 1, window)[1].asnumpy()
         if log is not None:
-            log(f"compiled the decode step for {', '.join(map(str, self.widths()))} rows x "
-                f"{', '.join(map(str, self.key_windows))} key slots in {time.monotonic() - start:.1f} s")
+            log(f"compiled the decode step for (rows, key slots) {', '.join(map(str, calls))} in "
+                f"{time.monotonic() - start:.1f} s")
 
     def rope_key(self, key_length: int) -> Tuple[float, float]:
         params = rope_parameters(key_length, self.cfg)
@@ -368,7 +379,7 @@ class Scheduler:
             write[rows] = self._lengths[rows]
             starts[rows] = self._starts[rows]
             positions[rows] = self._lengths[rows] - self._starts[rows]
-            window = self.runner.key_window(int(self._lengths[rows].max()) + 1)
+            window = self.runner.key_window(int(self._lengths[rows].max()) + 1, width)
             logits, greedy = self._call("decode", tokens.tolist(), positions.tolist(), write.tolist(),
                                         starts.tolist(), key_length, window)
             self._lengths[rows] += 1
