@@ -187,8 +187,8 @@ class Runner:
         for width in self.widths():
             self.head_fn(ops.zeros((width, self.cfg.hidden_size), self.model.compute_dtype))[1].asnumpy()
         if log is not None:
-            log(f"compiled the decode step for (rows, key slots) {', '.join(map(str, calls))} in "
-                f"{time.monotonic() - start:.1f} s")
+            log(f"compiled the decode step for (rows, key slots) {', '.join(map(str, calls))} and the head for "
+                f"{', '.join(map(str, self.widths()))} rows in {time.monotonic() - start:.1f} s")
 
     def rope_key(self, key_length: int) -> Tuple[float, float]:
         params = rope_parameters(key_length, self.cfg)
