@@ -12,15 +12,14 @@ scratch slot that is never attended). A request owns one row from admission to i
   row, rows being taken lowest first) and, from WINDOW_ROWS rows on, their first W slots only (W the smallest
   of Runner.key_windows that holds the longest row: powers of two from `min_window` up to half the slots,
   then all; short rows do not read and attend over the whole cache); one compiled step per (n, W); each row
-  writes its own slot (its
-  length so far), attends to its own valid slots, and has its own position and RoPE table (the dynamic NTK rule for its own key length;
-  rows whose tables differ run in separate calls, the others writing into their scratch slot). Free rows
-  compute on a pad token into their scratch slot.
+  writes its own slot (its length so far), attends to its own valid slots, and has its own position and RoPE
+  table (the dynamic NTK rule for its own key length; rows whose tables differ run in separate calls, the
+  others writing into their scratch slot). Free rows compute on a pad token into their scratch slot.
 - sampling: per row, with the row's own settings and seed (sampling.TokenSampler on the row's logits; the
   uniform draw from the request's own numpy Generator, as generate.Generator draws it). Greedy rows without a
   repetition penalty take the argmax the compiled step computed beside the logits (no sampler call).
-- before serving, `Runner.warm_up` compiles the decode step for every row count and key window, so no request
-  waits for a compilation (3-4 s each at 100M parameters on CPU).
+- before serving, `Runner.warm_up` compiles the decode step for every row count and key window and the head
+  for every row count, so no request waits for a compilation (3-4 s each at 100M parameters on CPU).
 - a row ends at an end-of-sequence / stop token, a stop string, max_tokens, or when its client is gone
   (cancel); its slot is free for the next waiting request at once.
 Every decision is made by the scheduler thread; the model work it asks for goes through `Runner`, which under
