@@ -149,6 +149,12 @@ class BlockwiseAttention(nn.Cell):
         b, kv, g, _, d = x5.shape
         return ops.reshape(x5[:, :, :, lo:hi], (b, kv, g * (hi - lo), d))
 
+    @staticmethod
+    def _mask_bias(allowed):
+        """A block of `allowed` (bool) -> the additive fp32 bias masking_bias gives: 0 where allowed, fp32 min
+        where not (arithmetic: a bprop graph under ms.jit compiles no select)."""
+        return (ops.cast(allowed, ms.float32) - 1.0) * -_NEG_INF
+
     def _probs(self, qi, k, allowed, lo, hi):
         """Scaled queries of rows lo..hi [B,k,g*c,d] against keys [0, hi) -> softmax probabilities [B,k,g*c,hi]
         fp32, masked as the dense path masks (masking_bias's values; broadcast_to and arithmetic, as a bprop
@@ -156,7 +162,7 @@ class BlockwiseAttention(nn.Cell):
         batch, kv_heads, rows, _ = qi.shape
         rows_per_head = hi - lo
         scores = ops.cast(self.matmul_nt(qi, k[:, :, :hi]), ms.float32)  # [B,k,g*c,hi]
-        bias = (ops.cast(allowed[:, :, lo:hi, :hi], ms.float32) - 1.0) * -_NEG_INF  # [B,1,c,hi]: 0 or fp32 min
+        bias = self._mask_bias(allowed[:, :, lo:hi, :hi])  # [B,1,c,hi]
         bias = ops.broadcast_to(ops.reshape(bias, (allowed.shape[0], 1, 1, rows_per_head, hi)),  # mask batch 1 or B
                                 (batch, kv_heads, rows // rows_per_head, rows_per_head, hi))
         return self.softmax(scores + ops.reshape(bias, (batch, kv_heads, rows, hi)))
@@ -174,8 +180,7 @@ class BlockwiseAttention(nn.Cell):
         for lo, hi in self._bounds(seq):
             rows = hi - lo
             for b in range(batch):
-                bias = allowed[b if allowed.shape[0] > 1 else 0, 0, lo:hi, :hi]  # [c,hi]
-                bias = (ops.cast(bias, ms.float32) - 1.0) * -_NEG_INF  # 0 or fp32 min, as masking_bias
+                bias = self._mask_bias(allowed[b if allowed.shape[0] > 1 else 0, 0, lo:hi, :hi])  # [c,hi]
                 bias = ops.tile(bias, (group, 1)) if group > 1 else bias  # [g*c,hi]
                 for h in range(kv_heads):
                     i = b * kv_heads + h

@@ -347,7 +347,6 @@ class Scheduler:
 
     def _admit_into(self, newcomers: List[int]) -> None:
         budget = self.prefill_tokens
-        admitted = 0
         while self._waiting:
             req = self._waiting[0]
             if req.cancelled:
@@ -358,7 +357,7 @@ class Scheduler:
                 continue
             free = [row for row, r in enumerate(self._rows) if r is None]
             padded = self.padded_length(len(req.prompt), req.params.max_tokens)
-            if not free or (admitted and padded > budget):
+            if not free or (newcomers and padded > budget):
                 return
             self._waiting.popleft()
             self._dequeued()
@@ -372,7 +371,6 @@ class Scheduler:
             self._call("prefill", row, req.prompt, padded, self.pad_id)
             newcomers.append(row)
             budget -= padded
-            admitted += 1
 
     def _dequeued(self) -> None:
         with self._lock:
