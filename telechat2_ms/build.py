@@ -177,9 +177,13 @@ def setup_device(settings: RunSettings) -> None:
     they happen). The settings are already validated."""
     import mindspore as ms
 
+    from telechat2_ms import kernels
+
     ms.set_device(settings.device_target)
     if settings.device_target == "CPU":
         ms.runtime.launch_blocking()
+    else:  # the matmul form chosen for oneDNN's CPU kernels (kernels.weight_matmul) is not for other devices
+        kernels.SWAP_ROWS = ()
 
 
 def from_settings(settings: RunSettings, world: Optional[int] = None, tokenizer: bool = True) -> BuiltRun:

@@ -35,6 +35,26 @@ def test_plain_rope_matches_rotate_half_formula():
     np.testing.assert_allclose(got, x * cos + rotated * sin, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 15, 16, 48, 96, 97, 200])
+@pytest.mark.parametrize("mode", ["pynative", "jit"])
+def test_weight_matmul_equals_numpy_in_either_form(rows, mode):
+    """16-96 rows take the (W x^T)^T form, the others x W^T: the same product and the same gradients (float64
+    numpy reference, fp32 tolerance)."""
+    x, w = RNG.normal(size=(rows, 24)).astype(np.float32), RNG.normal(size=(40, 24)).astype(np.float32)
+    dy = RNG.normal(size=(rows, 40)).astype(np.float32)
+    matmul = ms.ops.MatMul(transpose_b=True)
+
+    def loss(x, w):
+        return (kernels.weight_matmul(matmul, x, w) * Tensor(dy)).sum()
+
+    grad = ms.value_and_grad(loss, (0, 1))
+    value, (dx, dw) = (ms.jit(grad) if mode == "jit" else grad)(Tensor(x), Tensor(w))
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    np.testing.assert_allclose(value.asnumpy(), ((x64 @ w64.T) * dy64).sum(), rtol=1e-5)
+    np.testing.assert_allclose(dx.asnumpy(), dy64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw.asnumpy(), dy64.T @ x64, rtol=1e-5, atol=1e-5)
+
+
 def test_plain_gqa_attention_matches_numpy():
     q = RNG.normal(size=(2, 4, 6, 8)).astype(np.float32)
     k, v = RNG.normal(size=(2, 2, 6, 8)).astype(np.float32), RNG.normal(size=(2, 2, 6, 8)).astype(np.float32)

@@ -84,7 +84,8 @@ class ColumnParallelLinear(_LoRA, nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in]
-        y = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [N, out/tp]
+        weight = kernels.cast_to(self.weight, self.compute_dtype)
+        y = kernels.weight_matmul(self.matmul, x2d, weight)  # [N, out/tp]
         if self.has_bias:
             y = y + ops.cast(self.bias, self.compute_dtype)
         if self.has_lora:
@@ -114,7 +115,8 @@ class RowParallelLinear(_LoRA, nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in/tp]
-        partial = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [N, out], partial over tp
+        weight = kernels.cast_to(self.weight, self.compute_dtype)
+        partial = kernels.weight_matmul(self.matmul, x2d, weight)  # [N, out], partial over tp
         if self.has_lora:
             partial = partial + self._lora_term(x2d)
         partial = ops.reshape(partial, lead + (self.out_features,))  # [B, S, out]

@@ -48,7 +48,7 @@ class LoRALinear(nn.Cell):
     def construct(self, x):
         lead = x.shape[:-1]
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [N, in]
-        y = self.matmul(x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [N, out]
+        y = kernels.weight_matmul(self.matmul, x2d, kernels.cast_to(self.weight, self.compute_dtype))
         if self.has_bias:
             y = y + ops.cast(self.bias, self.compute_dtype)
         low = self.lora_matmul(x2d, ops.cast(self.lora_a, self.compute_dtype))  # [N, r]
