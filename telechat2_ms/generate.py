@@ -97,8 +97,8 @@ class CachedSteps(nn.Cell):
     Cache layout (telechat2_ms/layers.py, in-place form): layer i's keys and values are 2-D Parameters
     `kv_cache.{i}.key` / `.value` [B*k*T, d], row (b*k + h)*T + t. `prefill` writes slots 0..P-1 and
     `construct` (one decode step) writes slot `slot` ([1], or [B,1]: each row its own); both return
-    last-position logits [B,V] fp32. `prefill_row` runs one prompt alone into one row and `head_rows` the head over
-    the last positions of several (serving/engine.py).
+    last-position logits [B,V] fp32. `prefill_rows` runs prompts packed into one sequence into their rows and
+    `head_rows` the head over the last positions of several (serving/engine.py).
     Steps that may be compiled: experts split over ep dispatch with shapes independent of the routing."""
 
     def __init__(self, model: Telechat2ForCausalLM, batch: int, slots: int):
@@ -135,17 +135,18 @@ class CachedSteps(nn.Cell):
             scatter_rows(self.cache_params[2 * i + 1], kvs[i][1], slots)
         return last_logits(self.lm_head, hidden)  # [B,V]
 
-    def prefill_row(self, input_ids, position_ids, allowed, inv_freq, mscale, rows):
-        """One prompt into one cache row: input_ids/position_ids [1,P], allowed [1,1,P,P], rows [k*P] int32 (the
-        cache rows of its (head, slot) pairs, head-major) -> its last position's final hidden state [1,H] (the
-        head runs once for every prompt admitted together: head_rows)."""
+    def prefill_rows(self, input_ids, position_ids, allowed, inv_freq, mscale, rows):
+        """Prompts packed into one sequence, each into its cache row: input_ids/position_ids [1,P], allowed
+        [1,1,P,P] (each prompt causal within itself), rows [k*P] int32 (the cache row of every (head, token)
+        pair, head-major) -> the final hidden states [P,H] (the head runs once over the last position of every
+        prompt admitted together: head_rows)."""
         hidden, kvs = self.model(input_ids, position_ids, allowed, inv_freq, mscale)
         dim = kvs[0][0].shape[-1]
         for i in range(self.num_layers):
             for part in range(2):
                 new = ops.cast(ops.reshape(kvs[i][part], (-1, dim)), self.cache_params[2 * i + part].dtype)
                 ops.scatter_update(self.cache_params[2 * i + part], rows, new)
-        return ops.reshape(hidden[:, -1:], (1, hidden.shape[2]))
+        return ops.reshape(hidden, (hidden.shape[1], hidden.shape[2]))
 
     def head_rows(self, hidden):
         """hidden [n,H] -> (logits [n,V] fp32, greedy tokens [n] int32)."""

@@ -79,8 +79,9 @@ class ServeSettings:
     max_batch: int = key(8, "requests decoded together (rows of the KV cache; memory grows with it x seq_length)")
     queue_size: int = key(64, "requests waiting for a row at most; beyond it the server answers 429")
     served_model_name: str = key("", "the model id clients send and /v1/models lists; empty: the model's name")
-    prefill_bucket: int = key(32, "prompts are left-padded to a multiple of this many tokens (one compiled prefill "
-                                  "per bucket)")
+    prefill_bucket: int = key(32, "the prefill's lengths are this many tokens times 1, 2, 3, 4, 6, 8, ... up to "
+                                  "256 (prompts admitted together are packed into one forward up to 256 tokens), "
+                                  "then multiples of the largest (one compiled prefill per length)")
     prefill_tokens: int = key(512, "prompt tokens admitted between two decode steps at most (at least one request)")
     key_window: int = key(256, "a decode step of 16 rows or more reads each row's first W cache slots: W the "
                                "smallest of this, twice this, ... up to half of seq_length+1, or all of them, that "

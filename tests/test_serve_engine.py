@@ -9,6 +9,7 @@ import pytest
 from telechat2_ms.config import get_config
 from telechat2_ms.generate import GenerationConfig, Generator
 from telechat2_ms.model import Telechat2ForCausalLM
+from telechat2_ms.serving import engine
 from telechat2_ms.serving.engine import QueueFull, Request, Runner, SamplingParams, Scheduler
 from telechat2_ms.tokenizer import load_tokenizer
 
@@ -45,8 +46,9 @@ def _run(scheduler, tokenizer, prompts, max_tokens):
     return out
 
 
+@pytest.mark.parametrize("layout", ["joining", "packed"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name):
+def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name, layout, monkeypatch):
     cfg = CONFIGS[name]
     model = Telechat2ForCausalLM(cfg, seed=0)
     tokenizer = load_tokenizer(None)
@@ -59,14 +61,21 @@ def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name):
                                pad_token_id=tokenizer.pad_id, stop_token_ids=tuple(tokenizer.stop_ids))
         ids = generator.generate([prompt], gen)[0]
         want.append(ids + ([] if len(ids) == n else [tokenizer.eos_id]))  # the scheduler keeps the end token
-    # 3 rows for 6 requests: later ones join while earlier ones decode; bucket 8 pads most prompts; decode calls
-    # read 16, 32 or all 81 slots per row, the fewest that hold the longest row of the call
-    runner = Runner(model, 3, MAX_LENGTH, use_jit=False, min_window=16, window_rows=1)
+    # joining: 3 rows for 6 requests, later ones join while earlier ones decode; decode calls read 16, 32 or all
+    # 81 slots per row, the fewest that hold the longest row of the call. packed: 6 rows, every prompt admitted
+    # at once and prefilled in packs of at most 20 tokens (a longer prompt alone) and one RoPE table each
+    if layout == "packed":
+        monkeypatch.setattr(engine, "PACK_TOKENS", 20)
+    rows, prefill_tokens = (3, 16) if layout == "joining" else (6, 200)
+    runner = Runner(model, rows, MAX_LENGTH, use_jit=False, min_window=16, window_rows=1, prefill_bucket=8)
     assert runner.key_windows == [16, 32, MAX_LENGTH + 1]
-    windows = []
-    decode = runner.decode
+    assert runner.prefill_lengths == ([8, 16, 24, 32, 48, 64, 96, 128, 192, 256] if layout == "joining"
+                                      else [8, 16])
+    windows, packs = [], []
+    decode, prefill = runner.decode, runner.prefill
     runner.decode = lambda *args: windows.append(args[-1]) or decode(*args)
-    scheduler = Scheduler(runner, tokenizer, queue_size=16, prefill_bucket=8, prefill_tokens=16)
+    runner.prefill = lambda rows, prompts, pad: packs.append([len(p) for p in prompts]) or prefill(rows, prompts, pad)
+    scheduler = Scheduler(runner, tokenizer, queue_size=16, prefill_tokens=prefill_tokens)
     scheduler.start()
     try:
         got = _run(scheduler, tokenizer, prompts, max_tokens)
@@ -74,7 +83,13 @@ def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name):
     finally:
         scheduler.stop()
     assert got == want
-    assert set(windows) == {16, 32, MAX_LENGTH + 1}, sorted(set(windows))  # rows of 5..48 slots
+    if layout == "joining":
+        assert set(windows) == {16, 32, MAX_LENGTH + 1}, sorted(set(windows))  # rows of 5..48 slots
+    else:  # prompts of 5, 30, 12, 3, 40 and 9 tokens
+        tables = {runner.rope_key(len(p)) for p in prompts}
+        assert len(tables) == (1 if name == "qwen2_tiny" else 3)  # tiny_ntk: the plain table, NTK at 30 and 40
+        want_packs = {"qwen2_tiny": [[5, 12, 3], [30], [40], [9]], "tiny_ntk": [[5, 12, 3], [9], [30], [40]]}
+        assert packs == want_packs[name]
 
 
 def test_queue_bound_and_cancel_of_a_waiting_request():

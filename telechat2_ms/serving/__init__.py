@@ -21,13 +21,14 @@ def make_server(settings: RunSettings, run):
     from telechat2_ms.serving.engine import Runner, Scheduler
 
     s = settings.serve
-    runner = Runner(run.model, s.max_batch, settings.seq_length, settings.jit, s.key_window)
+    runner = Runner(run.model, s.max_batch, settings.seq_length, settings.jit, s.key_window,
+                    prefill_bucket=s.prefill_bucket)
     broadcast = None
     if run.world > 1:
         from telechat2_ms.parallel.ranks import broadcast_object
 
         broadcast = broadcast_object
-    scheduler = Scheduler(runner, run.tokenizer, s.queue_size, s.prefill_bucket, s.prefill_tokens, broadcast)
+    scheduler = Scheduler(runner, run.tokenizer, s.queue_size, s.prefill_tokens, broadcast)
     server = Server(scheduler, run.tokenizer, served_name(settings, run.model.config), settings.generate,
                     settings.system_prompt)
     return server, scheduler

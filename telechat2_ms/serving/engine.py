@@ -2,9 +2,12 @@
 
 The cache has `max_batch` rows of `max_length + 1` slots (generate.CachedSteps; the last slot of every row is a
 scratch slot that is never attended). A request owns one row from admission to its end:
-- admission (between two decode steps): its prompt is left-padded to a multiple of `prefill_bucket` tokens
-  (so the compiled prefill is built once per bucket, not per length), run as a batch-1 forward whose K/V
-  are scattered into its row (CachedSteps.prefill_row); the head then runs once over the last positions of
+- admission (between two decode steps): the prompts admitted together are packed one after the other into
+  sequences of at most PACK_TOKENS tokens (a longer prompt alone), each causal within itself with its own
+  positions (and its own dynamic-NTK table: prompts whose tables differ go in different packs); a pack is
+  padded at its end to one of Runner.prefill_lengths (so the compiled prefill is built once per length, not
+  per total) and run as one batch-1 forward whose K/V are scattered into the prompts' rows, slots 0..n-1
+  (CachedSteps.prefill_rows; pads into a scratch slot); the head then runs once over the last positions of
   every prompt admitted at that step (CachedSteps.head_rows) and each first token is sampled. At most
   `prefill_tokens` prompt tokens are admitted per step (at least one request), so newcomers do not stall
   the running rows for long.
@@ -18,8 +21,9 @@ scratch slot that is never attended). A request owns one row from admission to i
 - sampling: per row, with the row's own settings and seed (sampling.TokenSampler on the row's logits; the
   uniform draw from the request's own numpy Generator, as generate.Generator draws it). Greedy rows without a
   repetition penalty take the argmax the compiled step computed beside the logits (no sampler call).
-- before serving, `Runner.warm_up` compiles the decode step for every row count and key window and the head
-  for every row count, so no request waits for a compilation (3-4 s each at 100M parameters on CPU).
+- before serving, `Runner.warm_up` compiles the decode step for every row count and key window, the prefill
+  for every pack length and the head for every row count, so no request waits for a compilation (3-4 s each
+  at 100M parameters on CPU; prompts longer than PACK_TOKENS compile their length on first use).
 - a row ends at an end-of-sequence / stop token, a stop string, max_tokens, or when its client is gone
   (cancel); its slot is free for the next waiting request at once.
 Every decision is made by the scheduler thread; the model work it asks for goes through `Runner`, which under
@@ -52,6 +56,11 @@ HEARTBEAT_SECONDS = 10.0  # msrun: an idle scheduler still sends a call this oft
 # (bench_serve model, 1025 slots: 1 row 31.5 ms whole vs 34.3 ms at 256 slots; 8 rows 45.6 vs 42.5 (256) and
 # 52.2 (512); 32 rows 114.7 vs 89.8 (256) and 97.7 (512))
 WINDOW_ROWS = 16
+# prompts admitted together are packed into prefill sequences of at most this many tokens: one forward instead
+# of one per prompt; the packed attention is dense over the whole pack, hence the bound (bench_serve model, its
+# 64 prompts of 21-210 tokens admitted 32 at a time, scheduler in process: one forward per prompt 3.34 s, packs
+# of <= 128 tokens 4.14 s, <= 256 2.72 s, <= 512 3.06 s)
+PACK_TOKENS = 256
 
 
 class QueueFull(Exception):
@@ -142,7 +151,7 @@ class Runner:
     """The model work of the scheduler, on this process's model (a tensor-parallel shard under msrun)."""
 
     def __init__(self, model, max_batch: int, max_length: int, use_jit: bool, min_window: int = 256,
-                 window_rows: int = WINDOW_ROWS):
+                 window_rows: int = WINDOW_ROWS, prefill_bucket: int = 32):
         self.model = model
         self.cfg = model.config
         self.batch, self.slots = max_batch, max_length + 1
@@ -150,10 +159,16 @@ class Runner:
         self.key_windows = [min_window << i for i in range(self.slots.bit_length())
                             if 0 < min_window << i <= self.slots // 2] + [self.slots]
         self.window_rows = window_rows
+        # the prefill's sequence lengths up to PACK_TOKENS: bucket x 1, 2, 3, 4, 6, 8, 12, ... (at most half
+        # pads); longer prompts: multiples of PACK_TOKENS (or of the bucket, when larger)
+        self.bucket = max(1, prefill_bucket)
+        multiples = {1} | {m << i for m in (2, 3) for i in range(PACK_TOKENS.bit_length())}
+        self.prefill_lengths = sorted(self.bucket * m for m in multiples if self.bucket * m <= max(PACK_TOKENS,
+                                                                                                  self.bucket))
         self.steps = CachedSteps(model, max_batch, self.slots)
-        self.prefill_fn = ms.jit(self.steps.prefill_row) if use_jit else self.steps.prefill_row
+        self.prefill_fn = ms.jit(self.steps.prefill_rows) if use_jit else self.steps.prefill_rows
         self.head_fn = ms.jit(self.steps.head_rows) if use_jit else self.steps.head_rows
-        self._prefilled: List[Tensor] = []  # last hidden states [1,H] of the prompts not yet through the head
+        self._prefilled: List[Tensor] = []  # last hidden states [n,H] of the prompts not yet through the head
         self.decode_fn = ms.jit(self.steps.decode_rows) if use_jit else self.steps.decode_rows
         self.use_jit = use_jit
         self._rope_tensors: Dict[Tuple[float, float], Tuple[Tensor, Tensor]] = {}
@@ -174,8 +189,9 @@ class Runner:
         return next(w for w in self.windows(width) if w >= needed)
 
     def warm_up(self, log: Optional[Callable[[str], None]] = None) -> None:
-        """Compile the decode step for every row count and key window before serving (every rank alike under
-        msrun). Every row is free: a pad token written into its scratch slot, which nothing attends."""
+        """Compile the decode step for every row count and key window, the head and the prefill before serving
+        (every rank alike under msrun). Every row is free: the decode steps write a pad token into their scratch
+        slots, which nothing attends, and the prefills write row 0."""
         if not self.use_jit:
             return
         start = time.monotonic()
@@ -185,9 +201,13 @@ class Runner:
             self.decode([0] * width, [0] * width, [scratch] * width, [scratch] * width, 1, window)[1].asnumpy()
         for width in self.widths():
             self.head_fn(ops.zeros((width, self.cfg.hidden_size), self.model.compute_dtype))[1].asnumpy()
+        for length in self.prefill_lengths:  # `length` one-token prompts into slot 0 of row 0, free before serving
+            self.prefill([0] * length, [[0]] * length, 0)
+        self._prefilled = []
         if log is not None:
-            log(f"compiled the decode step for (rows, key slots) {', '.join(map(str, calls))} and the head for "
-                f"{', '.join(map(str, self.widths()))} rows in {time.monotonic() - start:.1f} s")
+            log(f"compiled the decode step for (rows, key slots) {', '.join(map(str, calls))}, the head for "
+                f"{', '.join(map(str, self.widths()))} rows and the prefill of {', '.join(map(str, self.prefill_lengths))}"
+                f" tokens in {time.monotonic() - start:.1f} s")
 
     def rope_key(self, key_length: int) -> Tuple[float, float]:
         params = rope_parameters(key_length, self.cfg)
@@ -196,29 +216,47 @@ class Runner:
             self._rope_tensors[key] = (Tensor(params.inv_freq), Tensor(np.float32(params.mscale)))
         return key
 
-    def prefill(self, row: int, prompt: Sequence[int], padded: int, pad_id: int) -> None:
-        """The prompt left-padded to `padded` tokens into cache row `row`; its last hidden state waits for
-        `head`."""
-        prompt = [int(t) for t in prompt]
-        pads = padded - len(prompt)
+    def prefill_length(self, tokens: int) -> int:
+        """The sequence length of a prefill of `tokens` tokens: the smallest of prefill_lengths that holds them,
+        or the next multiple of the largest."""
+        step = self.prefill_lengths[-1]
+        return next((n for n in self.prefill_lengths if n >= tokens), -(-tokens // step) * step)
+
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], pad_id: int) -> None:
+        """Prompt i into cache row rows[i], slots 0..len-1, all in one forward of the prompts one after the
+        other, padded at the end to prefill_length (the prompts share one dynamic-NTK table: rope_key of each
+        length alike); their last hidden states wait for `head`."""
+        lengths = np.array([len(p) for p in prompts])
+        total = int(lengths.sum())
+        padded = self.prefill_length(total)
+        if len({self.rope_key(int(n)) for n in lengths}) != 1:
+            raise ValueError("prompts packed into one prefill must share their RoPE table")
+        segment = np.full(padded, -1)  # the prompt of each position (-1: a pad)
+        segment[:total] = np.repeat(np.arange(len(prompts)), lengths)
+        slot = np.full(padded, self.slots - 1)  # the cache slot of each position (pads: a scratch slot)
+        slot[:total] = np.concatenate([np.arange(n) for n in lengths])
         ids = np.full((1, padded), pad_id, np.int32)
-        ids[0, pads:] = prompt
-        positions = np.maximum(np.arange(padded) - pads, 0).astype(np.int32)[None]  # 0 at the first real token
-        allowed = np.tril(np.ones((padded, padded), bool))[None, None] & (np.arange(padded) >= pads)[None, None, None]
+        ids[0, :total] = np.concatenate([np.asarray(p, np.int64) for p in prompts])
+        allowed = (segment[:, None] == segment[None, :]) & np.tril(np.ones((padded, padded), bool))  # [P,P]
+        row = np.asarray(rows)[np.maximum(segment, 0)]  # pads: the first prompt's row (its scratch slot)
         heads = self.steps.kv_heads
-        rows = ((row * heads + np.arange(heads))[:, None] * self.slots + np.arange(padded)[None]).reshape(-1)
-        inv_freq, mscale = self._rope_tensors[self.rope_key(len(prompt))]
-        masks = mask_tensors(layer_masks(self.cfg, allowed, np.arange(padded), padded))
-        self._prefilled.append(self.prefill_fn(Tensor(ids), Tensor(positions), masks, inv_freq, mscale,
-                                               Tensor(rows.astype(np.int32))))
+        cache_rows = (row[None] * heads + np.arange(heads)[:, None]) * self.slots + slot[None]  # [k,P]
+        inv_freq, mscale = self._rope_tensors[self.rope_key(int(lengths[0]))]
+        masks = mask_tensors(layer_masks(self.cfg, allowed[None, None], np.arange(padded), padded))
+        hidden = self.prefill_fn(Tensor(ids), Tensor(np.where(segment < 0, 0, slot)[None].astype(np.int32)), masks,
+                                 inv_freq, mscale, Tensor(cache_rows.reshape(-1).astype(np.int32)))  # [P,H]
+        self._prefilled.append(ops.gather(hidden, Tensor((np.cumsum(lengths) - 1).astype(np.int32)), 0))
 
     def head(self):
         """The head over the last positions of the prompts prefilled since the last call, in their order, in
         one call (one read of the [V,H] weights, 311 MB for Qwen2's vocabulary at hidden 512, instead of one per
         prompt; rows padded to decode_rows' count) -> (logits [n,V], argmax [n]) (device)."""
-        hidden, self._prefilled = self._prefilled, []
-        width = decode_rows(len(hidden), self.batch)
-        return self.head_fn(ops.concat(hidden + hidden[-1:] * (width - len(hidden)), 0))  # [width,H]
+        hidden, self._prefilled = ops.concat(self._prefilled, 0), []
+        count = hidden.shape[0]
+        width = decode_rows(count, self.batch)
+        if width > count:
+            hidden = ops.concat([hidden, ops.zeros((width - count, hidden.shape[1]), hidden.dtype)], 0)
+        return self.head_fn(hidden)  # [width,H]
 
     def decode(self, tokens, positions, write, starts, key_length: int, window: int):
         """One step for every row: tokens/positions [B], write [B] (each row's slot for this token), starts [B]
@@ -239,13 +277,12 @@ class Runner:
 class Scheduler:
     """The scheduler thread: a bounded waiting queue, `max_batch` rows, one decode step at a time."""
 
-    def __init__(self, runner: Runner, tokenizer, queue_size: int = 64, prefill_bucket: int = 32,
-                 prefill_tokens: int = 512, broadcast: Optional[Callable[[Any], Any]] = None):
+    def __init__(self, runner: Runner, tokenizer, queue_size: int = 64, prefill_tokens: int = 512,
+                 broadcast: Optional[Callable[[Any], Any]] = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.cfg = runner.cfg
         self.queue_size = queue_size
-        self.prefill_bucket = max(1, prefill_bucket)
         self.prefill_tokens = prefill_tokens
         self.broadcast = broadcast  # msrun: sends each model call to the other ranks first
         self.pad_id = tokenizer.pad_id
@@ -253,8 +290,7 @@ class Scheduler:
         self._inbox: "queue.Queue[Request]" = queue.Queue()
         self._waiting: Deque[Request] = collections.deque()
         self._rows: List[Optional[Request]] = [None] * runner.batch
-        self._starts = np.zeros(runner.batch, np.int64)  # first valid slot of each row (after its left pads)
-        self._lengths = np.zeros(runner.batch, np.int64)  # slots used (pads + tokens in the cache)
+        self._lengths = np.zeros(runner.batch, np.int64)  # slots used (tokens in the cache, from slot 0)
         self._last = np.zeros(runner.batch, np.int64)  # each row's newest token (the next decode input)
         self._seen = np.zeros((runner.batch, self.cfg.vocab_size), bool)  # repetition penalty bookkeeping
         self._samplers: Dict[Tuple, TokenSampler] = {}
@@ -269,12 +305,6 @@ class Scheduler:
     @property
     def max_length(self) -> int:
         return self.runner.slots - 1
-
-    def padded_length(self, prompt_tokens: int, max_tokens: int) -> int:
-        """The prompt's length rounded up to the bucket, as far as its max_tokens leave room in the row (the
-        last new token needs no slot: prompt + max_tokens <= max_length always fits)."""
-        bucket = self.prefill_bucket
-        return max(min(-(-prompt_tokens // bucket) * bucket, self.max_length - max_tokens + 1), prompt_tokens)
 
     def submit(self, request: Request) -> None:
         with self._lock:
@@ -346,7 +376,11 @@ class Scheduler:
                 self._sample_rows(newcomers, logits, greedy, list(range(len(newcomers))))
 
     def _admit_into(self, newcomers: List[int]) -> None:
+        """Waiting requests into free rows, at most prefill_tokens prompt tokens (at least one request); their
+        prompts prefilled in packs of one RoPE table and at most PACK_TOKENS tokens each (first fit in admission
+        order); a row joins `newcomers` once its pack ran."""
         budget = self.prefill_tokens
+        admitted: List[int] = []
         while self._waiting:
             req = self._waiting[0]
             if req.cancelled:
@@ -356,21 +390,29 @@ class Scheduler:
                 req.emit(Event(finish_reason="cancelled", prompt_tokens=len(req.prompt)))
                 continue
             free = [row for row, r in enumerate(self._rows) if r is None]
-            padded = self.padded_length(len(req.prompt), req.params.max_tokens)
-            if not free or (newcomers and padded > budget):
-                return
+            if not free or (admitted and len(req.prompt) > budget):
+                break
             self._waiting.popleft()
             self._dequeued()
             row = free[0]
             req.row = row
             self._rows[row] = req
-            self._starts[row] = padded - len(req.prompt)
-            self._lengths[row] = padded
+            self._lengths[row] = len(req.prompt)
             self._seen[row] = False
             self._seen[row, req.prompt] = True
-            self._call("prefill", row, req.prompt, padded, self.pad_id)
-            newcomers.append(row)
-            budget -= padded
+            admitted.append(row)
+            budget -= len(req.prompt)
+        packs: Dict[Tuple[float, float], List[List[int]]] = {}
+        for row in admitted:  # first fit
+            table = packs.setdefault(self.runner.rope_key(int(self._lengths[row])), [])
+            room = [pack for pack in table if self._lengths[pack + [row]].sum() <= PACK_TOKENS]
+            if room:
+                room[0].append(row)
+            else:
+                table.append([row])
+        for pack in itertools.chain.from_iterable(packs.values()):
+            self._call("prefill", pack, [self._rows[row].prompt for row in pack], self.pad_id)
+            newcomers.extend(pack)
 
     def _dequeued(self) -> None:
         with self._lock:
@@ -385,7 +427,7 @@ class Scheduler:
             return
         groups: Dict[Tuple[float, float], Tuple[int, List[int]]] = {}
         for row in active:  # rows whose dynamic-NTK tables agree share one call
-            key_length = int(self._lengths[row] - self._starts[row]) + 1
+            key_length = int(self._lengths[row]) + 1
             groups.setdefault(self.runner.rope_key(key_length), (key_length, []))[1].append(row)
         scratch = self.runner.slots - 1
         width = decode_rows(max(active) + 1, self.runner.batch)  # rows are taken lowest first: usually compact
@@ -396,8 +438,8 @@ class Scheduler:
             positions = np.zeros(width, np.int64)
             tokens[rows] = self._last[rows]
             write[rows] = self._lengths[rows]
-            starts[rows] = self._starts[rows]
-            positions[rows] = self._lengths[rows] - self._starts[rows]
+            starts[rows] = 0
+            positions[rows] = self._lengths[rows]
             window = self.runner.key_window(int(self._lengths[rows].max()) + 1, width)
             logits, greedy = self._call("decode", tokens.tolist(), positions.tolist(), write.tolist(),
                                         starts.tolist(), key_length, window)
