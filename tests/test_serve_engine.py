@@ -27,7 +27,8 @@ def _prompts(vocab):
 
 
 def _run(scheduler, tokenizer, prompts, max_tokens):
-    """Submit every prompt at once to a started scheduler; -> the generated ids of each."""
+    """Submit every prompt at once, then start the scheduler (so that its first admission sees them all);
+    -> the generated ids of each."""
     boxes = []
     for prompt, n in zip(prompts, max_tokens):
         box = queue.Queue()
@@ -35,6 +36,7 @@ def _run(scheduler, tokenizer, prompts, max_tokens):
         request = Request(prompt, SamplingParams(n, repetition_penalty=1.03), box.put, tokenizer)
         scheduler.submit(request)
         box.request = request
+    scheduler.start()
     out = []
     for box in boxes:
         while True:
@@ -76,7 +78,6 @@ def test_rows_joining_a_running_batch_generate_what_they_generate_alone(name, la
     runner.decode = lambda *args: windows.append(args[-1]) or decode(*args)
     runner.prefill = lambda rows, prompts, pad: packs.append([len(p) for p in prompts]) or prefill(rows, prompts, pad)
     scheduler = Scheduler(runner, tokenizer, queue_size=16, prefill_tokens=prefill_tokens)
-    scheduler.start()
     try:
         got = _run(scheduler, tokenizer, prompts, max_tokens)
         assert scheduler.steps < sum(len(g) for g in got)  # rows shared decode steps
