@@ -161,10 +161,10 @@ class Runner:
         self.window_rows = window_rows
         # the prefill's sequence lengths up to PACK_TOKENS: bucket x 1, 2, 3, 4, 6, 8, 12, ... (at most half
         # pads); longer prompts: multiples of PACK_TOKENS (or of the bucket, when larger)
-        self.bucket = max(1, prefill_bucket)
+        bucket = max(1, prefill_bucket)
         multiples = {1} | {m << i for m in (2, 3) for i in range(PACK_TOKENS.bit_length())}
-        self.prefill_lengths = sorted(self.bucket * m for m in multiples if self.bucket * m <= max(PACK_TOKENS,
-                                                                                                  self.bucket))
+        largest = max(PACK_TOKENS, bucket)
+        self.prefill_lengths = sorted(bucket * m for m in multiples if bucket * m <= largest)
         self.steps = CachedSteps(model, max_batch, self.slots)
         self.prefill_fn = ms.jit(self.steps.prefill_rows) if use_jit else self.steps.prefill_rows
         self.head_fn = ms.jit(self.steps.head_rows) if use_jit else self.steps.head_rows
