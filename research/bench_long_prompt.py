@@ -58,13 +58,14 @@ def worker(kind: str, length: int, threads: int, weights: str, out: str, train: 
         import mindspore as ms
 
         from telechat2_ms import kernels
+        from telechat2_ms.build import synchronous_cpu_runtime
         from telechat2_ms.generate import GenerationConfig, Generator
         from telechat2_ms.layers import use_blockwise_attention
         from telechat2_ms.model import Telechat2ForCausalLM
         from telechat2_ms.train.loss import CausalLMLoss
 
         ms.set_device("CPU")
-        ms.runtime.launch_blocking()
+        synchronous_cpu_runtime()
         ms.device_context.cpu.op_tuning.threads_num(threads)
         if kind.startswith("dense"):
             kernels.ATTENTION_BLOCK = 1 << 30  # never blockwise

@@ -95,6 +95,7 @@ def mindspore_worker(args) -> Dict:
     import mindspore as ms
     from safetensors.numpy import save_file
 
+    from telechat2_ms.build import synchronous_cpu_runtime
     from telechat2_ms.generate import GenerationConfig, Generator
     from telechat2_ms.model import Telechat2ForCausalLM
     from telechat2_ms.train.loss import CausalLMLoss
@@ -102,7 +103,7 @@ def mindspore_worker(args) -> Dict:
     from telechat2_ms.train.step import TrainStep
 
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
     cfg = get_config(args.size)
     model = Telechat2ForCausalLM(cfg, seed=args.seed)

@@ -172,16 +172,31 @@ def build_run(plan: RunPlan, tokenizer: bool = True, groups=None) -> BuiltRun:
     return BuiltRun(model, tok, plan, comm.get_rank(), parallel)
 
 
+def synchronous_cpu_runtime() -> None:
+    """MindSpore's host work on CPU done by the calling thread, before the first kernel runs. Without
+    `MS_DEV_HOST_BLOCKING_RUN=1` MindSpore 2.10 hands each compiled graph run to a queue thread and the caller
+    waits for it in a busy loop (`AsyncRQueue::Wait`, reading a tensor's value), which takes a core from the
+    kernels: on 2 cores the bench_100m training step's backward matmuls ran at ~130 GFLOP/s against the forward's
+    ~300, and the step took 2.9 s instead of 1.9 s (research/bench_speed.py, README Performance).
+    `launch_blocking` makes PyNative synchronous (3.5x faster on small machines, errors where they happen)."""
+    import os
+
+    import mindspore as ms
+
+    os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
+    ms.runtime.launch_blocking()
+
+
 def setup_device(settings: RunSettings) -> None:
-    """Select the device; PyNative runs synchronously on CPU (3.5x faster on small machines, errors where
-    they happen). The settings are already validated."""
+    """Select the device; on CPU, MindSpore's host work in the calling thread (synchronous_cpu_runtime). The
+    settings are already validated."""
     import mindspore as ms
 
     from telechat2_ms import kernels
 
     ms.set_device(settings.device_target)
     if settings.device_target == "CPU":
-        ms.runtime.launch_blocking()
+        synchronous_cpu_runtime()
     else:  # the matmul form chosen for oneDNN's CPU kernels (kernels.weight_matmul) is not for other devices
         kernels.SWAP_ROWS = ()
 

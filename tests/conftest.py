@@ -10,8 +10,10 @@ os.environ.setdefault("GLOG_v", "3")
 try:  # select the device before any kernel runs: a later set_device would be refused by MindSpore
     import mindspore
 
+    from telechat2_ms.build import synchronous_cpu_runtime
+
     mindspore.set_device("CPU")
-    mindspore.runtime.launch_blocking()  # synchronous PyNative: faster on 2 cores, errors where they happen
+    synchronous_cpu_runtime()  # host work in the calling thread: faster on 2 cores, errors where they happen
 except ImportError:  # the tokenizer / evaluation-loader tests run without MindSpore
     pass
 

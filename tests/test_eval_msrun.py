@@ -37,6 +37,7 @@ def worker(out_dir: str, data_dir: str, tokenizer_path: str) -> None:
     from telechat2_ms.evaluate.model_adapter import mindspore_next_token_logits
     from telechat2_ms.evaluate.runner import evaluate, options_from_settings, run_eval
     from telechat2_ms.model import Telechat2ForCausalLM
+    from telechat2_ms.build import synchronous_cpu_runtime
     from telechat2_ms.parallel import comm
     from telechat2_ms.parallel.dims import ParallelDims
     from telechat2_ms.parallel.parallelize import parallelize_telechat2
@@ -44,7 +45,7 @@ def worker(out_dir: str, data_dir: str, tokenizer_path: str) -> None:
     from tests.torch_reference import randomize_biases_and_norms
 
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     rank, world = comm.init_distributed()
     tokenizer = Telechat2Tokenizer(tokenizer_path)
     encode = lambda text: tokenizer.encode(text, parse_special=False)

@@ -24,12 +24,13 @@ def models():
     import mindspore as ms
     import torch
 
+    from telechat2_ms.build import synchronous_cpu_runtime
     from telechat2_ms.config import get_config
     from telechat2_ms.model import Telechat2ForCausalLM
     from tests.torch_reference import llama_reference, ms_state_numpy, randomize_biases_and_norms
 
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     cfg = get_config("tiny", vocab_size=131072, initializer_range=0.2)
     model = Telechat2ForCausalLM(cfg, seed=0)
     randomize_biases_and_norms(model)

@@ -5,6 +5,7 @@ import pytest
 
 import mindspore as ms
 
+from telechat2_ms.build import synchronous_cpu_runtime
 from telechat2_ms.config import ConfigError, get_config
 from telechat2_ms.parallel.dims import ParallelDims
 from telechat2_ms.parallel.pipeline import one_f_one_b, timetable
@@ -109,7 +110,7 @@ def test_single_process_parallel_step_matches_plain_model():
     from tests.msrun import parallel_cases as pc
 
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     ref_loss, ref_norm, reference = pc.reference_step()
     assert ref_norm > pc.CLIP  # the clip is active
     initial = pc.initial_state()
@@ -133,7 +134,7 @@ def test_single_process_adamw_step_matches_plain_model():
     from tests.msrun import parallel_cases as pc
 
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     plain = pc.build_model()
     optimizer = nn.AdamWeightDecay(plain.trainable_params(), learning_rate=1e-3, weight_decay=0.1)
     loss_fn = pc.reference_loss_fn(plain)
@@ -156,7 +157,7 @@ def test_parallel_adamw_in_one_process_matches_trainer_adamw():
     from tests.msrun import parallel_cases as pc
 
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     ref_losses, ref_norms, reference = pc.reference_adamw()
     parallel = parallelize_telechat2(pc.build_model(), ParallelDims(optimizer_shard=True))
     a = pc.ADAMW
@@ -190,7 +191,7 @@ def test_parallel_engine_step_without_targets_is_finite():
     from tests.msrun import parallel_cases as pc
 
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     parallel = parallelize_telechat2(pc.build_model(), ParallelDims())
     before = parallel.local_state()
     from telechat2_ms.train.optim import DynamicLossScaler

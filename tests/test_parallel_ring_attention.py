@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from telechat2_ms import kernels
+from telechat2_ms.build import synchronous_cpu_runtime
 from telechat2_ms.parallel import ring_attention as ra
 from telechat2_ms.parallel.comm import Group
 
@@ -25,7 +26,7 @@ def _rel_err(got, ref):
 @pytest.fixture(autouse=True, scope="module")
 def _cpu():
     ms.set_device("CPU")
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
 
 
 def _inputs(batch, heads, kv_heads, seq, dim, seed=0):

@@ -37,6 +37,7 @@ import mindspore as ms
 
 import parallel_cases as pc
 from comm_checks import run_comm_checks
+from telechat2_ms.build import synchronous_cpu_runtime
 from telechat2_ms.parallel import comm
 from telechat2_ms.parallel.dims import ParallelDims
 from telechat2_ms.parallel.parallelize import parallelize_telechat2
@@ -231,7 +232,7 @@ def task_load(out_dir: str, rank: int) -> None:
 
 def main(out_dir: str, tasks) -> None:
     ms.set_device(os.environ.get("TELECHAT2_TEST_DEVICE", "CPU"))  # Ascend: the native collectives (HCCL)
-    ms.runtime.launch_blocking()
+    synchronous_cpu_runtime()
     rank, _ = comm.init_distributed()
     for task in tasks:
         kind, _, arg = task.partition(":")
