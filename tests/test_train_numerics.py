@@ -95,6 +95,39 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_each_optimizer_step_accumulates_only_its_own_gradients(use_jit):
+    """The first micro-step of an optimizer step replaces the accumulators' values (no clearing after an update
+    or a skipped step): after an update, and after a skipped step (zero_grads), two micro-steps give the same
+    gradients and norm as a new TrainStep over the same parameters."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, TINY.vocab_size, (4, 16)).astype(np.int32)
+    mask = (rng.random((4, 16)) < 0.7).astype(np.float32)
+    denominator = Tensor(np.float32(mask[:, 1:].sum()))
+    one = Tensor(np.float32(1.0))
+    model = Telechat2ForCausalLM(TINY, seed=4)
+    params = list(model.trainable_params())
+    loss_net = CausalLMLoss(model, 2, 16)
+    step = TrainStep(loss_net, params, AdamW(params, weight_decay=0.1), use_jit=use_jit)
+
+    def two_micro_steps(train_step):
+        for i in (0, 2):
+            train_step.micro_step(*cast_batch(ids[i:i + 2], mask[i:i + 2]), denominator, one)
+        return [a.asnumpy().copy() for a in train_step.accum], float(train_step.grad_norm().asnumpy())
+
+    first, _ = two_micro_steps(step)
+    step.apply_update(*step.optimizer.step_scalars(1e-2, 1, 1.0))
+    after_update, norm = two_micro_steps(step)
+    step.zero_grads()
+    after_skip, norm_skip = two_micro_steps(step)
+    fresh, fresh_norm = two_micro_steps(TrainStep(loss_net, params, AdamW(params), use_jit=use_jit))
+    assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(first, fresh))  # the update moved the gradients
+    assert norm == pytest.approx(fresh_norm, rel=1e-6) and norm_skip == pytest.approx(fresh_norm, rel=1e-6)
+    for a, b, c in zip(after_update, after_skip, fresh):
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(b, c, rtol=1e-6, atol=1e-9)
+
+
 def test_dynamic_loss_scaler():
     scaler = DynamicLossScaler(True, init_scale=8.0, growth_interval=2)
     scaler.update(False)
