@@ -177,7 +177,7 @@ def synchronous_cpu_runtime() -> None:
     `MS_DEV_HOST_BLOCKING_RUN=1` MindSpore 2.10 hands each compiled graph run to a queue thread and the caller
     waits for it in a busy loop (`AsyncRQueue::Wait`, reading a tensor's value), which takes a core from the
     kernels: on 2 cores the bench_100m training step's backward matmuls ran at ~130 GFLOP/s against the forward's
-    ~300, and the step took 2.9 s instead of 1.9 s (research/bench_speed.py, README Performance).
+    ~300, and its forward + backward took 2.9 s instead of 1.95-2.2 s (README Performance).
     `launch_blocking` makes PyNative synchronous (3.5x faster on small machines, errors where they happen)."""
     import os
 

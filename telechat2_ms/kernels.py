@@ -69,8 +69,8 @@ def swap_halves(x):
 def apply_rope(x, cos, sin, use_fused: bool = False):
     """x [B,h,S,d], cos/sin [B,1,S,d] fp32 -> x * cos + rotate_half(x) * sin in x.dtype, where rotate_half
     [x1, x2] -> [-x2, x1] (NeoX convention). The sign goes on the small sin table instead of x:
-    rotate_half(x) * sin = swap_halves(x) * [-sin1, sin2], the same numbers (a negation is exact), one op less
-    per call on [B,h,S,d] (and the table's, [B,1,S,d], is one op for every layer of a compiled graph)."""
+    rotate_half(x) * sin = swap_halves(x) * [-sin1, sin2], the same numbers (a negation is exact): the negation
+    runs on [B,1,S,d] instead of [B,h,S,d]."""
     if use_fused:
         return ops.rotary_position_embedding(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
     half = sin.shape[-1] // 2

@@ -33,11 +33,11 @@ def worker(out_dir: str, data_dir: str, tokenizer_path: str) -> None:
     """Every rank: 'single<rank>' (world 1, its own output dir), then 'dp2' and 'tp2' through run_eval."""
     import mindspore as ms
 
+    from telechat2_ms.build import synchronous_cpu_runtime
     from telechat2_ms.config import get_config
     from telechat2_ms.evaluate.model_adapter import mindspore_next_token_logits
     from telechat2_ms.evaluate.runner import evaluate, options_from_settings, run_eval
     from telechat2_ms.model import Telechat2ForCausalLM
-    from telechat2_ms.build import synchronous_cpu_runtime
     from telechat2_ms.parallel import comm
     from telechat2_ms.parallel.dims import ParallelDims
     from telechat2_ms.parallel.parallelize import parallelize_telechat2

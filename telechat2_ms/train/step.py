@@ -8,8 +8,8 @@ AdamW update.
 The accumulators are fp32 Parameters (`grad_accum.<name>`), so the state between the calls lives on the
 device and no gradient tuple crosses the Python boundary. The first micro-step of an optimizer step writes its
 gradients into them and the later ones add theirs (two compiled graphs, the second only with accumulation), so
-neither apply_update nor zero_grads clears them: on bench_100m on CPU the clearing cost 123 ms and the add's
-extra read ~50 ms of a ~2.8 s step. Every input is a Tensor of fixed shape and dtype
+neither apply_update nor zero_grads clears them (on bench_100m on CPU the clearing cost 123 ms of a ~2.8 s
+step). Every input is a Tensor of fixed shape and dtype
 (scalars are 0-d fp32 Tensors, never Python floats), so each function compiles once: there are no tuple
 inputs that would need `ms.mutable`. With use_jit=False the same functions run in PyNative (debugging).
 The host computes coef = (1 / loss_scale) * min(1, grad_clip / (norm + 1e-6)) from the returned norm, as

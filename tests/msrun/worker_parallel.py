@@ -231,8 +231,12 @@ def task_load(out_dir: str, rank: int) -> None:
 
 
 def main(out_dir: str, tasks) -> None:
-    ms.set_device(os.environ.get("TELECHAT2_TEST_DEVICE", "CPU"))  # Ascend: the native collectives (HCCL)
-    synchronous_cpu_runtime()
+    device = os.environ.get("TELECHAT2_TEST_DEVICE", "CPU")  # Ascend: the native collectives (HCCL)
+    ms.set_device(device)
+    if device == "CPU":
+        synchronous_cpu_runtime()
+    else:
+        ms.runtime.launch_blocking()
     rank, _ = comm.init_distributed()
     for task in tasks:
         kind, _, arg = task.partition(":")
