@@ -65,6 +65,46 @@ def test_plain_gqa_attention_matches_numpy():
     np.testing.assert_allclose(got, _np_attention(q, k, v, allowed), rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("mode", ["pynative", "jit"])
+def test_last_axis_softmax_backward_equals_mindspores_and_float64(mode):
+    """LastAxisSoftmax (the attention's softmax, its backward without a broadcasting op): the same values as
+    ops.softmax, gradients equal to MindSpore's own softmax backward to 1e-6 and to the float64 formula
+    y * (dy - sum(y * dy)) to fp32 tolerance; rows of -inf-like masked entries included."""
+    x = RNG.normal(size=(2, 3, 5, 7)).astype(np.float32) * 3
+    x[0, 0, 1, 4:] = kernels._NEG_INF  # masked keys, as the attention's bias gives them
+    dy = RNG.normal(size=x.shape).astype(np.float32)
+    softmax = kernels.LastAxisSoftmax()
+
+    def ours(x):
+        return (softmax(x) * Tensor(dy)).sum()
+
+    def theirs(x):
+        return (ms.ops.softmax(x, -1) * Tensor(dy)).sum()
+
+    wrap = ms.jit if mode == "jit" else (lambda fn: fn)
+    value, grad = wrap(ms.value_and_grad(ours))(Tensor(x))
+    ref_value, ref_grad = wrap(ms.value_and_grad(theirs))(Tensor(x))
+    np.testing.assert_array_equal(value.asnumpy(), ref_value.asnumpy())
+    np.testing.assert_allclose(grad.asnumpy(), ref_grad.asnumpy(), rtol=1e-6, atol=1e-7)
+    x64 = x.astype(np.float64)
+    y = np.exp(x64 - x64.max(-1, keepdims=True))
+    y /= y.sum(-1, keepdims=True)
+    expected = y * (dy - (y * dy).sum(-1, keepdims=True))
+    np.testing.assert_allclose(grad.asnumpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_with_a_mask_shared_by_the_batch_equals_the_mask_per_row():
+    """A [1,1,S,S] causal mask (training: no padding) gives the same output as the same mask repeated per row."""
+    q = RNG.normal(size=(3, 4, 6, 8)).astype(np.float32)
+    k, v = RNG.normal(size=(3, 2, 6, 8)).astype(np.float32), RNG.normal(size=(3, 2, 6, 8)).astype(np.float32)
+    causal = np.tril(np.ones((6, 6), bool))[None, None]
+    shared = kernels.attention(Tensor(q), Tensor(k), Tensor(v), Tensor(causal)).asnumpy()
+    per_row = kernels.attention(Tensor(q), Tensor(k), Tensor(v), Tensor(causal.repeat(3, 0))).asnumpy()
+    np.testing.assert_array_equal(shared, per_row)
+    np.testing.assert_allclose(shared, _np_attention(q, k, v, causal.repeat(3, 0)), rtol=1e-5, atol=1e-6)
+
+
 ascend = pytest.mark.ascend
 
 
