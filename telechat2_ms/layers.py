@@ -206,24 +206,35 @@ def _write_cache(cache, new, write_slots, num_slots: int, window: int):
     return cache * ops.reshape(ops.cast(keep, cache.dtype), (1, 1, -1, 1)) + placed
 
 
-def scatter_rows(cache, new, slots, num_slots: int = 0, window: int = 0):
-    """In-place cache write: cache Parameter [R*k*T, d] (row (b*k + h)*T + t), new [B,k,S,d] for its first
-    B <= R rows, slots [S] int32 (the same slots for every row) or [B,S] (each row its own: continuous
-    batching), num_slots T (default: the cache holds exactly B rows), window W <= T (default T) -> the first
-    W slots of the first B rows of the updated cache as [B,k,W,d]. A ScatterUpdate along axis 0 is the in-place
-    scatter that does not copy the whole Parameter on CPU (ScatterNdUpdate and TensorScatterUpdate do), hence
-    the 2-D layout; the reshape back is a view (when B < R or W < T, what is read is copied)."""
+def write_rows(cache, new, slots, num_slots: int, first_row=0):
+    """In-place cache write: cache Parameter [R*k*T, d] (row (b*k + h)*T + t, T = num_slots), new [B,k,S,d] into
+    cache rows first_row .. first_row + B - 1 (first_row an int or a [] int32 Tensor), slots [S] int32 (the same
+    slots for every row) or [B,S] (each row its own) -> the updated Parameter. A ScatterUpdate along axis 0 is
+    the in-place scatter that does not copy the whole Parameter on CPU (ScatterNdUpdate and TensorScatterUpdate
+    do), hence the 2-D layout."""
     batch, heads, seq, dim = new.shape
+    first_rows = ops.arange(0, batch * heads, dtype=ms.int32)  # [B*k]
+    if not isinstance(first_row, int) or first_row:
+        first_rows = first_rows + first_row * heads
+    first_rows = ops.reshape(first_rows * num_slots, (batch, heads, 1))  # [B,k,1]
+    rows = ops.reshape(first_rows + ops.reshape(slots, (-1, 1, seq)), (-1,))  # [B*k*S]
+    return ops.scatter_update(cache, rows, ops.reshape(ops.cast(new, cache.dtype), (-1, dim)))  # [R*k*T,d]
+
+
+def scatter_rows(cache, new, slots, num_slots: int = 0, window: int = 0):
+    """write_rows into the first B <= R rows, then those rows read back: num_slots T (default: the cache holds
+    exactly B rows), window W <= T (default T) -> the first W slots of the first B rows of the updated cache as
+    [B,k,W,d] (the reshape back is a view; when B < R or W < T, what is read is copied)."""
+    batch, heads, _, dim = new.shape
     num_slots = num_slots or cache.shape[0] // (batch * heads)
     window = window or num_slots
-    first_rows = ops.reshape(ops.arange(0, batch * heads, dtype=ms.int32) * num_slots, (batch, heads, 1))  # [B,k,1]
-    rows = ops.reshape(first_rows + ops.reshape(slots, (-1, 1, seq)), (-1,))  # [B*k*S]
-    updated = ops.scatter_update(cache, rows, ops.reshape(ops.cast(new, cache.dtype), (-1, dim)))  # [R*k*T,d]
+    updated = write_rows(cache, new, slots, num_slots)
     if updated.shape[0] == batch * heads * num_slots and window == num_slots:
         return ops.reshape(updated, (batch, heads, num_slots, dim))
     if window == num_slots:
         return ops.reshape(updated[:batch * heads * num_slots], (batch, heads, num_slots, dim))
     # a gather of the window's rows: a [:B*k, :W] slice of [R*k,T,d] is a StridedSlice, ~3x slower on CPU
+    first_rows = ops.arange(0, batch * heads, dtype=ms.int32) * num_slots  # [B*k]
     keep = ops.reshape(ops.reshape(first_rows, (-1, 1)) + ops.arange(0, window, dtype=ms.int32), (-1,))  # [B*k*W]
     return ops.reshape(ops.gather(updated, keep, 0), (batch, heads, window, dim))
 

@@ -65,7 +65,8 @@ class PipelineCachedSteps:
             return ops.zeros((batch, self.vocab_size), ms.float32)
         return last_logits(self.lm_head, self.backbone.norm_out(h[:, -1:]))  # [B,V]
 
-    def prefill(self, input_ids, position_ids, allowed, inv_freq, mscale):
+    def prefill(self, input_ids, position_ids, allowed, inv_freq, mscale, first_row=None):
+        """The whole batch at once (Generator does not split a pipeline's prefill: first_row is 0)."""
         return self._forward(input_ids, position_ids, allowed, inv_freq, mscale)
 
     def __call__(self, token, position, allowed, inv_freq, mscale, slot):
