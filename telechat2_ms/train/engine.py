@@ -77,6 +77,7 @@ class LocalEngine:
 
     def __init__(self, plan, from_resume: bool):
         from telechat2_ms.build import build_model, build_skeleton
+        from telechat2_ms.layers import use_head_views
         from telechat2_ms.train.loss import CausalLMLoss
         from telechat2_ms.train.lora import apply_lora
         from telechat2_ms.settings import global_batch
@@ -91,6 +92,8 @@ class LocalEngine:
         if t.lora_rank:
             self.lora_names = apply_lora(self.model, t.lora_rank, t.lora_alpha, t.lora_targets, seed=t.seed)
         apply_recompute(self.model, t.recompute)
+        if settings.jit:
+            use_head_views(self.model)  # less memory in the compiled step (layers.use_head_views)
         named = [(name, p) for name, p in self.model.parameters_and_names() if p.requires_grad]
         self.param_names = [name for name, _ in named]
         self.params = [p for _, p in named]
@@ -198,6 +201,8 @@ class ParallelEngine:
                                                   t.lora_rank, t.lora_alpha)
         if plan.dims.pp == 1:  # pipeline stages always rerun their forward in backward (parallel/pipeline.py)
             apply_recompute(self.model, t.recompute)
+        if settings.jit:
+            use_head_views(self.model)  # less memory in the compiled step (layers.use_head_views)
         self.params = self.parallel.params
         self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
                                        t.beta2, t.eps, t.weight_decay)
