@@ -188,7 +188,7 @@ PREFILL_TOKENS = 512  # prompt tokens per prefill call: a batch of longer prompt
 def prefill_rows_per_call(batch: int, prompt_len: int) -> int:
     """Rows of the batch one prefill call takes: the largest divisor of `batch` whose rows hold at most
     PREFILL_TOKENS tokens (at least one row; a divisor, so every call has one shape and compiles once). A
-    compiled CPU graph keeps memory per row it runs (bench_100m, 512 tokens: about 0.27 GiB a row, 2.38 GiB for
+    compiled CPU graph keeps memory per row it runs (bench_100m, 512 tokens: about 0.26 GiB a row, 2.38 GiB for
     8 rows at once, 0.55 GiB for one), and a row at a time runs as fast (README Performance: peak memory)."""
     fits = max(1, PREFILL_TOKENS // prompt_len)
     return max(d for d in range(1, min(batch, fits) + 1) if batch % d == 0)

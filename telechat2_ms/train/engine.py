@@ -201,8 +201,6 @@ class ParallelEngine:
                                                   t.lora_rank, t.lora_alpha)
         if plan.dims.pp == 1:  # pipeline stages always rerun their forward in backward (parallel/pipeline.py)
             apply_recompute(self.model, t.recompute)
-        if settings.jit:
-            use_head_views(self.model)  # less memory in the compiled step (layers.use_head_views)
         self.params = self.parallel.params
         self.optimizer = ParallelAdamW(self.params, self.parallel.groups.grad, plan.dims.optimizer_shard, t.beta1,
                                        t.beta2, t.eps, t.weight_decay)
