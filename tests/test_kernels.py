@@ -65,7 +65,6 @@ def test_plain_gqa_attention_matches_numpy():
     np.testing.assert_allclose(got, _np_attention(q, k, v, allowed), rtol=1e-5, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("mode", ["pynative", "jit"])
 def test_last_axis_softmax_backward_equals_mindspores_and_float64(mode):
     """LastAxisSoftmax (the attention's softmax, its backward without a broadcasting op): the same values as
