@@ -17,9 +17,10 @@ its own layout's files and fails on its own:
 - AdamW with optimizer states sharded over dp (ZeRO-1): dp2 (2 workers) and dp2 x tp2+sp (4 workers), two
   steps, against the trainer's single-process AdamW (telechat2_ms/train/optim.py), and against the same
   layout with replicated states (max rel. diff <= 1e-7: the same element-wise math on the same gradients).
-  AdamW divides by sqrt(v) + eps, so a gradient element near eps (1e-6 here) turns fp32 summation-order
-  noise (~1e-9, the dp split) into update noise ~1e-3 of lr: the update check against one process uses
-  1e-3 for AdamW (a wrong slice or moment is an O(1) error); parameters stay at 1e-4.
+  AdamW divides by sqrt(v) + eps, so a gradient element near eps turns fp32 summation-order noise (~1e-9,
+  the dp split) into update noise of up to lr / eps times it: these cases use eps 1e-3 (at 1e-6 one such
+  element moved a parameter by 1.05e-4 on an AVX2 CPU), and their parameters and updates are held to
+  1e-4 like every layout's. The trainer cases (eps 1e-6) hold updates to ADAMW_UPDATE_TOL 1e-3.
 Criteria (fp32, tiny model; one SGD step at lr 0.5, or two AdamW steps at lr 1e-2; every step clipped to
 global gradient norm 0.5, which the reference norm exceeds): loss and global gradient norm rel. diff
 <= 1e-5; updated parameters (tp shards merged with plan.merge_shards, dp/cp replicas bitwise
@@ -111,12 +112,11 @@ def _check_layout(job, layout):
             assert info["state_elements"] == 2 * sum(-(-n // 2) for n in info["param_sizes"]), (layout, rank, info)
             assert info["replicated_state_elements"] == 2 * sum(info["param_sizes"])
             assert info["max_diff_vs_replicated"] <= SHARDED_VS_REPLICATED_TOL, (layout, rank, info)
-    update_tol = ADAMW_UPDATE_TOL if layout in pc.ADAMW_LAYOUTS else PARAM_TOL
     for name, want in reference.items():
         assert merged[name].shape == want.shape, (layout, name)
         assert pc.max_rel_diff(merged[name], want) <= PARAM_TOL, (layout, name)
         update_diff = pc.max_rel_diff(merged[name] - initial[name], want - initial[name])
-        assert update_diff <= update_tol, (layout, name, update_diff)
+        assert update_diff <= PARAM_TOL, (layout, name, update_diff)
 
 
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2_sp", "pp2", "cp2"])
