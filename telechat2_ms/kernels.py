@@ -49,15 +49,40 @@ def tiled(small, shape):
     return ops.tile(small, multiples) if any(m != 1 for m in multiples) else small
 
 
+_MATMUL = ops.MatMul()
+
+
+def row_sums(x):
+    """x [..., H] -> [..., 1] sums over the last axis, as the product with a ones column: on CPU a last-axis
+    ReduceSum or ReduceMean is 4-6x slower than the matrix-vector product (MindSpore 2.10: [512, 768] fp32
+    ReduceMean 1.7 ms in the prefill; [12, 512, 512] ReduceSum 7.7 ms vs 1.3), and the product's gradient is an
+    outer product, not a broadcast."""
+    width = x.shape[-1]
+    return ops.reshape(_MATMUL(ops.reshape(x, (-1, width)), ops.ones((width, 1), x.dtype)), x.shape[:-1] + (1,))
+
+
+def spread(small, shape):
+    """`small` repeated to `shape` [..., H] as an outer product with ones (a K=1 matmul: exact): per-row values
+    [..., 1] along the last axis, or a vector [H] over the rows. Like `tiled`, and its gradient is a
+    matrix-vector product instead of a ReduceSum (on CPU 4-6x faster, see row_sums)."""
+    width = shape[-1]
+    if small.shape[-1] == 1:  # [..., 1] -> [M,1] x [1,H]
+        out = _MATMUL(ops.reshape(small, (-1, 1)), ops.ones((1, width), small.dtype))
+    else:  # [H] -> [M,1] x [1,H]
+        out = _MATMUL(ops.ones((math.prod(shape[:-1]), 1), small.dtype), ops.reshape(small, (1, width)))
+    return ops.reshape(out, shape)
+
+
 def rms_norm(x, weight, eps: float, use_fused: bool = False):
-    """x [..., H] -> weight * cast(x_fp32 * rsqrt(mean(x_fp32^2) + eps), x.dtype) (spec 1.4)."""
+    """x [..., H] -> weight * cast(x_fp32 * rsqrt(mean(x_fp32^2) + eps), x.dtype) (spec 1.4). The mean and the
+    spreads of the per-row factor and of the weight are matmuls with ones (row_sums, spread)."""
     if use_fused:
         out, _ = ops.rms_norm(x, ops.cast(weight, x.dtype), eps)
         return out
     x32 = ops.cast(x, ms.float32)
-    variance = ops.mean(ops.square(x32), -1, keep_dims=True)
-    normed = ops.cast(x32 * tiled(ops.rsqrt(variance + eps), x32.shape), x.dtype)
-    return tiled(ops.cast(weight, x.dtype), normed.shape) * normed
+    variance = row_sums(ops.square(x32)) / x32.shape[-1]
+    normed = ops.cast(x32 * spread(ops.rsqrt(variance + eps), x32.shape), x.dtype)
+    return spread(ops.cast(weight, x.dtype), normed.shape) * normed
 
 
 def swap_halves(x):
@@ -116,25 +141,20 @@ def attention(q, k, v, allowed, use_fused: bool = False, blockwise=None):
 
 class LastAxisSoftmax(nn.Cell):
     """softmax over the last axis whose backward has no broadcasting op: dx = y * (dy - rowsum(y * dy)), the row
-    sums [M,1] taken by a [M,T] x [T,1] matmul and spread over the row by a [M,1] x [1,T] one, then subtracted
-    same-shape. MindSpore's own softmax backward subtracts them broadcasting, and in a compiled CPU graph a
-    broadcasting Sub holds about 4x its output that is never reused (measured on MindSpore 2.10: 60 MiB more
-    per softmax of [12, 512, 512] fp32, the same speed; the same numbers). The row sums by matmul: on CPU a
-    last-axis ReduceSum of [12, 512, 512] takes 7.7 ms, the matrix-vector product 1.3 ms (2 threads)."""
+    sums [M,1] taken by a [M,T] x [T,1] matmul (row_sums) and spread over the row by a [M,1] x [1,T] one
+    (spread), then subtracted same-shape. MindSpore's own softmax backward subtracts them broadcasting, and in a
+    compiled CPU graph a broadcasting Sub holds about 4x its output that is never reused (measured on MindSpore
+    2.10: 60 MiB more per softmax of [12, 512, 512] fp32, the same speed; the same numbers)."""
 
     def __init__(self):
         super().__init__()
         self.softmax = ops.Softmax(-1)
-        self.matmul = ops.MatMul()
 
     def construct(self, x):
         return self.softmax(x)
 
     def bprop(self, x, out, dout):
-        keys = x.shape[-1]
-        rows = self.matmul(ops.reshape(out * dout, (-1, keys)), ops.ones((keys, 1), out.dtype))  # [M,1]
-        spread = self.matmul(rows, ops.ones((1, keys), rows.dtype))  # [M,T]
-        return (out * (dout - ops.reshape(spread, x.shape)),)
+        return (out * (dout - spread(row_sums(out * dout), x.shape)),)
 
 
 _SOFTMAX = LastAxisSoftmax()

@@ -78,7 +78,7 @@ class Linear(nn.Cell):
         x2d = ops.reshape(ops.cast(x, self.compute_dtype), (-1, x.shape[-1]))  # [B*S, in]
         y = kernels.weight_matmul(self.matmul, x2d, kernels.cast_to(self.weight, self.compute_dtype))  # [B*S,out]
         if self.has_bias:
-            y = y + kernels.tiled(ops.cast(self.bias, self.compute_dtype), y.shape)
+            y = y + kernels.spread(ops.cast(self.bias, self.compute_dtype), y.shape)
         return ops.reshape(y, lead + (self.out_features,))
 
 
