@@ -42,7 +42,8 @@ def tiled(small, shape):
     one shape: in a compiled CPU graph a broadcasting Mul / Add holds about 4x its output's bytes that are never
     reused, for every such op of the graph (measured on MindSpore 2.10: [8,512,768] fp32 * [8,512,1] 8 times in
     one graph, 419 MiB; tiled first, 55 MiB, and 13% faster; broadcast_to instead of tile: 48 MiB but 60% slower).
-    Used by the norms, rotary embedding and biases (README Performance: the prefill's peak RSS)."""
+    Used by the rotary embedding (its tables need no gradient); the norms and biases use `spread` (README
+    Performance: the prefill's peak RSS)."""
     lead = len(shape) - len(small.shape)
     small = ops.reshape(small, (1,) * lead + small.shape) if lead else small
     multiples = tuple(s // t for s, t in zip(shape, small.shape))
