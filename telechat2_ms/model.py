@@ -52,8 +52,10 @@ def layer_masks(cfg: ModelConfig, allowed, q_slots, key_len: int):
 
 
 def mask_tensors(masks):
-    """layer_masks' numpy mask, or its pair, as Tensor(s)."""
-    return tuple(Tensor(m) for m in masks) if isinstance(masks, tuple) else Tensor(masks)
+    """layer_masks' numpy mask, or its pair, as Tensor(s). The pair is `ms.mutable`: a compiled function takes a
+    plain tuple argument as a constant and compiles again for every new value (a Qwen2 model with a sliding
+    window recompiled its decode step every token, ~3 s a token on qwen2_tiny)."""
+    return ms.mutable(tuple(Tensor(m) for m in masks)) if isinstance(masks, tuple) else Tensor(masks)
 
 
 def causal_allowed(attention_mask, seq_len: int):

@@ -171,12 +171,17 @@ def test_bad_input_is_rejected_clearly(generator):
         generator.generate([], GenerationConfig(max_new_tokens=4))
 
 
-def test_decode_compiles_once_per_batch_size(model):
+@pytest.mark.parametrize("family", ["telechat2", "qwen2_sliding_window"])
+def test_decode_compiles_once_per_batch_size(model, family):
     """Static shapes and Tensor-only inputs: the prefill, decode and sampling steps compile during the first
     tokens of the first call; the remaining decode steps, and a second call with the same batch size and
-    prompt length, compile nothing (MindSpore's jit cache does not grow)."""
+    prompt length, compile nothing (MindSpore's jit cache does not grow). Also for a model with a
+    sliding-window layer, whose steps take a pair of masks (qwen2_tiny)."""
     from mindspore.graph import api
 
+    if family != "telechat2":
+        model = Telechat2ForCausalLM(get_config("qwen2_tiny"), seed=0)
+        assert model.config.sliding_layers
     generator = Generator(model, max_length=48, use_jit=True)
     sizes = []
     gen = GenerationConfig(max_new_tokens=12, eos_token_id=-1)
