@@ -85,8 +85,8 @@ def test_left_padded_batch_equals_single_prompts(generator):
 
 def test_a_batch_prefilled_a_few_rows_at_a_time_equals_one_call(model, monkeypatch):
     """With PREFILL_TOKENS below the batch's tokens, the 4 padded prompts (11 tokens each) are prefilled 1 or 2
-    rows per call into their cache rows: the same greedy tokens as the whole batch in one call (which equals
-    each row alone: test_left_padded_batch_equals_single_prompts)."""
+    rows per call into their cache rows: the same greedy tokens as the whole batch in one call, and each
+    row's as alone."""
     import telechat2_ms.generate as generate
 
     prompts = _prompts() + [_prompts()[0][::-1]]
@@ -95,7 +95,9 @@ def test_a_batch_prefilled_a_few_rows_at_a_time_equals_one_call(model, monkeypat
     for tokens_per_call in (11, 22):
         monkeypatch.setattr(generate, "PREFILL_TOKENS", tokens_per_call)
         assert generate.prefill_rows_per_call(4, 11) == tokens_per_call // 11
-        assert Generator(model, max_length=32, use_jit=True).generate(prompts, gen) == whole, tokens_per_call
+        split = Generator(model, max_length=32, use_jit=True)
+        assert split.generate(prompts, gen) == whole, tokens_per_call
+    assert [split.generate([p], gen)[0] for p in prompts] == whole
 
 
 def test_prefill_rows_per_call_divides_the_batch():
