@@ -86,6 +86,8 @@ class ServeSettings:
     key_window: int = key(256, "a decode step of 16 rows or more reads each row's first W cache slots: W the "
                                "smallest of this, twice this, ... up to half of seq_length+1, or all of them, that "
                                "holds its longest row (one compiled step per W)")
+    warm_up: bool = key(True, "compile every decode, head and prefill shape before serving (false: each on its "
+                              "first use, which that request then waits for: a faster start for tests and trials)")
     log_level: str = key("warning", "uvicorn's log level", ("critical", "error", "warning", "info", "debug"))
 
 

@@ -33,6 +33,9 @@ TOOL_ARGS = {"city": "Paris"}
 TOOL_RESULT = '{"celsius": 21}'
 FINAL_ANSWER = "It is 21 C in Paris."
 HEARTBEAT_WAIT = 12  # seconds; serving/engine.HEARTBEAT_SECONDS is 10
+# the servers of single tests compile each step on its first use (the module's server and the msrun one warm
+# every shape up first)
+LAZY = ["--serve.warm_up", "false"]
 
 
 def _free_port() -> int:
@@ -116,6 +119,7 @@ def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == ["tiny"]
     health = server.health()
     assert health["status"] == "ok" and health["max_batch"] == 16
+    assert "compiled the decode step for (rows, key slots) (1, 257)" in server.read_log()  # serve.warm_up: true
 
 
 def test_chat_and_completion_equal_predict_streamed_and_not(server):
@@ -167,7 +171,7 @@ def test_sixteen_concurrent_requests_return_what_they_return_alone(server):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(tmp_path):
-    served = Served(str(tmp_path), ["--serve.max_batch", "1", "--seq_length", "1024"])
+    served = Served(str(tmp_path), ["--serve.max_batch", "1", "--seq_length", "1024"] + LAZY)
     try:
         stream = served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                        temperature=0, max_tokens=900, stream=True,
@@ -184,6 +188,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(tmp_path):
         got = served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "next"}],
                                                     temperature=0, max_tokens=5)
         assert got.choices[0].finish_reason in ("stop", "length")  # the one row was free for it
+        assert "compiled the decode step" not in served.read_log()  # serve.warm_up: false
     finally:
         served.stop()
 
@@ -215,7 +220,7 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_keeps_serv
 
 
 def test_a_full_queue_answers_429(tmp_path):
-    served = Served(str(tmp_path), ["--serve.max_batch", "1", "--serve.queue_size", "1", "--seq_length", "1024"])
+    served = Served(str(tmp_path), ["--serve.max_batch", "1", "--serve.queue_size", "1", "--seq_length", "1024"] + LAZY)
     try:
         def ask(_):
             try:
@@ -264,7 +269,7 @@ def tool_model(tmp_path_factory):
 
 
 def test_tool_round_trip_streamed_and_not(tmp_path, tool_model):
-    served = Served(str(tmp_path), ["--load_checkpoint", tool_model, "--seq_length", "512"])
+    served = Served(str(tmp_path), ["--load_checkpoint", tool_model, "--seq_length", "512"] + LAZY)
     try:
         messages = [{"role": "user", "content": "Weather in Paris?"}]
         first = served.client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0,
@@ -368,7 +373,7 @@ def test_qwen2_is_served_through_its_chatml_template(qwen2_dir, tmp_path):
                    check=True, cwd=REPO_ROOT, env=dict(os.environ, GLOG_v="3"), capture_output=True)
     extra = ["--load_checkpoint", str(ms_file), "--tokenizer", str(qwen2_dir)]
     want = _predict(["你好, who are you?"], extra=extra)[0]
-    served = Served(str(tmp_path), extra + ["--serve.served_model_name", "qwen2-tiny"])
+    served = Served(str(tmp_path), extra + ["--serve.served_model_name", "qwen2-tiny"] + LAZY)
     try:
         assert [m.id for m in served.client.models.list().data] == ["qwen2-tiny"]
         messages = [{"role": "user", "content": "你好, who are you?"}]
@@ -386,7 +391,7 @@ def test_a_mixture_of_experts_model_is_served_as_predict_answers(tmp_path):
     its stream equal `--run_mode predict`'s (the sparse layers in the cached, batched decode)."""
     extra = ["--model", "telechat2_moe_tiny"]
     want = _predict(["What is 3 plus 4?"], extra=extra)[0]
-    served = Served(str(tmp_path), extra, name="telechat2_moe_tiny")
+    served = Served(str(tmp_path), extra + LAZY, name="telechat2_moe_tiny")
     try:
         messages = [{"role": "user", "content": "What is 3 plus 4?"}]
         got = served.client.chat.completions.create(model="telechat2_moe_tiny", messages=messages, temperature=0)

@@ -44,7 +44,8 @@ def run_serve(settings: RunSettings, plan=None, ready=None) -> None:
 
     run = build_run(plan or plan_run(settings, comm.get_world_size()))
     server, scheduler = make_server(settings, run)
-    scheduler.runner.warm_up((lambda text: print(text, file=sys.stderr, flush=True)) if run.is_main else None)
+    if settings.serve.warm_up:
+        scheduler.runner.warm_up((lambda text: print(text, file=sys.stderr, flush=True)) if run.is_main else None)
     if not run.is_main:
         from telechat2_ms.parallel.ranks import broadcast_object
 
