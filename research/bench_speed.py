@@ -97,7 +97,7 @@ def mindspore_worker(args) -> Dict:
 
     from telechat2_ms.build import synchronous_cpu_runtime
     from telechat2_ms.generate import GenerationConfig, Generator
-    from telechat2_ms.layers import use_head_views
+    from telechat2_ms.layers import use_training_kernels
     from telechat2_ms.model import Telechat2ForCausalLM
     from telechat2_ms.train.loss import CausalLMLoss
     from telechat2_ms.train.optim import AdamW, clip_coefficient
@@ -128,7 +128,7 @@ def mindspore_worker(args) -> Dict:
         record_generation(result, run, args.repeats, args.new_tokens)
         return result
 
-    use_head_views(model)  # as train/engine.py does for a compiled step
+    use_training_kernels(model)  # as train/engine.py does for a compiled step
     params = model.trainable_params()
     optimizer = AdamW(params, 0.9, 0.95, 1e-8, 0.1)
     step = TrainStep(CausalLMLoss(model, batch, args.train_seq), params, optimizer, use_jit=True)

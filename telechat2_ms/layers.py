@@ -127,7 +127,8 @@ class Attention(nn.Cell):
         self.wo = Linear(cfg.num_heads * cfg.head_dim, H, cfg.out_bias, init, compute_dtype)
         self.use_fused = use_fused
         self.blockwise = None  # use_blockwise_attention: long causal calls blockwise (kernels.attention)
-        self.head_views = False  # use_head_views: the heads' transposes as strided views (compiled training)
+        self.head_views = False  # use_training_kernels: the heads' transposes as strided views (compiled training)
+        self.grad_softmax = False  # use_training_kernels: kernels.LastAxisSoftmax (training)
 
     @property
     def local_kv_heads(self) -> int:
@@ -137,7 +138,7 @@ class Attention(nn.Cell):
         return self.wk_v.out_features // (2 * self.head_dim)
 
     def _heads_first(self, x):
-        """[B,S,h,d] <-> [B,h,S,d]: a Transpose, or with `head_views` a strided view (use_head_views)."""
+        """[B,S,h,d] <-> [B,h,S,d]: a Transpose, or with `head_views` a strided view (use_training_kernels)."""
         if self.head_views:
             return ms.mint.permute(x, (0, 2, 1, 3))
         return ops.transpose(x, (0, 2, 1, 3))
@@ -163,7 +164,7 @@ class Attention(nn.Cell):
 
     def attend(self, q, k, v, allowed):
         """q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] -> [B,S,H_local] before wo."""
-        out = kernels.attention(q, k, v, allowed, self.use_fused, self.blockwise)  # [B,n,S,d]
+        out = kernels.attention(q, k, v, allowed, self.use_fused, self.blockwise, self.grad_softmax)  # [B,n,S,d]
         batch, n_heads, seq, dim = out.shape
         return ops.reshape(self._heads_first(out), (batch, seq, n_heads * dim))
 
@@ -202,16 +203,19 @@ def use_blockwise_attention(model, on: bool = True, eager: bool = False) -> None
             cell.blockwise = kernels.BlockwiseAttention(eager) if on else None
 
 
-def use_head_views(model, on: bool = True) -> None:
-    """Every Attention in `model` splits and merges its heads by strided views (mint.permute) instead of
-    Transposes, for compiled training (train/engine.py, research/bench_speed.py). In a compiled CPU graph a
-    Transpose holds about 2x its output that is never reused (MindSpore 2.10): on bench_100m the training step
-    at 4 x 512 peaks at 6.43 GiB with views, 7.57 GiB with Transposes, b1 3.19 vs 3.47 GiB, the same numbers
-    and no slower; a compiled prefill runs 15-20% slower on the views (its matmuls read them strided), so
-    generation keeps the Transposes."""
+def use_training_kernels(model, head_views: bool = True) -> None:
+    """Every Attention in `model` takes the training forms (train/engine.py, research/bench_speed.py):
+    - the softmax kernels.LastAxisSoftmax, whose backward holds less memory in a compiled graph (its docstring);
+      forward-only graphs keep MindSpore's own softmax (kernels.attention: the custom bprop slows them);
+    - with `head_views`, the heads split and merged by strided views (mint.permute) instead of Transposes. In a
+      compiled CPU graph a Transpose holds about 2x its output that is never reused (MindSpore 2.10): on
+      bench_100m the training step at 4 x 512 peaks at 6.43 GiB with views, 7.57 GiB with Transposes, b1 3.19
+      vs 3.47 GiB, the same numbers and no slower; a compiled prefill runs 15-20% slower on the views (its
+      matmuls read them strided), so generation keeps the Transposes."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Attention):
-            cell.head_views = on
+            cell.grad_softmax = True
+            cell.head_views = head_views
 
 
 def _write_cache(cache, new, write_slots, num_slots: int, window: int):

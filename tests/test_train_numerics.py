@@ -8,7 +8,7 @@ import pytest
 from mindspore import Parameter, Tensor
 
 from telechat2_ms.config import get_config
-from telechat2_ms.layers import use_head_views
+from telechat2_ms.layers import use_training_kernels
 from telechat2_ms.model import Telechat2ForCausalLM
 from telechat2_ms.settings import load_settings
 from telechat2_ms.train import Trainer
@@ -178,10 +178,11 @@ def test_fp16_training_tracks_fp32():
     np.testing.assert_allclose(runs["float16"], runs["float32"], rtol=2e-3)
 
 
-def _recompute_grads(mode, ids, mask, head_views=False):
+def _recompute_grads(mode, ids, mask, head_views=False, training_kernels=True):
     model = Telechat2ForCausalLM(TINY, seed=5)
     apply_recompute(model, mode)
-    use_head_views(model, head_views)
+    if training_kernels:
+        use_training_kernels(model, head_views)
     params = list(model.trainable_params())
     step = TrainStep(CausalLMLoss(model, 2, 16), params, AdamW(params), use_jit=True)
     loss = float(step.micro_step(*cast_batch(ids, mask), Tensor(np.float32(20.0)), Tensor(np.float32(1.0))).asnumpy())
@@ -199,9 +200,30 @@ def test_full_recompute_gives_the_same_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_the_training_softmax_gives_the_same_loss_and_gradients():
+    """A model's attention runs MindSpore's softmax until use_training_kernels (the trainer) switches it to
+    kernels.LastAxisSoftmax (a custom bprop; forward-only graphs stay on the plain one, which the bprop slows):
+    the compiled training step gives the same loss either way and gradients within 1e-5."""
+    from telechat2_ms.layers import Attention
+
+    model = Telechat2ForCausalLM(TINY, seed=5)
+    cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Attention)]
+    assert cells and not any(cell.grad_softmax or cell.head_views for cell in cells)
+    use_training_kernels(model, head_views=False)
+    assert all(cell.grad_softmax and not cell.head_views for cell in cells)
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, TINY.vocab_size, (2, 16)).astype(np.int32)
+    mask = np.ones((2, 16), np.float32)
+    loss_ref, grads_ref = _recompute_grads("none", ids, mask, training_kernels=False)
+    loss, grads = _recompute_grads("none", ids, mask)
+    assert loss == loss_ref
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_head_views_give_the_same_loss_and_gradients():
-    """The compiled training step with the heads split and merged by strided views (use_head_views, what the
-    trainer compiles) equals the one with Transposes: the same loss and gradients."""
+    """The compiled training step with the heads split and merged by strided views (use_training_kernels, what
+    the trainer compiles) equals the one with Transposes: the same loss and gradients."""
     rng = np.random.default_rng(7)
     ids = rng.integers(0, TINY.vocab_size, (2, 16)).astype(np.int32)
     mask = np.ones((2, 16), np.float32)

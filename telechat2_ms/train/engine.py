@@ -77,7 +77,7 @@ class LocalEngine:
 
     def __init__(self, plan, from_resume: bool):
         from telechat2_ms.build import build_model, build_skeleton
-        from telechat2_ms.layers import use_head_views
+        from telechat2_ms.layers import use_training_kernels
         from telechat2_ms.train.loss import CausalLMLoss
         from telechat2_ms.train.lora import apply_lora
         from telechat2_ms.settings import global_batch
@@ -92,8 +92,7 @@ class LocalEngine:
         if t.lora_rank:
             self.lora_names = apply_lora(self.model, t.lora_rank, t.lora_alpha, t.lora_targets, seed=t.seed)
         apply_recompute(self.model, t.recompute)
-        if settings.jit:
-            use_head_views(self.model)  # less memory in the compiled step (layers.use_head_views)
+        use_training_kernels(self.model, head_views=settings.jit)  # less memory in the compiled step
         named = [(name, p) for name, p in self.model.parameters_and_names() if p.requires_grad]
         self.param_names = [name for name, _ in named]
         self.params = [p for _, p in named]
@@ -183,6 +182,7 @@ class ParallelEngine:
 
     def __init__(self, plan, resume_path: str = ""):
         from telechat2_ms.build import build_model
+        from telechat2_ms.layers import use_training_kernels
 
         self.settings, self.plan = plan.settings, plan
         t = self.settings.train
@@ -190,6 +190,7 @@ class ParallelEngine:
         # resumed LoRA run its base weights as the original run did (the checkpoint's are merged)
         weights = training_checkpoint(resume_path)[0] if resume_path and not t.lora_rank else None
         self.model, self.parallel = build_model(plan, weights=weights)
+        use_training_kernels(self.model, head_views=False)
         self.parallel.compiled = self.settings.jit  # each stage's forward / backward one graph (not with cp)
         self.lora_names: List[str] = []
         if t.lora_rank:  # adapters sharded with their projections, the single-process initialisation
