@@ -10,8 +10,7 @@ Every run is the train run mode (the one trainer, train/trainer.py, on demo SFT 
 same global batch of --batch sequences: one process takes them as one micro-batch, dp2 and pp2 as 2 x --batch/2
 (pp2: 2 micro-batches through the 1F1B schedule). A run's tokens/s = batch x seq / the median step time of the
 steps after the first (which compiles). Prints a table (tokens/s; the ratio to one process in the same mode; the
-compiled / PyNative ratio of the layout) and writes JSON (--out). cp2 runs PyNative in both modes: RingAttention's
-ring is driven from Python, so the compiled mode does not apply to it (the table says so).
+compiled / PyNative ratio of the layout) and writes JSON (--out).
 """
 from __future__ import annotations
 
@@ -140,8 +139,7 @@ def main(argv=None) -> int:
     for layout in args.layouts:
         jit, eager = speed(layout, "jit"), speed(layout, "pynative")
         ref_jit, ref_eager = speed("single", "jit"), speed("single", "pynative")
-        name = layout + (" (ring in Python: PyNative in both modes)" if layout == "cp2" else "")
-        print(f"| {name} | {fmt(jit)} | {fmt(jit / ref_jit if jit and ref_jit else None, '.2f')} | {fmt(eager)} | "
+        print(f"| {layout} | {fmt(jit)} | {fmt(jit / ref_jit if jit and ref_jit else None, '.2f')} | {fmt(eager)} | "
               f"{fmt(eager / ref_eager if eager and ref_eager else None, '.2f')} | "
               f"{fmt(jit / eager if jit and eager else None, '.2f')} |")
     report = {"model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,

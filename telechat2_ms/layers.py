@@ -129,6 +129,7 @@ class Attention(nn.Cell):
         self.blockwise = None  # use_blockwise_attention: long causal calls blockwise (kernels.attention)
         self.head_views = False  # use_training_kernels: the heads' transposes as strided views (compiled training)
         self.grad_softmax = False  # use_training_kernels: kernels.LastAxisSoftmax (training)
+        self.ring = None  # context parallel: RingAttention (attend)
 
     @property
     def local_kv_heads(self) -> int:
@@ -163,8 +164,13 @@ class Attention(nn.Cell):
         return q, k, v
 
     def attend(self, q, k, v, allowed):
-        """q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] -> [B,S,H_local] before wo."""
-        out = kernels.attention(q, k, v, allowed, self.use_fused, self.blockwise, self.grad_softmax)  # [B,n,S,d]
+        """q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] -> [B,S,H_local] before wo. Under context parallel
+        (`ring`, parallel/parallelize.apply_context_parallel) the core is RingAttention over the cp group, its mask
+        implied by the zig-zag layout (causal, no padding)."""
+        if self.ring is not None:
+            out = ops.cast(self.ring(q, k, v)[0], q.dtype)  # [B,n,S_local,d] fp32 -> compute dtype
+        else:
+            out = kernels.attention(q, k, v, allowed, self.use_fused, self.blockwise, self.grad_softmax)  # [B,n,S,d]
         batch, n_heads, seq, dim = out.shape
         return ops.reshape(self._heads_first(out), (batch, seq, n_heads * dim))
 

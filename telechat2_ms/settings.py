@@ -188,7 +188,7 @@ class RunSettings:
     device_target: str = key("CPU", "device", ("CPU", "Ascend", "GPU"))
     use_fused_kernels: bool = key(False, "Ascend fused attention / norm / rope kernels")
     jit: bool = key(True, "compile the hot paths (decode step, train step; under msrun each pipeline stage's "
-                          "forward and backward, not with context_parallel)")
+                          "forward and backward; with context_parallel on Ascend op by op: HCCL sends)")
     moe_capacity_factor: float = key(0.0, "mixture-of-experts models: 0 dropless (every token reaches its k "
                                           "experts); c > 0: each expert takes at most ceil(c x k x tokens / "
                                           "experts) of the tokens it sees, in token order, the rest dropped "

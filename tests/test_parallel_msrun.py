@@ -40,7 +40,7 @@ from tests.msrun import parallel_cases as pc
 WORKER = os.path.join(os.path.dirname(__file__), "msrun", "worker_parallel.py")
 LOSS_TOL, PARAM_TOL, ADAMW_UPDATE_TOL, SHARDED_VS_REPLICATED_TOL = 1e-5, 1e-4, 1e-3, 1e-7
 # the layouts whose step also runs compiled (LAYOUT_jit) in each job, checked against the PyNative step
-COMPILED = {2: ("dp2", "tp2", "tp2_sp", "pp2", "dp2_zero", "qwen2_tp2", "qwen2_pp2", "qwen2_kv1_tp2", "qwen2_tied_tp2",
+COMPILED = {2: ("dp2", "tp2", "tp2_sp", "pp2", "cp2", "dp2_zero", "qwen2_tp2", "qwen2_pp2", "qwen2_kv1_tp2", "qwen2_tied_tp2",
                 "qwen2_tied_pp2"),
             4: ("tp2_pp2", "dp2_tp2_sp_zero", "qwen2_tied_tp2_pp2")}
 JOBS = {

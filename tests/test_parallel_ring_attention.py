@@ -1,7 +1,7 @@
 """RingAttention (zig-zag context parallel) against full causal attention, in one process.
 
-The ring of cp ranks is simulated (exchange = list rotation) by running each rank's ring program in
-lockstep; forward outputs and q/k/v gradients are compared with kernels.attention (the model's plain
+The ring of cp ranks is simulated (ring_attention.simulate_ring: each member's ring program run up to each
+ring step in turn, the steps' messages handed over in lockstep); forward outputs and q/k/v gradients are compared with kernels.attention (the model's plain
 attention) differentiated by MindSpore autograd. Tolerance (fp32): max |ring - full| / max |full| <= 1e-5
 for the output and each of dq, dk, dv (measured 0.5e-6 to 2.4e-6: summation order only).
 """
@@ -70,7 +70,7 @@ def test_ring_local_blocks_run_blockwise(monkeypatch, block, cp, heads, kv_heads
     """Chunks of 10 tokens cut into query-row blocks of 3 (uneven last block), 4 or 1 rows: each diagonal block
     against its causal prefix only; output and gradients equal full causal attention."""
     monkeypatch.setattr(kernels, "ATTENTION_BLOCK", block)
-    assert ra._row_blocks(10) == [(lo, min(lo + block, 10)) for lo in range(0, 10, block)]
+    assert ra.RingAttention._bounds(10) == [(lo, min(lo + block, 10)) for lo in range(0, 10, block)]
     _check_ring(cp, heads, kv_heads, 2, 20 * cp, 8)
 
 
@@ -80,12 +80,15 @@ def _check_ring(cp, heads, kv_heads, batch, seq, dim):
     scale = ra.default_scale(dim)
     local = [[Tensor(ra.zigzag_split(a, r, cp, axis=2)) for a in (q, k, v, w)] for r in range(cp)]
 
-    fwd = ra.simulate_ring([ra.ring_forward(lq, lk, lv, r, cp, scale) for r, (lq, lk, lv, _) in enumerate(local)])
+    fwd = ra.simulate_ring(cp, scale, lambda ring: ring.ring_forward(*local[ring.cp_rank][:3]))
     out = ra.zigzag_merge([o.asnumpy() for o, _ in fwd], axis=2)
     assert _rel_err(out, ref_out) <= TOL
 
-    bwd = ra.simulate_ring([ra.ring_backward(lq, lk, lv, fwd[r][0], fwd[r][1], lw, r, cp, scale)
-                            for r, (lq, lk, lv, lw) in enumerate(local)])
+    def backward(ring):
+        lq, lk, lv, lw = local[ring.cp_rank]
+        return ring.ring_backward(lq, lk, lv, fwd[ring.cp_rank][0], fwd[ring.cp_rank][1], lw)
+
+    bwd = ra.simulate_ring(cp, scale, backward)
     for i, ref in enumerate((ref_dq, ref_dk, ref_dv)):
         got = ra.zigzag_merge([g[i].asnumpy() for g in bwd], axis=2)
         assert _rel_err(got, ref) <= TOL, f"gradient d{'qkv'[i]}: {_rel_err(got, ref)}"

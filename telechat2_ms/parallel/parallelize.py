@@ -155,15 +155,7 @@ def apply_context_parallel(model, groups: ParallelGroups, layer_range: Tuple[int
     implied by the zig-zag layout (causal, no padding)."""
     for i in range(*layer_range):
         attention = model.model.layers[i].attention
-        ring = RingAttention(groups.cp, default_scale(attention.head_dim))
-        attention.ring = ring
-
-        def attend(q, k, v, allowed, ring=ring):
-            out, _ = ring(q, k, v)  # [B,n,S_local,d]
-            batch, heads, seq, dim = out.shape
-            return ops.cast(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (batch, seq, heads * dim)), q.dtype)
-
-        attention.attend = attend
+        attention.ring = RingAttention(groups.cp, default_scale(attention.head_dim))
 
 
 def _rename_parameters(model: nn.Cell) -> None:
@@ -363,9 +355,10 @@ class TelechatParallel:
 
     def _stage_functions(self, activation_shape) -> StageFunctions:
         """This stage's forward / backward, built at the first step (after LoRA has set which parameters train).
-        Compiled unless context parallel (RingAttention's ring is driven from Python); a compiled MoE layer
-        dispatches by all-gather (shapes independent of the routing)."""
-        compiled = self.compiled and self.dims.cp == 1
+        Compiled with context parallel too, unless RingAttention's ring steps are HCCL sends (Ascend: MindSpore
+        sends them op by op only); a compiled MoE layer dispatches by all-gather (shapes independent of the
+        routing)."""
+        compiled = self.compiled and (self.dims.cp == 1 or not comm.uses_send_recv())
         if self._stage_fns is None:
             if compiled and self.model.config.num_experts:
                 use_static_dispatch(self.model)

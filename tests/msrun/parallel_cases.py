@@ -128,10 +128,9 @@ LAYOUTS.update({"moe_pp2": dict(pp=2, micro_batch_num=2), "moe_ep2_pp2": dict(dp
 LAYOUT_MODELS.update({"moe_pp2": "moe", "moe_ep2_pp2": "moe"})
 GROUPED_AUX_LAYOUTS = ("moe_pp2", "moe_ep2_pp2")
 # the same step compiled (parallelize.TelechatParallel.compiled: each stage's forward and backward one ms.jit graph):
-# LAYOUT_jit runs LAYOUT's step so, and must give what the PyNative LAYOUT gives (cp stays PyNative: the ring is
-# driven from Python)
-# every training layout but cp2 (RingAttention's ring runs from Python, never compiled), also as LAYOUT_jit
-COMPILED_LAYOUTS = tuple(name for name in LAYOUTS if name != "cp2")
+# LAYOUT_jit runs LAYOUT's step so, and must give what the PyNative LAYOUT gives; every training layout (cp2 with
+# RingAttention's ring compiled too)
+COMPILED_LAYOUTS = tuple(LAYOUTS)
 for _name in COMPILED_LAYOUTS:
     LAYOUTS[_name + "_jit"] = LAYOUTS[_name]
     if _name in LAYOUT_MODELS:
