@@ -191,7 +191,7 @@ class ParallelEngine:
         weights = training_checkpoint(resume_path)[0] if resume_path and not t.lora_rank else None
         self.model, self.parallel = build_model(plan, weights=weights)
         use_training_kernels(self.model, head_views=False)
-        self.parallel.compiled = self.settings.jit  # each stage's forward / backward one graph (not with cp)
+        self.parallel.compiled = self.settings.jit  # each stage's forward / backward one graph
         self.lora_names: List[str] = []
         if t.lora_rank:  # adapters sharded with their projections, the single-process initialisation
             from telechat2_ms.parallel.parallelize import apply_lora_adapters
