@@ -24,7 +24,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from telechat2_ms import kernels
-from telechat2_ms.layers import use_blockwise_attention, write_rows
+from telechat2_ms.layers import update_rows, use_blockwise_attention, write_rows
 from telechat2_ms.model import Telechat2ForCausalLM, layer_masks, mask_tensors
 from telechat2_ms.rope import rope_parameters
 from telechat2_ms.sampling import TokenSampler, greedy_tokens
@@ -147,7 +147,7 @@ class CachedSteps(nn.Cell):
         for i in range(self.num_layers):
             for part in range(2):
                 new = ops.cast(ops.reshape(kvs[i][part], (-1, dim)), self.cache_params[2 * i + part].dtype)
-                ops.scatter_update(self.cache_params[2 * i + part], rows, new)
+                update_rows(self.cache_params[2 * i + part], rows, new)
         return ops.reshape(hidden, (hidden.shape[1], hidden.shape[2]))
 
     def head_rows(self, hidden):
