@@ -39,6 +39,10 @@ from tests.msrun import parallel_cases as pc
 
 WORKER = os.path.join(os.path.dirname(__file__), "msrun", "worker_parallel.py")
 LOSS_TOL, PARAM_TOL, ADAMW_UPDATE_TOL, SHARDED_VS_REPLICATED_TOL = 1e-5, 1e-4, 1e-3, 1e-7
+# a step's update beyond one ulp of each stored parameter (parallel_cases.max_update_diff): measured on an AVX-512
+# Xeon at most 1.0e-6 (SGD layouts) and 5.2e-6 (AdamW with dp-sharded states), where the update counted to the
+# last ulp reached 1.0e-4 (cp2: one ulp of norm_out.weight, whose values sit just below 1.0)
+UPDATE_TOL = 2e-5
 # the layouts whose step also runs compiled (LAYOUT_jit) in each job, checked against the PyNative step
 COMPILED = {2: ("dp2", "tp2", "tp2_sp", "pp2", "cp2", "dp2_zero", "qwen2_tp2", "qwen2_pp2", "qwen2_kv1_tp2", "qwen2_tied_tp2",
                 "qwen2_tied_pp2"),
@@ -115,8 +119,8 @@ def _check_layout(job, layout):
     for name, want in reference.items():
         assert merged[name].shape == want.shape, (layout, name)
         assert pc.max_rel_diff(merged[name], want) <= PARAM_TOL, (layout, name)
-        update_diff = pc.max_rel_diff(merged[name] - initial[name], want - initial[name])
-        assert update_diff <= PARAM_TOL, (layout, name, update_diff)
+        update_diff = pc.max_update_diff(merged[name], want, initial[name])
+        assert update_diff <= UPDATE_TOL, (layout, name, update_diff)
 
 
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2_sp", "pp2", "cp2"])
@@ -322,7 +326,7 @@ def test_train_run_mode_equals_single_process_trainer(job2, tmp_path, layout):
     merged_tol = 1e-6 if layout.startswith("lora") else PARAM_TOL
     for name in want:
         assert pc.max_rel_diff(merged[name], want[name]) <= merged_tol, name
-        update_diff = pc.max_rel_diff(merged[name] - initial[name], want[name] - initial[name])
+        update_diff = pc.max_update_diff(merged[name], want[name], initial[name])
         assert update_diff <= ADAMW_UPDATE_TOL, (name, update_diff)
 
 

@@ -319,6 +319,16 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def max_update_diff(got: np.ndarray, want: np.ndarray, initial: np.ndarray) -> float:
+    """How far a step's update got - initial is from want - initial, relative to the largest update, not counting
+    one float32 ulp of each stored parameter: a parameter holds its update only to its own ulp, and two runs
+    that round the same update differently differ by one. For a norm weight near 1.0 that ulp (5.96e-8 below 1)
+    is 1.0e-4 of the tiny model's largest SGD update of it (5.9e-4): measured on an AVX-512 Xeon, cp2 and the single
+    process stored model.norm_out.weight one ulp apart, each as far from a float64 PyTorch step (9.8e-5)."""
+    gap = np.abs(got.astype(np.float64) - want) - np.spacing(np.abs(want).astype(np.float32))
+    return float(np.max(np.maximum(gap, 0.0)) / max(np.max(np.abs(want.astype(np.float64) - initial)), 1e-30))
+
+
 COMPILED_TOL = 1e-6  # compiled vs PyNative step: the same ops, fused or ordered differently by the graph compiler
 # AdamW layouts: m / (sqrt(v) + eps) amplifies the compiled step's summation-order noise by up to lr / eps = 10, so
 # their parameters are held to 1e-5 of a tensor's largest (measured: 1.5e-6 dp2_zero, 1.1e-6 dp2_tp2_sp_zero); losses
