@@ -20,8 +20,14 @@ pair; training 3x the forward), decode by bytes (every matmul weight plus each r
 step) over the all-thread bandwidth. Printed with them: the CPU model, its vector extensions, and the matmul
 kernels each side runs (this port's from oneDNN's verbose log of one MatMul; PyTorch's BLAS and CPU capability).
 
-Measured, each as median [min, max] of --repeats runs after a warm-up (compilation excluded); prefill and
-decode come from the same --repeats generations:
+Measured, each as median [min, max] of --repeats runs after --warm-up untimed runs (default 6, both frameworks);
+prefill and decode come from the same --repeats generations. Why 6: the first run compiles, and MindSpore's CPU
+kernels other than the matmuls (elementwise, AdamW, softmax, ...) split their work by ParallelLaunchAutoSearch,
+which times each split for 5 launches of the kernel, starting with the whole work on one thread: a graph reaches
+its steady speed at its 6th call (measured on an AVX-512 Xeon: the bench_100m training step at b1 2.22 s for
+calls 2-5, 1.80 s from call 6 on; the b1 prefill of 512 tokens 0.41 s, then 0.34 s; flat over calls 6-18 while
+the search tries finer splits on both threads). A training run of many steps and a server's decode step run at
+the steady speed; a one-shot prefill (predict) at the first one's.
   prefill  batch 1 and 8, --prompt-len tokens: time to the first token (prompt in -> KV cache filled ->
            last-position logits -> greedy token on the host); tokens/s = batch * prompt_len / time.
            This port: Generator (telechat2_ms/generate.py), compiled prefill; PyTorch: `model.generate`
@@ -67,17 +73,19 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(FIRST_ORDINARY_ID, vocab, (batch, length)).astype(np.int32)
 
 
-def time_repeats(fn, repeats: int) -> List[float]:
-    """One warm-up call, then `repeats` timed calls of fn() -> seconds (fn returns its own measured time)."""
-    fn()
+def time_repeats(fn, repeats: int, warm_up: int) -> List[float]:
+    """`warm_up` untimed calls, then `repeats` timed calls of fn() -> seconds (fn returns its own measured time)."""
+    for _ in range(warm_up):
+        fn()
     return [fn() for _ in range(repeats)]
 
 
-def record_generation(result: Dict, run, repeats: int, new_tokens: int) -> None:
-    """Warm up (compiles the prefill and decode steps: 2 new tokens), then `repeats` timed generations of
-    new_tokens; each gives one prefill time (to the first token) and one decode time (first to last token).
-    run(new_tokens) -> {"prefill": s, "decode": s}."""
-    run(2)
+def record_generation(result: Dict, run, repeats: int, new_tokens: int, warm_up: int) -> None:
+    """Warm up (`warm_up` generations of 2 new tokens: the first compiles the prefill and decode steps), then
+    `repeats` timed generations of new_tokens; each gives one prefill time (to the first token) and one decode
+    time (first to last token). run(new_tokens) -> {"prefill": s, "decode": s}."""
+    for _ in range(warm_up):
+        run(2)
     timings = [run(new_tokens) for _ in range(repeats)]
     result["prefill"] = [t["prefill"] for t in timings]
     result["decode"] = [t["decode"] for t in timings]
@@ -125,7 +133,7 @@ def mindspore_worker(args) -> Dict:
             result["tokens"] = outputs[0]
             return dict(generator.last_timing)
 
-        record_generation(result, run, args.repeats, args.new_tokens)
+        record_generation(result, run, args.repeats, args.new_tokens, args.warm_up)
         return result
 
     use_training_kernels(model)  # as train/engine.py does for a compiled step
@@ -149,7 +157,7 @@ def mindspore_worker(args) -> Dict:
             raise RuntimeError("non-finite training loss")
         return time.perf_counter() - start
 
-    result["train"] = time_repeats(train_step, args.repeats)
+    result["train"] = time_repeats(train_step, args.repeats, args.warm_up)
     return result
 
 
@@ -196,7 +204,7 @@ def torch_worker(args) -> Dict:
             result["tokens"] = out[0, args.prompt_len:].tolist()
             return {"prefill": clock.first - start, "decode": clock.last - clock.first}
 
-        record_generation(result, run, args.repeats, args.new_tokens)
+        record_generation(result, run, args.repeats, args.new_tokens, args.warm_up)
         return result
 
     model.train()
@@ -216,7 +224,7 @@ def torch_worker(args) -> Dict:
             raise RuntimeError("non-finite training loss")
         return time.perf_counter() - start
 
-    result["train"] = time_repeats(train_step, args.repeats)
+    result["train"] = time_repeats(train_step, args.repeats, args.warm_up)
     return result
 
 
@@ -378,7 +386,7 @@ def rows(args, port: Dict, ref: Dict, limits: Dict) -> List[Dict]:
 def print_table(args, table: List[Dict], limits: Dict, cpu: Dict, agree: int) -> None:
     cfg = get_config(args.size)
     print(f"\nTeleChat2 {args.size} ({cfg.num_parameters() / 1e6:.1f}M parameters), fp32, CPU, {args.threads} "
-          f"threads, {args.repeats} runs each; tokens/s as median [min, max]")
+          f"threads, {args.repeats} runs each after {args.warm_up} untimed; tokens/s as median [min, max]")
     print(f"CPU: {cpu['model']}; vector extensions: {' '.join(cpu['vector_extensions']) or 'none reported'}")
     print(f"matmul kernels: this port {limits['kernels']['port']}; PyTorch {limits['kernels']['torch']}")
     bw = limits["read_bandwidth"]
@@ -413,7 +421,10 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="bench_100m", help="model size from the registry (default bench_100m)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks (default 2)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after one warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after the warm-up")
+    p.add_argument("--warm-up", type=int, default=6,
+                   help="untimed runs first, both frameworks (default 6: the first compiles; MindSpore's CPU kernels "
+                        "run their first 5 launches on one thread, see the module docstring)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes for prefill and decode")
@@ -428,8 +439,8 @@ def parse_args(argv):
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--measure", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.threads < 1:
-        p.error("--new-tokens must be >= 2 and --prompt-len, --repeats, --threads >= 1")
+    if args.new_tokens < 2 or args.warm_up < 1 or args.prompt_len < 1 or args.repeats < 1 or args.threads < 1:
+        p.error("--new-tokens must be >= 2, --warm-up >= 1 and --prompt-len, --repeats, --threads >= 1")
     try:
         get_config(args.size)
     except ConfigError as err:  # an unknown size: one line naming the known ones
@@ -470,7 +481,7 @@ def main(argv=None) -> int:
     cpu = cpu_description()
     print_table(args, table, limits, cpu, agree)
     report = {"size": args.size, "parameters": get_config(args.size).num_parameters(), "threads": args.threads,
-              "repeats": args.repeats, "torch_attention": args.torch_attention, "rows": table,
+              "repeats": args.repeats, "warm_up": args.warm_up, "torch_attention": args.torch_attention, "rows": table,
               "greedy_tokens_agree": agree, "machine": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu,
               "limits": limits, "worker_wall_s": {m: {"port": port[m]["wall_s"], "torch": ref[m]["wall_s"]}
                                                   for m in port},

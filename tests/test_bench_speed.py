@@ -13,7 +13,7 @@ def test_bench_speed_runs_both_frameworks_on_the_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, SCRIPT, "--size", "tiny", "--prompt-len", "16", "--new-tokens", "6",
                            "--batches", "1", "2", "--train-seq", "16", "--train-batches", "1", "2", "--repeats", "1",
-                           "--json", str(out)],
+                           "--warm-up", "2", "--json", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, GLOG_v="3"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,6 +31,7 @@ def test_bench_speed_runs_both_frameworks_on_the_tiny_model(tmp_path):
     # four processes a side, one per measure: every generation and training process is its own
     assert sorted(report["worker_wall_s"]) == ["generate:1", "generate:2", "train:1", "train:2"]
     assert report["greedy_tokens_agree"] == 6
+    assert report["warm_up"] == 2 and "1 runs each after 2 untimed" in proc.stdout
     limits = report["limits"]
     assert limits["matmul_flops"] > 1e9 and set(limits["read_bandwidth"]) >= {"1"}
     assert limits["kernels"]["port"].startswith("oneDNN ") and "not seen" not in limits["kernels"]["port"]
