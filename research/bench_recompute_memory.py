@@ -57,7 +57,7 @@ def as_worker(spec: dict) -> dict:
     cfg = get_config("tiny", num_layers=spec["layers"], **spec["widths"])
     model = Telechat2ForCausalLM(cfg, "float32", seed=0)
     apply_recompute(model, spec["recompute"])
-    use_training_kernels(model, head_views=spec["jit"])  # the trainer's forms (train/engine.LocalEngine)
+    use_training_kernels(model, compiled=spec["jit"])  # the trainer's forms (train/engine.LocalEngine)
     params = [p for p in model.trainable_params()]
     step = TrainStep(CausalLMLoss(model, spec["batch"], spec["seq"]), params, AdamW(params), spec["jit"])
     rng = np.random.default_rng(0)

@@ -37,8 +37,10 @@ the steady speed; a one-shot prefill (predict) at the first one's.
            exactly new_tokens tokens; no repetition penalty.
   train    one optimizer step on each of --train-batches x --train-seq tokens: forward, masked next-token
            cross-entropy, backward, global-norm clipping (1.0), AdamW. This port: the trainer's compiled
-           TrainStep (telechat2_ms/train/step.py); PyTorch: eager autograd + torch.optim.AdamW.
-           tokens/s = batch * seq / step time.
+           TrainStep (telechat2_ms/train/step.py), the batch in micro-batches of --port-micro-batch rows (the
+           trainer's train.batch_size, gradient accumulation: the same step; default 1, the row-at-a-time
+           attention of layers.use_training_kernels, labelled "port 4 x b1" at b4); PyTorch: eager autograd +
+           torch.optim.AdamW on the whole batch. tokens/s = batch * seq / step time.
 Ratio = port tokens/s / PyTorch tokens/s (> 1: the port is faster). Also printed: how many of the batch-1
 greedy tokens agree between the two (a sanity check that both ran the same model; random weights give
 nearly flat logits, so late tokens may flip on fp32 rounding; the first batch row when batch 1 is not run).
@@ -139,9 +141,12 @@ def mindspore_worker(args) -> Dict:
     use_training_kernels(model)  # as train/engine.py does for a compiled step
     params = model.trainable_params()
     optimizer = AdamW(params, 0.9, 0.95, 1e-8, 0.1)
-    step = TrainStep(CausalLMLoss(model, batch, args.train_seq), params, optimizer, use_jit=True)
-    ids = ms.Tensor(make_prompts(batch, args.train_seq, cfg.vocab_size, args.seed + 1))
-    mask = ms.Tensor(np.ones((batch, args.train_seq), np.float32))
+    micro = args.port_micro_batch if batch % args.port_micro_batch == 0 else batch
+    step = TrainStep(CausalLMLoss(model, micro, args.train_seq), params, optimizer, use_jit=True)
+    all_ids = make_prompts(batch, args.train_seq, cfg.vocab_size, args.seed + 1)
+    pieces = [(ms.Tensor(all_ids[i:i + micro]), ms.Tensor(np.ones((micro, args.train_seq), np.float32)))
+              for i in range(0, batch, micro)]  # the trainer's micro-batches of train.batch_size rows
+    result["micro_batch"] = micro
     denominator = ms.Tensor(np.float32(batch * (args.train_seq - 1)))
     one = ms.Tensor(np.float32(1.0))
     count = [0]
@@ -149,11 +154,11 @@ def mindspore_worker(args) -> Dict:
     def train_step() -> float:
         start = time.perf_counter()
         count[0] += 1
-        loss = step.micro_step(ids, mask, denominator, one)
+        loss = sum(step.micro_step(ids, mask, denominator, one).asnumpy() for ids, mask in pieces)
         norm = float(step.grad_norm().asnumpy())
         coef = clip_coefficient(norm, 1.0)
         step.apply_update(*optimizer.step_scalars(1e-4, count[0], coef)).asnumpy()
-        if not np.isfinite(loss.asnumpy()):
+        if not np.isfinite(loss):
             raise RuntimeError("non-finite training loss")
         return time.perf_counter() - start
 
@@ -378,8 +383,10 @@ def rows(args, port: Dict, ref: Dict, limits: Dict) -> List[Dict]:
         add(f"decode b{batch}, {args.new_tokens} new after {args.prompt_len}", "decode", batch,
             batch * (args.new_tokens - 1), f"generate:{batch}", "decode")
     for batch in args.train_batches:
-        add(f"train step b{batch} x {args.train_seq}", "train", batch, batch * args.train_seq, f"train:{batch}",
-            "train")
+        micro = port[f"train:{batch}"]["micro_batch"]  # the port's rows per forward + backward
+        split = f", port {batch // micro} x b{micro}" if micro < batch else ""
+        add(f"train step b{batch} x {args.train_seq}{split}", "train", batch, batch * args.train_seq,
+            f"train:{batch}", "train")
     return table
 
 
@@ -430,6 +437,11 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes for prefill and decode")
     p.add_argument("--train-batches", type=int, nargs="+", default=[1, 4], help="batch sizes of the training step")
     p.add_argument("--train-seq", type=int, default=512)
+    p.add_argument("--port-micro-batch", type=int, default=1,
+                   help="rows per forward + backward of this port's training step (the trainer's train.batch_size); "
+                        "a step of more rows runs its micro-batches into the gradient accumulators, as the trainer "
+                        "does. Default 1: the one-row attention form (layers.use_training_kernels), faster and "
+                        "leaner on CPU than one graph of several rows")
     p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"],
                    help="HF attention implementation of the reference (default sdpa, HF's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -439,8 +451,8 @@ def parse_args(argv):
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--measure", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.new_tokens < 2 or args.warm_up < 1 or args.prompt_len < 1 or args.repeats < 1 or args.threads < 1:
-        p.error("--new-tokens must be >= 2, --warm-up >= 1 and --prompt-len, --repeats, --threads >= 1")
+    if args.new_tokens < 2 or min(args.warm_up, args.prompt_len, args.repeats, args.threads, args.port_micro_batch) < 1:
+        p.error("--new-tokens must be >= 2 and --warm-up, --prompt-len, --repeats, --threads, --port-micro-batch >= 1")
     try:
         get_config(args.size)
     except ConfigError as err:  # an unknown size: one line naming the known ones
@@ -481,7 +493,8 @@ def main(argv=None) -> int:
     cpu = cpu_description()
     print_table(args, table, limits, cpu, agree)
     report = {"size": args.size, "parameters": get_config(args.size).num_parameters(), "threads": args.threads,
-              "repeats": args.repeats, "warm_up": args.warm_up, "torch_attention": args.torch_attention, "rows": table,
+              "repeats": args.repeats, "warm_up": args.warm_up, "port_micro_batch": args.port_micro_batch,
+              "torch_attention": args.torch_attention, "rows": table,
               "greedy_tokens_agree": agree, "machine": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu,
               "limits": limits, "worker_wall_s": {m: {"port": port[m]["wall_s"], "torch": ref[m]["wall_s"]}
                                                   for m in port},

@@ -24,7 +24,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from telechat2_ms import kernels
-from telechat2_ms.layers import update_rows, use_blockwise_attention, write_rows
+from telechat2_ms.layers import Attention, update_rows, use_blockwise_attention, write_rows
 from telechat2_ms.model import Telechat2ForCausalLM, layer_masks, mask_tensors
 from telechat2_ms.rope import rope_parameters
 from telechat2_ms.sampling import TokenSampler, greedy_tokens
@@ -109,6 +109,9 @@ class CachedSteps(nn.Cell):
             use_static_dispatch(model)
         self.model = model.model
         self.lm_head = model.lm_head
+        for _, cell in self.model.cells_and_names():  # the prefill writes its K/V heads-first into the cache
+            if isinstance(cell, Attention):
+                cell.features_first = False
         head_dim = model.config.head_dim
         caches = []
         self.kv_heads = self.model.layers[0].attention.local_kv_heads  # local count under tensor parallel

@@ -86,23 +86,28 @@ def rms_norm(x, weight, eps: float, use_fused: bool = False):
     return spread(ops.cast(weight, x.dtype), normed.shape) * normed
 
 
-def swap_halves(x):
-    """[x1, x2] -> [x2, x1] on the last axis (halves of the head dim)."""
-    half = x.shape[-1] // 2
-    return ops.concat((x[..., half:], x[..., :half]), -1)
+def swap_halves(x, axis: int = -1):
+    """[x1, x2] -> [x2, x1] on `axis` (halves of the head dim)."""
+    half = x.shape[axis] // 2
+    return ops.concat((_halves(x, axis, half, x.shape[axis]), _halves(x, axis, 0, half)), axis)
 
 
-def apply_rope(x, cos, sin, use_fused: bool = False):
+def _halves(x, axis: int, start: int, stop: int):
+    """x[..., start:stop] on the last axis, x[:, start:stop] on axis 1 (the features-first heads, [h,d,S])."""
+    return x[..., start:stop] if axis == -1 else x[:, start:stop]
+
+
+def apply_rope(x, cos, sin, use_fused: bool = False, axis: int = -1):
     """x [B,h,S,d], cos/sin [B,1,S,d] fp32 -> x * cos + rotate_half(x) * sin in x.dtype, where rotate_half
-    [x1, x2] -> [-x2, x1] (NeoX convention). The sign goes on the small sin table instead of x:
-    rotate_half(x) * sin = swap_halves(x) * [-sin1, sin2], the same numbers (a negation is exact): the negation
-    runs on [B,1,S,d] instead of [B,h,S,d]."""
+    [x1, x2] -> [-x2, x1] (NeoX convention); with axis=1 the heads features-first, x [h,d,S] and the tables
+    [1,d,S]. The sign goes on the small sin table instead of x: rotate_half(x) * sin = swap_halves(x) *
+    [-sin1, sin2], the same numbers (a negation is exact): the negation runs on the table, not on x."""
     if use_fused:
         return ops.rotary_position_embedding(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)
-    half = sin.shape[-1] // 2
-    signed_sin = ops.concat((-sin[..., :half], sin[..., half:]), -1)
+    half = sin.shape[axis] // 2
+    signed_sin = ops.concat((-_halves(sin, axis, 0, half), _halves(sin, axis, half, sin.shape[axis])), axis)
     cos, sin = tiled(ops.cast(cos, x.dtype), x.shape), tiled(ops.cast(signed_sin, x.dtype), x.shape)  # over heads
-    return x * cos + swap_halves(x) * sin
+    return x * cos + swap_halves(x, axis) * sin
 
 
 ATTENTION_BLOCK = 512  # query rows per block of the blockwise path; it runs from 2 blocks on
@@ -138,7 +143,7 @@ def attention(q, k, v, allowed, use_fused: bool = False, blockwise=None, grad_so
     qg = ops.reshape(q * scale, (batch, kv_heads, group * seq, dim))  # [B,k,g*S,d]
     scores = ops.cast(ops.BatchMatMul(transpose_b=True)(qg, k), ms.float32)  # [B,k,g*S,T]
     scores = scores + masking_bias(allowed, kv_heads, group, batch)  # masked keys -> fp32 min
-    probs = _SOFTMAX(scores) if grad_softmax else ops.softmax(scores, -1)
+    probs = softmax(scores, grad_softmax)
     out = ops.BatchMatMul()(ops.cast(probs, v.dtype), v)  # [B,k,g*S,d]
     return ops.reshape(out, (batch, n_heads, seq, dim))
 
@@ -162,6 +167,12 @@ class LastAxisSoftmax(nn.Cell):
 
 
 _SOFTMAX = LastAxisSoftmax()
+
+
+def softmax(scores, grad_softmax: bool):
+    """The attention's softmax over the last axis: LastAxisSoftmax for the training graphs (`grad_softmax`), else
+    MindSpore's own (attention's docstring)."""
+    return _SOFTMAX(scores) if grad_softmax else ops.softmax(scores, -1)
 
 
 def masking_bias(allowed, kv_heads: int, group: int, batch: int):

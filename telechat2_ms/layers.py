@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import numpy as np
 
 import mindspore as ms
@@ -128,6 +130,7 @@ class Attention(nn.Cell):
         self.use_fused = use_fused
         self.blockwise = None  # use_blockwise_attention: long causal calls blockwise (kernels.attention)
         self.head_views = False  # use_training_kernels: the heads' transposes as strided views (compiled training)
+        self.features_first = False  # use_training_kernels: the training call's heads as [B,h,d,S] (_features_first)
         self.grad_softmax = False  # use_training_kernels: kernels.LastAxisSoftmax (training)
         self.ring = None  # context parallel: RingAttention (attend)
 
@@ -189,6 +192,9 @@ class Attention(nn.Cell):
           use), else W.
         Returns (out [B,S,H], (k, v)): the updated cache ([B,k,W,d]) or, without a cache, this call's K/V.
         """
+        if self.features_first and cache is None and x.shape[0] == 1 and self.ring is None and not self.use_fused \
+                and (self.blockwise is None or x.shape[1] < 2 * kernels.ATTENTION_BLOCK):
+            return self._features_first(x, cos, sin, allowed)
         q, k, v = self.project_qkv(x, cos, sin)
         if cache is not None:
             window = allowed.shape[-1]
@@ -196,6 +202,51 @@ class Attention(nn.Cell):
             k = _write_cache(cache[0], k, write_slots, slots, window)
             v = _write_cache(cache[1], v, write_slots, slots, window)
         return self.wo(self.attend(q, k, v, allowed)), (k, v)
+
+    def _features_first(self, x, cos, sin, allowed):
+        """The training call of one batch row (no cache, dense, one kv head per query head: use_training_kernels)
+        with the heads features-first, [h,d,S], so that no Transpose and no strided view runs: q^T = Wq x^T (the
+        projection's swapped form) and k^T, v^T likewise, rotary along d, scores = (q^T)^T k^T, out^T = v^T P^T
+        (batched matmuls with transposed operands), y = (out^T)^T Wo^T. In a compiled CPU graph the Transposes
+        hold about 2x their outputs for the whole graph, and a view's consumer copies it strided, single-threaded
+        (README Performance, the training step). Several rows would each need their own products and a Stack of
+        the outputs, which held more memory than the views (bench_100m at 4 x 512: 7.17 GiB against 6.54), so
+        those keep the views. The same numbers as the heads-first path, the order of the fp32 sums aside.
+        Returns (y [1,S,H], (k^T, v^T) [k,d,S]): the generation steps, which read the K/V, switch this form off."""
+        seq, dim = x.shape[1], self.head_dim
+        row = ops.reshape(ops.cast(x, self.wq.compute_dtype), (seq, -1))  # [S,H]
+        q = ops.reshape(_projected(self.wq, row), (-1, dim, seq))  # [n,d,S]
+        if self.separate_kv:
+            k = ops.reshape(_projected(self.wk, row), (-1, dim, seq))
+            v = ops.reshape(_projected(self.wv, row), (-1, dim, seq))
+        else:  # wk_v rows per kv head [K (d), V (d)]
+            k, v = ops.unstack(ops.reshape(_projected(self.wk_v, row), (-1, 2, dim, seq)), 1)
+        cos_t, sin_t = (ops.transpose(ops.cast(t[0], row.dtype), (0, 2, 1)) for t in (cos, sin))  # [1,d,S]
+        q = kernels.apply_rope(q, cos_t, sin_t, axis=1)
+        k = kernels.apply_rope(k, cos_t, sin_t, axis=1)
+        scores = ops.cast(_BMM_TN(q * (1.0 / math.sqrt(dim)), k), ms.float32)  # [n,S,T]
+        scores = scores + ops.reshape(kernels.masking_bias(allowed, k.shape[0], 1, 1), scores.shape)
+        probs = kernels.softmax(scores, self.grad_softmax)
+        out = ops.reshape(_BMM_NT(v, ops.cast(probs, v.dtype)), (-1, seq))  # [n*d, S]
+        y = _MATMUL_TT(out, kernels.cast_to(self.wo.weight, self.wo.compute_dtype))  # [S,H]
+        if self.wo.has_bias:
+            y = y + kernels.spread(ops.cast(self.wo.bias, y.dtype), y.shape)
+        return ops.reshape(y, (1, seq, -1)), (k, v)
+
+
+_MATMUL_NT = ops.MatMul(transpose_b=True)
+_MATMUL_TT = ops.MatMul(transpose_a=True, transpose_b=True)
+_BMM_TN = ops.BatchMatMul(transpose_a=True)
+_BMM_NT = ops.BatchMatMul(transpose_b=True)
+
+
+def _projected(linear: Linear, row):
+    """row [S,in] -> [out,S] = weight @ row^T, plus the bias along the features."""
+    weight = kernels.cast_to(linear.weight, linear.compute_dtype)
+    out = _MATMUL_NT(weight, row)
+    if linear.has_bias:
+        out = out + kernels.spread(ops.reshape(ops.cast(linear.bias, weight.dtype), (-1, 1)), out.shape)
+    return out
 
 
 def use_blockwise_attention(model, on: bool = True, eager: bool = False) -> None:
@@ -209,19 +260,27 @@ def use_blockwise_attention(model, on: bool = True, eager: bool = False) -> None
             cell.blockwise = kernels.BlockwiseAttention(eager) if on else None
 
 
-def use_training_kernels(model, head_views: bool = True) -> None:
+def use_training_kernels(model, compiled: bool = True) -> None:
     """Every Attention in `model` takes the training forms (train/engine.py, research/bench_speed.py):
     - the softmax kernels.LastAxisSoftmax, whose backward holds less memory in a compiled graph (its docstring);
       forward-only graphs keep MindSpore's own softmax (kernels.attention: the custom bprop slows them);
-    - with `head_views`, the heads split and merged by strided views (mint.permute) instead of Transposes. In a
-      compiled CPU graph a Transpose holds about 2x its output that is never reused (MindSpore 2.10): on
-      bench_100m the training step at 4 x 512 peaks at 6.43 GiB with views, 7.57 GiB with Transposes, b1 3.19
-      vs 3.47 GiB, the same numbers and no slower; a compiled prefill runs 15-20% slower on the views (its
-      matmuls read them strided), so generation keeps the Transposes."""
+    - `compiled` (the step runs as ms.jit graphs): the heads of a batch of one row features-first
+      (Attention._features_first: no Transpose and no view), where every query head has its own kv head (GQA
+      would need a broadcasting batched matmul, which MindSpore's CPU kernel refuses) and the projections are
+      plain Linear layers (not LoRA's or tensor parallel's); else, and for batches of several rows, the heads
+      split and merged by strided views (mint.permute) instead of Transposes. In a compiled CPU graph a
+      Transpose holds about 2x its output that is never reused (MindSpore 2.10), and a view's consumer copies
+      it strided, single-threaded (README Performance; on an AVX-512 Xeon the bench_100m step at 4 x 512 took
+      6.05 s on views at 6.54 GiB, 4.86 s on Transposes at 7.68 GiB; at 1 x 512 1.78 s on views at 3.30 GiB,
+      1.46 s features-first at 3.37 GiB). Generation keeps the Transposes (a compiled prefill runs 15-20%
+      slower on the views)."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Attention):
             cell.grad_softmax = True
-            cell.head_views = head_views
+            projections = [cell.wq, cell.wo] + ([cell.wk, cell.wv] if cell.separate_kv else [cell.wk_v])
+            one_per_head = cell.wq.out_features == cell.local_kv_heads * cell.head_dim  # no GQA
+            cell.features_first = compiled and one_per_head and all(type(p) is Linear for p in projections)
+            cell.head_views = compiled  # the calls features-first does not take
 
 
 def _write_cache(cache, new, write_slots, num_slots: int, window: int):

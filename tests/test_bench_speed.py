@@ -21,7 +21,7 @@ def test_bench_speed_runs_both_frameworks_on_the_tiny_model(tmp_path):
     report = json.loads(out.read_text())
     assert [row["measure"] for row in report["rows"]] == [
         "prefill b1 x 16", "prefill b2 x 16", "decode b1, 6 new after 16", "decode b2, 6 new after 16",
-        "train step b1 x 16", "train step b2 x 16"]
+        "train step b1 x 16", "train step b2 x 16, port 2 x b1"]  # the port's default micro-batch: 1 row
     for row in report["rows"]:
         for side in ("port_tokens_per_s", "torch_tokens_per_s"):
             assert row[side]["runs"] == 1 and row[side]["median"] > 0

@@ -1,5 +1,6 @@
 """Numerics of the training pieces: learning-rate schedule, AdamW against torch.optim.AdamW, the masked loss
 against a numpy reference, gradient accumulation against one big batch, fp16 loss scaling, recompute."""
+import dataclasses
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from mindspore import Parameter, Tensor
 
 from telechat2_ms.config import get_config
-from telechat2_ms.layers import use_training_kernels
+from telechat2_ms.layers import Attention, use_training_kernels
 from telechat2_ms.model import Telechat2ForCausalLM
 from telechat2_ms.settings import load_settings
 from telechat2_ms.train import Trainer
@@ -178,13 +179,19 @@ def test_fp16_training_tracks_fp32():
     np.testing.assert_allclose(runs["float16"], runs["float32"], rtol=2e-3)
 
 
-def _recompute_grads(mode, ids, mask, head_views=False, training_kernels=True):
-    model = Telechat2ForCausalLM(TINY, seed=5)
+def _recompute_grads(mode, ids, mask, compiled=False, training_kernels=True, config=TINY, views=False):
+    """Loss and gradients of one compiled micro-step; `compiled`: use_training_kernels' compiled forms (the
+    heads features-first); `views`: the heads as strided views instead (its form for LoRA's projections)."""
+    model = Telechat2ForCausalLM(config, seed=5)
     apply_recompute(model, mode)
     if training_kernels:
-        use_training_kernels(model, head_views)
+        use_training_kernels(model, compiled)
+    if views:
+        for _, cell in model.cells_and_names():
+            if isinstance(cell, Attention):
+                cell.features_first, cell.head_views = False, True
     params = list(model.trainable_params())
-    step = TrainStep(CausalLMLoss(model, 2, 16), params, AdamW(params), use_jit=True)
+    step = TrainStep(CausalLMLoss(model, *ids.shape), params, AdamW(params), use_jit=True)
     loss = float(step.micro_step(*cast_batch(ids, mask), Tensor(np.float32(20.0)), Tensor(np.float32(1.0))).asnumpy())
     return loss, [a.asnumpy().copy() for a in step.accum]
 
@@ -204,13 +211,11 @@ def test_the_training_softmax_gives_the_same_loss_and_gradients():
     """A model's attention runs MindSpore's softmax until use_training_kernels (the trainer) switches it to
     kernels.LastAxisSoftmax (a custom bprop; forward-only graphs stay on the plain one, which the bprop slows):
     the compiled training step gives the same loss either way and gradients within 1e-5."""
-    from telechat2_ms.layers import Attention
-
     model = Telechat2ForCausalLM(TINY, seed=5)
     cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Attention)]
-    assert cells and not any(cell.grad_softmax or cell.head_views for cell in cells)
-    use_training_kernels(model, head_views=False)
-    assert all(cell.grad_softmax and not cell.head_views for cell in cells)
+    assert cells and not any(cell.grad_softmax or cell.head_views or cell.features_first for cell in cells)
+    use_training_kernels(model, compiled=False)
+    assert all(cell.grad_softmax and not cell.head_views and not cell.features_first for cell in cells)
     rng = np.random.default_rng(8)
     ids = rng.integers(0, TINY.vocab_size, (2, 16)).astype(np.int32)
     mask = np.ones((2, 16), np.float32)
@@ -222,16 +227,57 @@ def test_the_training_softmax_gives_the_same_loss_and_gradients():
 
 
 def test_head_views_give_the_same_loss_and_gradients():
-    """The compiled training step with the heads split and merged by strided views (use_training_kernels, what
-    the trainer compiles) equals the one with Transposes: the same loss and gradients."""
+    """The compiled training step with the heads split and merged by strided views (the trainer's form where
+    the projections are LoRA's) equals the one with Transposes: the same loss and gradients."""
     rng = np.random.default_rng(7)
     ids = rng.integers(0, TINY.vocab_size, (2, 16)).astype(np.int32)
     mask = np.ones((2, 16), np.float32)
     loss_ref, grads_ref = _recompute_grads("none", ids, mask)
-    loss, grads = _recompute_grads("none", ids, mask, head_views=True)
+    loss, grads = _recompute_grads("none", ids, mask, views=True)
     assert loss == loss_ref
     for a, b in zip(grads, grads_ref):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", ["tiny", "qwen2_tiny"])
+def test_features_first_heads_give_the_same_loss_and_gradients(size):
+    """The compiled training step with the heads features-first ([B,h,d,S], what the trainer compiles for plain
+    projections and one kv head per query head) equals the heads-first one with Transposes: TeleChat2 (fused
+    wk_v) and Qwen2 (separate k/v with biases, tied embeddings, a sliding-window layer; here without GQA), zeros
+    in the loss mask. The fp32 sums run in another order (the projections as W x^T), so: loss to 1e-6,
+    gradients to 1e-5 of each tensor's largest entry (measured: the same losses; gradients bit for bit the same
+    for TeleChat2, within 3.5e-7 for Qwen2, whose biases are added in another order)."""
+    config = get_config(size)
+    if config.num_kv_heads != config.num_heads:
+        config = dataclasses.replace(config, num_kv_heads=config.num_heads)
+    model = Telechat2ForCausalLM(config, seed=5)
+    use_training_kernels(model, compiled=True)
+    cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Attention)]
+    assert cells and all(cell.features_first for cell in cells)
+    rng = np.random.default_rng(9)
+    for rows in (1, 2):  # one row features-first; two rows take the views (use_training_kernels)
+        ids = rng.integers(0, config.vocab_size, (rows, 16)).astype(np.int32)
+        mask = np.ones((rows, 16), np.float32)
+        mask[-1, :3] = 0.0
+        loss_ref, grads_ref = _recompute_grads("none", ids, mask, config=config)
+        loss, grads = _recompute_grads("none", ids, mask, compiled=True, config=config)
+        assert loss == pytest.approx(loss_ref, rel=1e-6)
+        for a, b in zip(grads, grads_ref):
+            assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+def test_lora_projections_and_gqa_keep_the_heads_first():
+    """LoRA's projections are not plain Linear layers, and GQA would need a broadcasting batched matmul: the
+    compiled forms keep the heads first there, as views."""
+    from telechat2_ms.train.lora import apply_lora
+
+    lora = Telechat2ForCausalLM(dataclasses.replace(TINY, num_kv_heads=TINY.num_heads), seed=5)  # MHA
+    apply_lora(lora, 2, 4.0, ["wq"])
+    gqa = Telechat2ForCausalLM(get_config("qwen2_tiny"), seed=5)
+    for model in (lora, gqa):
+        use_training_kernels(model, compiled=True)
+        cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Attention)]
+        assert cells and all(cell.head_views and not cell.features_first for cell in cells)
 
 
 @pytest.mark.slow
@@ -263,3 +309,23 @@ def test_gradient_clipping_on_pretraining_data(shared_dir):
     norm = math.sqrt(sum(float((m.astype(np.float64) ** 2).sum()) for m in exp_avg))
     assert norm == pytest.approx(0.1 * 0.05, rel=1e-4)
     assert record["tokens"] == 2 * 64
+
+
+def test_generation_with_a_model_in_the_training_forms_equals_a_fresh_one():
+    """use_training_kernels' features-first heads return the layer's K/V as [B,k,d,S]; the Generator's prefill
+    writes them into the cache heads first, so it switches them back: the same K/V cache and greedy tokens as a
+    fresh model (the tiny random model's tokens hardly depend on the cache, so the caches are compared)."""
+    from telechat2_ms.generate import GenerationConfig, Generator
+
+    mha = dataclasses.replace(TINY, num_kv_heads=TINY.num_heads)
+    trained_forms, fresh = Telechat2ForCausalLM(mha, seed=5), Telechat2ForCausalLM(mha, seed=5)
+    use_training_kernels(trained_forms, compiled=True)
+    assert all(cell.features_first for _, cell in trained_forms.cells_and_names() if isinstance(cell, Attention))
+    gen = GenerationConfig(max_new_tokens=6, repetition_penalty=1.0, eos_token_id=-1, pad_token_id=TINY.pad_token_id)
+    prompts = [[20, 31, 42, 53, 64]]  # one row: the prefill would take the features-first form
+    generators = [Generator(model, 16) for model in (trained_forms, fresh)]
+    tokens = [generator.generate(prompts, gen) for generator in generators]
+    assert tokens[0] == tokens[1]
+    caches = [[p.asnumpy() for p in generator._steps[1][0].cache_params] for generator in generators]
+    for got, want in zip(*caches):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

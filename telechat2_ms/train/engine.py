@@ -92,7 +92,7 @@ class LocalEngine:
         if t.lora_rank:
             self.lora_names = apply_lora(self.model, t.lora_rank, t.lora_alpha, t.lora_targets, seed=t.seed)
         apply_recompute(self.model, t.recompute)
-        use_training_kernels(self.model, head_views=settings.jit)  # less memory in the compiled step
+        use_training_kernels(self.model, compiled=settings.jit)  # the compiled step's forms
         named = [(name, p) for name, p in self.model.parameters_and_names() if p.requires_grad]
         self.param_names = [name for name, _ in named]
         self.params = [p for _, p in named]
@@ -190,7 +190,7 @@ class ParallelEngine:
         # resumed LoRA run its base weights as the original run did (the checkpoint's are merged)
         weights = training_checkpoint(resume_path)[0] if resume_path and not t.lora_rank else None
         self.model, self.parallel = build_model(plan, weights=weights)
-        use_training_kernels(self.model, head_views=False)
+        use_training_kernels(self.model, compiled=False)
         self.parallel.compiled = self.settings.jit  # each stage's forward / backward one graph
         self.lora_names: List[str] = []
         if t.lora_rank:  # adapters sharded with their projections, the single-process initialisation
