@@ -8,9 +8,8 @@ d head dim, F ffn hidden, T key length (S, or the KV-cache length when decoding)
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -130,7 +129,7 @@ class Attention(nn.Cell):
         self.use_fused = use_fused
         self.blockwise = None  # use_blockwise_attention: long causal calls blockwise (kernels.attention)
         self.head_views = False  # use_training_kernels: the heads' transposes as strided views (compiled training)
-        self.features_first = False  # use_training_kernels: the training call's heads as [B,h,d,S] (_features_first)
+        self.features_first = False  # use_training_kernels: a one-row training call's heads as [h,d,S] (_features_first)
         self.grad_softmax = False  # use_training_kernels: kernels.LastAxisSoftmax (training)
         self.ring = None  # context parallel: RingAttention (attend)
 
@@ -190,7 +189,8 @@ class Attention(nn.Cell):
           [B,k,W,d]: the first W = allowed's last axis slots of each row. The slots per row T are the cache's
           third entry (k_cache, v_cache, T) when W < T (serving: a decode step reads only the slots its rows
           use), else W.
-        Returns (out [B,S,H], (k, v)): the updated cache ([B,k,W,d]) or, without a cache, this call's K/V.
+        Returns (out [B,S,H], (k, v)): the updated cache ([B,k,W,d]) or, without a cache, this call's K/V ([k,d,S]
+        from the features-first training form, _features_first).
         """
         if self.features_first and cache is None and x.shape[0] == 1 and self.ring is None and not self.use_fused \
                 and (self.blockwise is None or x.shape[1] < 2 * kernels.ATTENTION_BLOCK):
@@ -272,7 +272,7 @@ def use_training_kernels(model, compiled: bool = True) -> None:
       Transpose holds about 2x its output that is never reused (MindSpore 2.10), and a view's consumer copies
       it strided, single-threaded (README Performance; on an AVX-512 Xeon the bench_100m step at 4 x 512 took
       6.05 s on views at 6.54 GiB, 4.86 s on Transposes at 7.68 GiB; at 1 x 512 1.78 s on views at 3.30 GiB,
-      1.46 s features-first at 3.37 GiB). Generation keeps the Transposes (a compiled prefill runs 15-20%
+      1.44-1.46 s features-first at 3.34 GiB). Generation keeps the Transposes (a compiled prefill runs 15-20%
       slower on the views)."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Attention):
