@@ -9,7 +9,9 @@ the 2 workers: --threads / 2).
 Every run is the train run mode (the one trainer, train/trainer.py, on demo SFT data truncated to --seq) with the
 same global batch of --batch sequences: one process takes them as one micro-batch, dp2 and pp2 as 2 x --batch/2
 (pp2: 2 micro-batches through the 1F1B schedule). A run's tokens/s = batch x seq / the median step time of the
-steps after the first (which compiles). Prints a table (tokens/s; the ratio to one process in the same mode; the
+--steps steps after --warm-up untimed ones (default 6: the first compiles, and MindSpore's CPU kernels other than
+the matmuls run their first 5 launches on one thread while they search their work split, ParallelLaunchAutoSearch;
+research/bench_speed.py). Prints a table (tokens/s; the ratio to one process in the same mode; the
 compiled / PyNative ratio of the layout) and writes JSON (--out).
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ def train_args(args, layout: str, mode: str, output_dir: str) -> List[str]:
     _, parallel, split = LAYOUTS[layout]
     return [f"--model={args.model}", f"--train.train_dataset=demo:{4 * args.batch}",
             f"--seq_length={args.seq}", "--train.truncation=truncate", f"--train.batch_size={args.batch // split}",
-            f"--train.total_steps={args.steps}", f"--jit={'true' if mode == 'jit' else 'false'}",
+            f"--train.total_steps={args.warm_up + args.steps}", f"--jit={'true' if mode == 'jit' else 'false'}",
             f"--output_dir={output_dir}"] + parallel
 
 
@@ -88,7 +90,9 @@ def run(args, layout: str, mode: str, port: int) -> Dict:
         with open(metrics, encoding="utf-8") as f:
             steps = [json.loads(line) for line in f if line.strip()]
     times = [s["step_time_s"] for s in steps]
-    timed = times[1:] if len(times) > 1 else times
+    if len(times) < args.warm_up + args.steps:
+        return {"error": f"{len(times)} steps logged, {args.warm_up + args.steps} expected"}
+    timed = times[args.warm_up:]
     median = statistics.median(timed)
     return {"step_times": times, "median_step_s": median, "tokens_per_s": args.batch * args.seq / median,
             "wall_s": time.monotonic() - start, "losses": [s["loss"] for s in steps]}
@@ -103,7 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="bench_100m", help="registry size (default bench_100m, ~100M parameters)")
     p.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     p.add_argument("--batch", type=int, default=4, help="global batch in sequences, even (default 4)")
-    p.add_argument("--steps", type=int, default=6, help="training steps per run, the first not timed (default 6)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per run (default 5)")
+    p.add_argument("--warm-up", type=int, default=6,
+                   help="untimed training steps first (default 6; the first compiles, see the module docstring)")
     p.add_argument("--threads", type=int, default=2, help="total CPU threads of a run (default 2)")
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -111,8 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8150, help="msrun master port (default 8150)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "research", "results", "bench_parallel.json"))
     args = p.parse_args(argv)
-    if args.batch < 2 or args.batch % 2 or args.steps < 2 or args.threads < 1:
-        p.error("--batch must be even and >= 2, --steps >= 2, --threads >= 1")
+    if args.batch < 2 or args.batch % 2 or args.steps < 1 or args.warm_up < 1 or args.threads < 1:
+        p.error("--batch must be even and >= 2, --steps, --warm-up, --threads >= 1")
 
     import platform
 
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
         return results.get(layout, {}).get(mode, {}).get("tokens_per_s")
 
     print(f"\n{args.model}, {args.batch} x {args.seq} tokens per step, {args.threads} threads per run in total, "
-          f"{args.steps} steps (the first not timed); CPU: {cpu}")
+          f"the median of {args.steps} steps after {args.warm_up} untimed; CPU: {cpu}")
     print("| layout | compiled tok/s | x one process | PyNative tok/s | x one process | compiled / PyNative |")
     print("|---|---|---|---|---|---|")
     for layout in args.layouts:
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
         print(f"| {layout} | {fmt(jit)} | {fmt(jit / ref_jit if jit and ref_jit else None, '.2f')} | {fmt(eager)} | "
               f"{fmt(eager / ref_eager if eager and ref_eager else None, '.2f')} | "
               f"{fmt(jit / eager if jit and eager else None, '.2f')} |")
-    report = {"model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+    report = {"model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps, "warm_up": args.warm_up,
               "threads": args.threads, "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
