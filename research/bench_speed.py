@@ -141,7 +141,7 @@ def mindspore_worker(args) -> Dict:
     use_training_kernels(model)  # as train/engine.py does for a compiled step
     params = model.trainable_params()
     optimizer = AdamW(params, 0.9, 0.95, 1e-8, 0.1)
-    micro = args.port_micro_batch if batch % args.port_micro_batch == 0 else batch
+    micro = min(args.port_micro_batch, batch)  # parse_args: batch is a multiple of it
     step = TrainStep(CausalLMLoss(model, micro, args.train_seq), params, optimizer, use_jit=True)
     all_ids = make_prompts(batch, args.train_seq, cfg.vocab_size, args.seed + 1)
     pieces = [(ms.Tensor(all_ids[i:i + micro]), ms.Tensor(np.ones((micro, args.train_seq), np.float32)))
@@ -453,6 +453,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.new_tokens < 2 or min(args.warm_up, args.prompt_len, args.repeats, args.threads, args.port_micro_batch) < 1:
         p.error("--new-tokens must be >= 2 and --warm-up, --prompt-len, --repeats, --threads, --port-micro-batch >= 1")
+    uneven = [b for b in args.train_batches if b % min(args.port_micro_batch, b)]
+    if uneven:
+        p.error(f"--train-batches {uneven} are not multiples of --port-micro-batch {args.port_micro_batch}")
     try:
         get_config(args.size)
     except ConfigError as err:  # an unknown size: one line naming the known ones

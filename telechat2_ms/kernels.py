@@ -87,7 +87,7 @@ def rms_norm(x, weight, eps: float, use_fused: bool = False):
 
 
 def swap_halves(x, axis: int = -1):
-    """[x1, x2] -> [x2, x1] on `axis` (halves of the head dim)."""
+    """[x1, x2] -> [x2, x1] on `axis`, -1 or 1 (halves of the head dim; _halves)."""
     half = x.shape[axis] // 2
     return ops.concat((_halves(x, axis, half, x.shape[axis]), _halves(x, axis, 0, half)), axis)
 

@@ -234,7 +234,6 @@ class Attention(nn.Cell):
         return ops.reshape(y, (1, seq, -1)), (k, v)
 
 
-_MATMUL_NT = ops.MatMul(transpose_b=True)
 _MATMUL_TT = ops.MatMul(transpose_a=True, transpose_b=True)
 _BMM_TN = ops.BatchMatMul(transpose_a=True)
 _BMM_NT = ops.BatchMatMul(transpose_b=True)
@@ -243,7 +242,7 @@ _BMM_NT = ops.BatchMatMul(transpose_b=True)
 def _projected(linear: Linear, row):
     """row [S,in] -> [out,S] = weight @ row^T, plus the bias along the features."""
     weight = kernels.cast_to(linear.weight, linear.compute_dtype)
-    out = _MATMUL_NT(weight, row)
+    out = linear.matmul(weight, row)  # the layer's own MatMul(transpose_b=True), its operands swapped
     if linear.has_bias:
         out = out + kernels.spread(ops.reshape(ops.cast(linear.bias, weight.dtype), (-1, 1)), out.shape)
     return out

@@ -46,4 +46,7 @@ def test_bench_speed_refuses_bad_arguments(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--size", "telechat2_8b"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "unknown model size 'telechat2_8b'" in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--train-batches", "1", "4", "--port-micro-batch", "3"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--train-batches [4] are not multiples of --port-micro-batch 3" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -241,8 +241,8 @@ def test_head_views_give_the_same_loss_and_gradients():
 
 @pytest.mark.parametrize("size", ["tiny", "qwen2_tiny"])
 def test_features_first_heads_give_the_same_loss_and_gradients(size):
-    """The compiled training step with the heads features-first ([B,h,d,S], what the trainer compiles for plain
-    projections and one kv head per query head) equals the heads-first one with Transposes: TeleChat2 (fused
+    """The compiled training step with one row's heads features-first ([h,d,S], what the trainer compiles for
+    plain projections and one kv head per query head) equals the heads-first one with Transposes: TeleChat2 (fused
     wk_v) and Qwen2 (separate k/v with biases, tied embeddings, a sliding-window layer; here without GQA), zeros
     in the loss mask. The fp32 sums run in another order (the projections as W x^T), so: loss to 1e-6,
     gradients to 1e-5 of each tensor's largest entry (measured: the same losses; gradients bit for bit the same
@@ -312,7 +312,7 @@ def test_gradient_clipping_on_pretraining_data(shared_dir):
 
 
 def test_generation_with_a_model_in_the_training_forms_equals_a_fresh_one():
-    """use_training_kernels' features-first heads return the layer's K/V as [B,k,d,S]; the Generator's prefill
+    """use_training_kernels' features-first heads return the layer's K/V as [k,d,S]; the Generator's prefill
     writes them into the cache heads first, so it switches them back: the same K/V cache and greedy tokens as a
     fresh model (the tiny random model's tokens hardly depend on the cache, so the caches are compared)."""
     from telechat2_ms.generate import GenerationConfig, Generator
