@@ -138,10 +138,12 @@ def test_fused_kernels_match_plain_path_on_ascend(dtype):
                                kernels.attention(q, k, k, allowed).astype(ms.float32).asnumpy(), atol=2e-2)
 
 
+@pytest.mark.parametrize("shape", [(37, 301), (64, 300), (6, 7, 2)])  # odd: 1 row; 16 rows; 2 rows
 @pytest.mark.parametrize("chunk", [1 << 25, 1000])
-def test_squared_sum_matches_float64_in_one_piece_and_in_pieces(monkeypatch, chunk):
+def test_squared_sum_matches_float64_in_one_piece_and_in_pieces(monkeypatch, chunk, shape):
     monkeypatch.setattr(kernels, "_SQUARED_SUM_CHUNK", chunk)
-    x = np.random.default_rng(0).standard_normal((37, 301)).astype(np.float32)  # 11137 elements: 12 pieces of 1000
+    # (37, 301): 11137 elements, 12 pieces of 1000 (Gram matrices of 8 rows) and a last one of 137 (1 row)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     want = float((x.astype(np.float64) ** 2).sum())
     got = float(kernels.squared_sum(Tensor(x)).asnumpy())
     assert abs(got - want) <= 1e-6 * want  # fp32 accumulation over ~1e4 terms
