@@ -36,8 +36,9 @@ the steady speed; a one-shot prefill (predict) at the first one's.
            tokens/s = batch * (new_tokens - 1) / time. Eos is disabled on both sides so every run makes
            exactly new_tokens tokens; no repetition penalty.
   train    one optimizer step on each of --train-batches x --train-seq tokens: forward, masked next-token
-           cross-entropy, backward, global-norm clipping (1.0), AdamW. This port: the trainer's compiled
-           TrainStep (telechat2_ms/train/step.py), the batch in micro-batches of --port-micro-batch rows (the
+           cross-entropy, backward, global-norm clipping (1.0), AdamW. This port: the trainer's
+           TrainStep.step (telechat2_ms/train/step.py: one compiled graph for one micro-batch, else the
+           accumulating graphs), the batch in micro-batches of --port-micro-batch rows (the
            trainer's train.batch_size, gradient accumulation: the same step; default 1, the row-at-a-time
            attention of layers.use_training_kernels, labelled "port 4 x b1" at b4); PyTorch: eager autograd +
            torch.optim.AdamW on the whole batch. tokens/s = batch * seq / step time.
@@ -110,7 +111,7 @@ def mindspore_worker(args) -> Dict:
     from telechat2_ms.layers import use_training_kernels
     from telechat2_ms.model import Telechat2ForCausalLM
     from telechat2_ms.train.loss import CausalLMLoss
-    from telechat2_ms.train.optim import AdamW, clip_coefficient
+    from telechat2_ms.train.optim import AdamW
     from telechat2_ms.train.step import TrainStep
 
     ms.set_device("CPU")
@@ -148,18 +149,14 @@ def mindspore_worker(args) -> Dict:
               for i in range(0, batch, micro)]  # the trainer's micro-batches of train.batch_size rows
     result["micro_batch"] = micro
     denominator = ms.Tensor(np.float32(batch * (args.train_seq - 1)))
-    one = ms.Tensor(np.float32(1.0))
     count = [0]
 
     def train_step() -> float:
         start = time.perf_counter()
         count[0] += 1
-        loss = sum(step.micro_step(ids, mask, denominator, one).asnumpy() for ids, mask in pieces)
-        norm = float(step.grad_norm().asnumpy())
-        coef = clip_coefficient(norm, 1.0)
-        step.apply_update(*optimizer.step_scalars(1e-4, count[0], coef)).asnumpy()
-        if not np.isfinite(loss):
-            raise RuntimeError("non-finite training loss")
+        _, _, applied = step.step(pieces, denominator, 1.0, 1.0, 1e-4, count[0])  # as LocalEngine.step
+        if not applied:
+            raise RuntimeError("non-finite training loss or gradients")
         return time.perf_counter() - start
 
     result["train"] = time_repeats(train_step, args.repeats, args.warm_up)

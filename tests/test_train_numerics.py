@@ -15,7 +15,7 @@ from telechat2_ms.settings import load_settings
 from telechat2_ms.train import Trainer
 from telechat2_ms.train.engine import apply_recompute
 from telechat2_ms.train.loss import CausalLMLoss, cast_batch
-from telechat2_ms.train.optim import AdamW, DynamicLossScaler, learning_rate_at
+from telechat2_ms.train.optim import AdamW, DynamicLossScaler, clip_coefficient, learning_rate_at
 from telechat2_ms.train.step import TrainStep
 
 TINY = get_config("tiny")
@@ -128,6 +128,60 @@ def test_each_optimizer_step_accumulates_only_its_own_gradients(use_jit):
     for a, b, c in zip(after_update, after_skip, fresh):
         np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(b, c, rtol=1e-6, atol=1e-9)
+
+
+def _state(step):
+    return [p.asnumpy().copy() for p in list(step.params) + list(step.optimizer.exp_avg) + list(step.optimizer.exp_avg_sq)]
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("grad_clip", [0.0, 10.0, 1.0])  # no clipping; the norm (2.4-4.7) below it; clipped
+def test_one_graph_step_equals_the_accumulating_graphs(use_jit, grad_clip):
+    """TrainStep.step with one micro-batch (forward, backward, norm, clip and AdamW in one graph) gives the loss,
+    norm, parameters and moments of micro_step + grad_norm + apply_update with the host's clip coefficient,
+    over three optimizer steps. The clip coefficient is computed in fp32 in the graph and in float64 on the
+    host, so the two may round it one ulp apart: parameters agree within 1e-6 (they move by ~1e-3 a step)."""
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, TINY.vocab_size, (2, 16)).astype(np.int32)
+    mask = (rng.random((2, 16)) < 0.7).astype(np.float32)
+    batch = [cast_batch(ids, mask)]
+    denominator, one = Tensor(np.float32(mask[:, 1:].sum())), Tensor(np.float32(1.0))
+    steps = []
+    for _ in range(2):  # the same initial weights
+        model = Telechat2ForCausalLM(TINY, seed=4)
+        params = list(model.trainable_params())
+        steps.append(TrainStep(CausalLMLoss(model, 2, 16), params, AdamW(params, weight_decay=0.1), use_jit=use_jit))
+    whole, graphs = steps
+    norms = []
+    for t in (1, 2, 3):
+        loss_a, norm_a, applied = whole.step(batch, denominator, 1.0, grad_clip, 1e-3, t)
+        loss_b = float(graphs.micro_step(*batch[0], denominator, one).asnumpy())
+        norm_b = float(graphs.grad_norm().asnumpy())
+        graphs.apply_update(*graphs.optimizer.step_scalars(1e-3, t, clip_coefficient(norm_b, grad_clip)))
+        assert applied and loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-6)
+        norms.append(norm_a)
+        for a, b in zip(_state(whole), _state(graphs)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    clipped = 0 < grad_clip < min(norms)
+    assert clipped == (grad_clip == 1.0) and max(norms) < 10.0  # the cases are what they say
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_one_graph_step_skips_a_non_finite_step(use_jit):
+    """A step whose loss is not finite (an infinite loss scale) updates nothing: the branch in the graph."""
+    model = Telechat2ForCausalLM(TINY, seed=4)
+    params = list(model.trainable_params())
+    step = TrainStep(CausalLMLoss(model, 1, 16), params, AdamW(params, weight_decay=0.1), use_jit=use_jit)
+    ids = np.random.default_rng(8).integers(0, TINY.vocab_size, (1, 16)).astype(np.int32)
+    batch = [cast_batch(ids, np.ones((1, 16), np.float32))]
+    before = _state(step)
+    loss, norm, applied = step.step(batch, Tensor(np.float32(15.0)), math.inf, 1.0, 1e-2, 1)
+    assert not applied and not math.isfinite(norm)
+    for a, b in zip(before, _state(step)):
+        np.testing.assert_array_equal(a, b)
+    loss, norm, applied = step.step(batch, Tensor(np.float32(15.0)), 1.0, 1.0, 1e-2, 1)
+    assert applied and math.isfinite(loss) and math.isfinite(norm)
+    assert any((a != b).any() for a, b in zip(before, _state(step)))
 
 
 def test_dynamic_loss_scaler():

@@ -11,8 +11,9 @@ record.
 micro_batch_num x batch_size rows, replica r's rows in block r (the sampler's order); the loss of a step is
 sum(ce * mask) / (targets of the whole step), so every layout computes the single-process loss.
 
-LocalEngine (one process): micro-batches of batch_size rows through the compiled micro-step (train/step.py:
-gradients summed into fp32 accumulators), global-norm clipping, AdamW (train/optim.py), dynamic loss scaling
+LocalEngine (one process): micro-batches of batch_size rows through train/step.TrainStep.step (one compiled
+graph for a step of one micro-batch; several: gradients summed into fp32 accumulators), global-norm clipping,
+AdamW (train/optim.py), dynamic loss scaling
 for float16, LoRA, recompute. Checkpoint: model.safetensors (LoRA merged in), optimizer.safetensors,
 lora.safetensors.
 ParallelEngine (msrun, any dp x tp(+sp) x pp x cp layout): parallel/parallelize.TelechatParallel's
@@ -113,20 +114,9 @@ class LocalEngine:
         t = self.settings.train
         targets = sum(count_targets(mask) for _, mask in batches)
         denominator = ms.Tensor(np.float32(max(targets, 1)))
-        scale = ms.Tensor(np.float32(self.scaler.scale))
-        loss = 0.0
-        for ids, mask in batches:
-            for start in range(0, ids.shape[0], self.micro_batch):
-                rows = slice(start, start + self.micro_batch)
-                loss += float(self.step_fns.micro_step(*cast_batch(ids[rows], mask[rows]), denominator,
-                                                       scale).asnumpy())
-        norm = float(self.step_fns.grad_norm().asnumpy()) / self.scaler.scale
-        finite = math.isfinite(norm) and math.isfinite(loss)
-        if finite:
-            clip = clip_coefficient(norm, t.grad_clip)
-            self.step_fns.apply_update(*self.optimizer.step_scalars(lr, step, clip / self.scaler.scale))
-        else:
-            self.step_fns.zero_grads()
+        pieces = [cast_batch(ids[start:start + self.micro_batch], mask[start:start + self.micro_batch])
+                  for ids, mask in batches for start in range(0, ids.shape[0], self.micro_batch)]
+        loss, norm, finite = self.step_fns.step(pieces, denominator, self.scaler.scale, t.grad_clip, lr, step)
         record = {"loss": loss, "grad_norm": norm, "skipped": not finite, "loss_scale": self.scaler.scale}
         if self.model.config.num_experts:  # the load-balancing part of `loss`
             record["aux_loss"] = float(self.step_fns.take_aux_loss().asnumpy())
