@@ -131,7 +131,9 @@ def test_each_optimizer_step_accumulates_only_its_own_gradients(use_jit):
 
 
 def _state(step):
-    return [p.asnumpy().copy() for p in list(step.params) + list(step.optimizer.exp_avg) + list(step.optimizer.exp_avg_sq)]
+    """Copies of a TrainStep's parameters and AdamW moments."""
+    tensors = list(step.params) + list(step.optimizer.exp_avg) + list(step.optimizer.exp_avg_sq)
+    return [p.asnumpy().copy() for p in tensors]
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
@@ -164,6 +166,7 @@ def test_one_graph_step_equals_the_accumulating_graphs(use_jit, grad_clip):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     clipped = 0 < grad_clip < min(norms)
     assert clipped == (grad_clip == 1.0) and max(norms) < 10.0  # the cases are what they say
+    assert whole._accumulation is None  # a step of one micro-batch creates no gradient accumulators
 
 
 @pytest.mark.parametrize("use_jit", [False, True])

@@ -6,8 +6,8 @@
   update straight from the gradients, the update inside an in-graph branch taken only when the loss and the
   norm are finite (a skipped step leaves parameters and moments untouched). No gradient accumulators exist:
   on bench_100m (1 x 512, 2-core AVX-512 Xeon) the step takes 1.33-1.34 s at a peak RSS of 3.04 GiB
-  against 1.40 s at 3.37 GiB as the three graphs below (the accumulators' 440 MB copy, a second pass over the gradients for the
-  norm, three graph launches).
+  against 1.40 s at 3.37 GiB as the three graphs below (the accumulators' 440 MB copy, a second pass over the
+  gradients for the norm, three graph launches).
 - several micro-batches (gradient accumulation), three kinds of graphs:
     loss_k = micro_step(ids_k, mask_k, denominator, loss_scale)   for each micro-batch
     norm   = grad_norm()                                           of the accumulated (still scaled) gradients
@@ -25,7 +25,7 @@ Tensors, never Python floats), so each function compiles once: there are no tupl
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Callable, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
@@ -34,6 +34,14 @@ from mindspore import Parameter, Tensor, ops
 
 from telechat2_ms.kernels import squared_sum
 from telechat2_ms.train.optim import AdamW, clip_coefficient
+
+
+class _Accumulation(NamedTuple):
+    """The gradient accumulators and the (compiled) functions over them."""
+    accum: ms.ParameterTuple
+    micro_steps: Tuple[Callable, Callable]  # the first micro-step of an optimizer step, a later one
+    grad_norm: Callable
+    apply_update: Callable
 
 
 class TrainStep:
@@ -98,10 +106,10 @@ class TrainStep:
     @property
     def accum(self) -> ms.ParameterTuple:
         """The gradient accumulators (fp32, one per parameter)."""
-        return self._accumulators()[0]
+        return self._accumulators().accum
 
-    def _accumulators(self):
-        """(accumulators, (first micro-step, later micro-step), grad_norm, apply_update), built once."""
+    def _accumulators(self) -> _Accumulation:
+        """The accumulators and their functions, built on first use."""
         if self._accumulation is None:
             accum = ms.ParameterTuple([Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"grad_accum.{p.name}",
                                                  requires_grad=False) for p in self.params])
@@ -129,23 +137,24 @@ class TrainStep:
                 """AdamW step with gradients accum * coef."""
                 return optimizer(tuple(accum), lr, step_size, bc2_sqrt, coef)
 
-            self._accumulation = (accum, (self._wrap(micro_step_into(False)), self._wrap(micro_step_into(True))),
-                                  self._wrap(grad_norm), self._wrap(apply_update))
+            self._accumulation = _Accumulation(accum, (self._wrap(micro_step_into(False)),
+                                                       self._wrap(micro_step_into(True))),
+                                               self._wrap(grad_norm), self._wrap(apply_update))
         return self._accumulation
 
     def micro_step(self, ids, mask, denominator, loss_scale):
         """Forward + backward of one micro-batch into the accumulators -> its loss [] (unscaled)."""
-        loss = self._accumulators()[1][self._accumulating](ids, mask, denominator, loss_scale)
+        loss = self._accumulators().micro_steps[self._accumulating](ids, mask, denominator, loss_scale)
         self._accumulating = True
         return loss
 
     def grad_norm(self):
         """Global L2 norm [] of the accumulated gradients (still scaled by the loss scale)."""
-        return self._accumulators()[2]()
+        return self._accumulators().grad_norm()
 
     def apply_update(self, lr, step_size, bc2_sqrt, coef):
         """The AdamW update with the accumulated gradients times coef; the next micro-step starts a new sum."""
-        done = self._accumulators()[3](lr, step_size, bc2_sqrt, coef)
+        done = self._accumulators().apply_update(lr, step_size, bc2_sqrt, coef)
         self._accumulating = False
         return done
 
