@@ -48,14 +48,42 @@ def _replace_per_byte(err: UnicodeDecodeError):
 codecs.register_error("telechat2_spm_replace", _replace_per_byte)
 
 
-def _token_content(value: Any) -> Optional[str]:
+def token_content(value: Any) -> Optional[str]:
     """tokenizer_config.json stores tokens as strings or {"content": ...} AddedToken dicts."""
     if isinstance(value, Mapping):
         return value.get("content")
     return value if isinstance(value, str) else None
 
 
-class Telechat2Tokenizer:
+class TokenizerBase:
+    """What this module's tokenizer and tokenizer_bpe.ByteLevelBpeTokenizer share. A subclass provides
+    `vocab_size`, `token_to_id`, `encode`, and sets `_eos_token`, `_pad_token` (token strings) and `_special_ids`."""
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, text: str, **kwargs) -> List[int]:
+        return self.encode(text, **kwargs)
+
+    def _check_id(self, token_id: Any) -> int:
+        return check_token_id(token_id, self.vocab_size)
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_to_id(self._eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_to_id(self._pad_token)
+
+    @property
+    def special_ids(self) -> frozenset:
+        """Ids that text never encodes to without special-token parsing: sentencepiece's control pieces and the
+        split tokens; a BPE tokenizer's special added tokens."""
+        return frozenset(self._special_ids)
+
+
+class Telechat2Tokenizer(TokenizerBase):
     """TeleChat2 tokenizer. `path` is a tokenizer.model file or a directory holding tokenizer.model and
     optionally tokenizer_config.json (add_bos_token, add_eos_token, bos/eos/pad tokens, chat_template)."""
 
@@ -100,9 +128,9 @@ class Telechat2Tokenizer:
         self.add_eos_token = bool(config.get("add_eos_token", False))
         self.chat_template = config.get("chat_template")
         # unk_token is not read: the 115B config names "<_end>" (sic); sentencepiece's unk piece is used
-        self._bos_token = _token_content(config.get("bos_token")) or "<_start>"
-        self._eos_token = _token_content(config.get("eos_token")) or "<_end>"
-        self._pad_token = _token_content(config.get("pad_token")) or "<_pad>"
+        self._bos_token = token_content(config.get("bos_token")) or "<_start>"
+        self._eos_token = token_content(config.get("eos_token")) or "<_end>"
+        self._pad_token = token_content(config.get("pad_token")) or "<_pad>"
         self._piece_ids = {}
         for name in SPECIAL_TOKENS + TOOL_TOKENS + (self._bos_token, self._eos_token, self._pad_token):
             pid = sp.piece_to_id(name)
@@ -131,9 +159,6 @@ class Telechat2Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def __len__(self) -> int:
-        return self.vocab_size
-
     def __repr__(self) -> str:
         return f"Telechat2Tokenizer({self.path!r}, vocab_size={self.vocab_size}, tool_tokens={self.has_tool_tokens})"
 
@@ -150,9 +175,6 @@ class Telechat2Tokenizer:
         self._check_id(token_id)
         return self._sp.id_to_piece(int(token_id))
 
-    def _check_id(self, token_id: Any) -> int:
-        return check_token_id(token_id, self.vocab_size)
-
     @property
     def unk_id(self) -> int:
         return self._sp.unk_id()
@@ -160,14 +182,6 @@ class Telechat2Tokenizer:
     @property
     def bos_id(self) -> int:
         return self.token_to_id(self._bos_token)
-
-    @property
-    def eos_id(self) -> int:
-        return self.token_to_id(self._eos_token)
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_to_id(self._pad_token)
 
     @property
     def stop_ids(self) -> frozenset:
@@ -191,11 +205,6 @@ class Telechat2Tokenizer:
         """{"<tool_call>": 9, ...}; TokenizerError on a tokenizer without them (115B)."""
         return {t: self.token_to_id(t) for t in TOOL_TOKENS}
 
-    @property
-    def special_ids(self) -> frozenset:
-        """Ids that are never produced by sentencepiece from text (control pieces and the split tokens)."""
-        return frozenset(self._special_ids)
-
     # ---- encode / decode ---------------------------------------------------------------------------
     def encode(self, text: str, parse_special: bool = True, add_bos: Optional[bool] = None,
                add_eos: Optional[bool] = None) -> List[int]:
@@ -218,9 +227,6 @@ class Telechat2Tokenizer:
         if self.add_eos_token if add_eos is None else add_eos:
             ids.append(self.eos_id)
         return ids
-
-    def __call__(self, text: str, **kwargs) -> List[int]:
-        return self.encode(text, **kwargs)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Each run of ordinary ids between special ids is decoded by sentencepiece on its own

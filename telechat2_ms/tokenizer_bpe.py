@@ -18,7 +18,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from telechat2_ms import chat_template as ct
-from telechat2_ms.tokenizer import TokenizerError, check_token_id, read_tokenizer_config
+from telechat2_ms.tokenizer import TokenizerBase, TokenizerError, read_tokenizer_config, token_content
 
 # transformers' Qwen2Tokenizer pre-tokenizer pattern (digits one at a time)
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -41,7 +41,7 @@ def _byte_decoder() -> Dict[str, int]:
     return table
 
 
-class ByteLevelBpeTokenizer:
+class ByteLevelBpeTokenizer(TokenizerBase):
     """A Qwen2-style tokenizer. `path`: a tokenizer.json file, or a directory holding tokenizer.json or
     vocab.json + merges.txt, optionally tokenizer_config.json."""
 
@@ -62,7 +62,7 @@ class ByteLevelBpeTokenizer:
         self._special_ids = {i for i, t in added.items() if t.special}
         self._special_text = {i: t.content for i, t in added.items()}
         self._bytes = _byte_decoder()
-        names = {name: _content(config.get(name)) for name in ("bos_token", "eos_token", "pad_token")}
+        names = {name: token_content(config.get(name)) for name in ("bos_token", "eos_token", "pad_token")}
         self._eos_token = names["eos_token"] or "<|endoftext|>"
         self._pad_token = names["pad_token"] or "<|endoftext|>"
         self._bos_token = names["bos_token"]  # None for Qwen2
@@ -101,9 +101,6 @@ class ByteLevelBpeTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def __len__(self) -> int:
-        return self.vocab_size
-
     def __repr__(self) -> str:
         return f"ByteLevelBpeTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
@@ -116,20 +113,9 @@ class ByteLevelBpeTokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(self._check_id(token_id))
 
-    def _check_id(self, token_id: Any) -> int:
-        return check_token_id(token_id, self.vocab_size)
-
     @property
     def bos_id(self) -> Optional[int]:
         return None if self._bos_token is None else self.token_to_id(self._bos_token)
-
-    @property
-    def eos_id(self) -> int:
-        return self.token_to_id(self._eos_token)
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_to_id(self._pad_token)
 
     @property
     def stop_ids(self) -> frozenset:
@@ -140,10 +126,6 @@ class ByteLevelBpeTokenizer:
             if tid is not None:
                 ids.add(tid)
         return frozenset(ids)
-
-    @property
-    def special_ids(self) -> frozenset:
-        return frozenset(self._special_ids)
 
     # ---- encode / decode ---------------------------------------------------------------------------
     def encode(self, text: str, parse_special: bool = True, add_bos: Optional[bool] = None,
@@ -168,9 +150,6 @@ class ByteLevelBpeTokenizer:
         """(ids, [(start, end) character offsets]) of `text`, special tokens parsed."""
         encoding = self._tok.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
-
-    def __call__(self, text: str, **kwargs) -> List[int]:
-        return self.encode(text, **kwargs)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([self._check_id(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -216,12 +195,6 @@ class IncrementalBpeDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
-
-
-def _content(value: Any) -> Optional[str]:
-    if isinstance(value, Mapping):
-        return value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def _add_special_tokens(tok, config: Mapping[str, Any]) -> None:
