@@ -44,11 +44,15 @@ def learning_rate_at(step: int, base_lr: float, min_lr: float, warmup_steps: int
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s norm + eps (also train/step.TrainStep's in-graph factor)
+
+
 def clip_coefficient(norm: float, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)); max_norm <= 0 disables clipping."""
+    """torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (norm + CLIP_EPS)); max_norm <= 0 disables
+    clipping."""
     if max_norm <= 0:
         return 1.0
-    return min(1.0, max_norm / (norm + 1e-6))
+    return min(1.0, max_norm / (norm + CLIP_EPS))
 
 
 class AdamW(nn.Cell):

@@ -33,7 +33,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from telechat2_ms.kernels import squared_sum
-from telechat2_ms.train.optim import AdamW, clip_coefficient
+from telechat2_ms.train.optim import CLIP_EPS, AdamW, clip_coefficient
 
 
 class _Accumulation(NamedTuple):
@@ -62,13 +62,14 @@ class TrainStep:
 
         def whole_step(ids, mask, denominator, loss_scale, max_norm, lr, step_size, bc2_sqrt):
             """One optimizer step of one micro-batch (module docstring); max_norm [] is grad_clip (inf: no
-            clipping) -> (loss [], norm [] of the unscaled gradients)."""
+            clipping; the factor is optim.clip_coefficient's, in the graph) -> (loss [], norm [] of the unscaled
+            gradients)."""
             (loss, aux), grads = grad_fn(ids, mask, denominator, loss_scale)
             ops.assign_add(aux_total, ops.stop_gradient(aux))
             loss = loss / loss_scale
             norm = global_norm(grads) / loss_scale
             if ops.isfinite(loss) & ops.isfinite(norm):
-                optimizer(grads, lr, step_size, bc2_sqrt, ops.minimum(max_norm / (norm + 1e-6), 1.0) / loss_scale)
+                optimizer(grads, lr, step_size, bc2_sqrt, ops.minimum(max_norm / (norm + CLIP_EPS), 1.0) / loss_scale)
             return loss, norm
 
         def take_aux_loss():
