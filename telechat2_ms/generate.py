@@ -21,10 +21,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
 from telechat2_ms import kernels
-from telechat2_ms.layers import Attention, update_rows, use_blockwise_attention, write_rows
+from telechat2_ms.layers import Attention, kv_cache, update_rows, use_blockwise_attention, write_prompts
 from telechat2_ms.model import Telechat2ForCausalLM, layer_masks, mask_tensors
 from telechat2_ms.rope import rope_parameters
 from telechat2_ms.sampling import TokenSampler, greedy_tokens
@@ -94,10 +94,10 @@ class DecodeStep(nn.Cell):
 class CachedSteps(nn.Cell):
     """Prefill and decode for one batch size against per-layer K/V cache Parameters, updated in place.
 
-    Cache layout (telechat2_ms/layers.py, in-place form): layer i's keys and values are 2-D Parameters
-    `kv_cache.{i}.key` / `.value` [B*k*T, d], row (b*k + h)*T + t. `prefill` writes slots 0..P-1 and
-    `construct` (one decode step) writes slot `slot` ([1], or [B,1]: each row its own); both return
-    last-position logits [B,V] fp32. `prefill_rows` runs prompts packed into one sequence into their rows and
+    Cache layout (telechat2_ms/layers.py, in-place form): layer i's keys and values are Parameters
+    `kv_cache.{i}.key` / `.value` [B*k,T,d] (layers.kv_cache), row b*k + h. `prefill` writes slots 0..P-1 (zeros
+    after them) and `construct` (one decode step) writes slot `slot` ([1], or [B,1]: each row its own); both
+    return last-position logits [B,V] fp32. `prefill_rows` runs prompts packed into one sequence into their rows and
     `head_rows` the head over the last positions of several (serving/engine.py).
     Steps that may be compiled: experts split over ep dispatch with shapes independent of the routing."""
 
@@ -113,44 +113,38 @@ class CachedSteps(nn.Cell):
             if isinstance(cell, Attention):
                 cell.features_first = False
         head_dim = model.config.head_dim
-        caches = []
         self.kv_heads = self.model.layers[0].attention.local_kv_heads  # local count under tensor parallel
-        for i, layer in enumerate(self.model.layers):
-            kv_heads = layer.attention.local_kv_heads
-            zeros = np.zeros((batch * kv_heads * slots, head_dim), ms.dtype_to_nptype(model.compute_dtype))
-            caches += [Parameter(Tensor(zeros), name=f"kv_cache.{i}.{part}", requires_grad=False)
-                       for part in ("key", "value")]
-        self.cache_params = ms.ParameterTuple(caches)
+        self.cache_params = ms.ParameterTuple(
+            [kv_cache(batch * layer.attention.local_kv_heads, slots, head_dim, model.compute_dtype,
+                      f"kv_cache.{i}.{part}") for i, layer in enumerate(self.model.layers) for part in ("key", "value")])
         self.num_layers = len(self.model.layers)
         self.slots = slots
 
     def _caches(self):
-        """Per layer (keys, values, slots per row): a step whose mask has fewer slots reads only those."""
-        return tuple((self.cache_params[2 * i], self.cache_params[2 * i + 1], self.slots)
-                     for i in range(self.num_layers))
+        """Per layer (keys, values): a step whose mask has fewer slots than the cache reads only those."""
+        return tuple((self.cache_params[2 * i], self.cache_params[2 * i + 1]) for i in range(self.num_layers))
 
     def prefill(self, input_ids, position_ids, allowed, inv_freq, mscale, first_row):
         """input_ids/position_ids [c,P], allowed [c,1,P,P], first_row [] int32 -> logits [c,V]; the K/V of the c
-        prompts land in slots 0..P-1 of cache rows first_row .. first_row + c - 1 (Generator prefills a batch
+        prompts land in slots 0..P-1 of cache rows first_row .. first_row + c - 1, zeros after them (Generator prefills a batch
         prefill_rows_per_call rows at a time)."""
         hidden, kvs = self.model(input_ids, position_ids, allowed, inv_freq, mscale)
-        slots = ops.arange(0, input_ids.shape[1], dtype=ms.int32)  # [P]
         for i in range(self.num_layers):
-            write_rows(self.cache_params[2 * i], kvs[i][0], slots, self.slots, first_row)
-            write_rows(self.cache_params[2 * i + 1], kvs[i][1], slots, self.slots, first_row)
+            write_prompts(self.cache_params[2 * i], kvs[i][0], first_row)
+            write_prompts(self.cache_params[2 * i + 1], kvs[i][1], first_row)
         return last_logits(self.lm_head, hidden)  # [c,V]
 
-    def prefill_rows(self, input_ids, position_ids, allowed, inv_freq, mscale, rows):
+    def prefill_rows(self, input_ids, position_ids, allowed, inv_freq, mscale, index):
         """Prompts packed into one sequence, each into its cache row: input_ids/position_ids [1,P], allowed
-        [1,1,P,P] (each prompt causal within itself), rows [k*P] int32 (the cache row of every (head, token)
-        pair, head-major) -> the final hidden states [P,H] (the head runs once over the last position of every
-        prompt admitted together: head_rows)."""
+        [1,1,P,P] (each prompt causal within itself), index [k*P,2] int32 (the cache row and slot of every
+        (head, token) pair, head-major) -> the final hidden states [P,H] (the head runs once over the last
+        position of every prompt admitted together: head_rows)."""
         hidden, kvs = self.model(input_ids, position_ids, allowed, inv_freq, mscale)
         dim = kvs[0][0].shape[-1]
         for i in range(self.num_layers):
             for part in range(2):
                 new = ops.cast(ops.reshape(kvs[i][part], (-1, dim)), self.cache_params[2 * i + part].dtype)
-                update_rows(self.cache_params[2 * i + part], rows, new)
+                update_rows(self.cache_params[2 * i + part], index, new)
         return ops.reshape(hidden, (hidden.shape[1], hidden.shape[2]))
 
     def head_rows(self, hidden):

@@ -117,7 +117,8 @@ ATTENTION_MAX_SCORES = 1 << 23  # query rows x keys of one block per head (longe
 def attention(q, k, v, allowed, use_fused: bool = False, blockwise=None, grad_softmax: bool = False):
     """Scaled dot-product attention with GQA.
 
-    q [B,n,S,d], k/v [B,k,T,d], allowed [B,1,S,T] bool (True = may attend) -> out [B,n,S,d].
+    q [B,n,S,d], k/v [B,k,T,d] (or [B*k,T,d]: an in-place cache as it lies, layers.kv_cache), allowed [B,1,S,T]
+    bool (True = may attend) -> out [B,n,S,d].
     Query head j uses kv head j // g. Queries are scaled by 1/sqrt(d) before QK^T (exact when d is a power of 4,
     ~1e-7 relative otherwise); scores are masked and soft-maxed in fp32. A causal call (S = T, every caller's
     mask is causal: prefill, training, scoring) of S >= 2 x ATTENTION_BLOCK runs blockwise (`blockwise`, the
@@ -129,20 +130,24 @@ def attention(q, k, v, allowed, use_fused: bool = False, blockwise=None, grad_so
     against 31.6 ms with the plain softmax).
     """
     batch, n_heads, seq, dim = q.shape
-    kv_heads = k.shape[1]
+    stacked = len(k.shape) == 3  # [B*k,T,d]
+    kv_heads = k.shape[0] // batch if stacked else k.shape[1]
     group = n_heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
-    if blockwise is not None and not use_fused and seq == k.shape[2] and seq >= 2 * ATTENTION_BLOCK:
+    if blockwise is not None and not use_fused and not stacked and seq == k.shape[2] and seq >= 2 * ATTENTION_BLOCK:
         return blockwise(q, k, v, allowed)
+    if use_fused and stacked:
+        k = ops.reshape(k, (batch, kv_heads) + k.shape[1:])
+        v = ops.reshape(v, (batch, kv_heads) + v.shape[1:])
     if use_fused:
         k_rep = ops.repeat_interleave(k, group, 1) if group > 1 else k
         v_rep = ops.repeat_interleave(v, group, 1) if group > 1 else v
         masked = ops.logical_not(allowed).astype(ms.uint8)  # 1 = masked, [B,1,S,T]
         return ops.flash_attention_score(q, k_rep, v_rep, n_heads, attn_mask=masked, scalar_value=scale,
                                          input_layout="BNSD")
-    qg = ops.reshape(q * scale, (batch, kv_heads, group * seq, dim))  # [B,k,g*S,d]
-    scores = ops.cast(ops.BatchMatMul(transpose_b=True)(qg, k), ms.float32)  # [B,k,g*S,T]
-    scores = scores + masking_bias(allowed, kv_heads, group, batch)  # masked keys -> fp32 min
+    qg = ops.reshape(q * scale, k.shape[:-2] + (group * seq, dim))  # [B,k,g*S,d] or [B*k,g*S,d]
+    scores = ops.cast(ops.BatchMatMul(transpose_b=True)(qg, k), ms.float32)  # [B,k,g*S,T] or [B*k,g*S,T]
+    scores = scores + ops.reshape(masking_bias(allowed, kv_heads, group, batch), scores.shape)  # masked: fp32 min
     probs = softmax(scores, grad_softmax)
     out = ops.BatchMatMul()(ops.cast(probs, v.dtype), v)  # [B,k,g*S,d]
     return ops.reshape(out, (batch, n_heads, seq, dim))

@@ -183,24 +183,21 @@ class Attention(nn.Cell):
         K/V are written into the cache first and attention runs over all T slots, in one of two forms:
         - functional: k_cache/v_cache [B,k,T,d] tensors and `write_slots` [S,T] float one-hot (row i marks the
           slot of token i); returns updated copies;
-        - in place (generation's fast path): k_cache/v_cache 2-D Parameters [R*k*T, d] (row (b*k + h)*T + t,
-          R >= B cache rows) and `write_slots` [S] or [B,S] int32 slot indices; the S new rows per (b, h) are
-          scattered into the Parameters (no copy of the cache) and attention reads the first B rows as
-          [B,k,W,d]: the first W = allowed's last axis slots of each row. The slots per row T are the cache's
-          third entry (k_cache, v_cache, T) when W < T (serving: a decode step reads only the slots its rows
-          use), else W.
-        Returns (out [B,S,H], (k, v)): the updated cache ([B,k,W,d]) or, without a cache, this call's K/V ([k,d,S]
-        from the features-first training form, _features_first).
+        - in place (generation's fast path): k_cache/v_cache Parameters [R*k,T,d] (kv_cache: row b*k + h, R >= B
+          cache rows) and `write_slots` [S] or [B,S] int32 slot indices; the S new entries per (b, h) are
+          scattered into the Parameters (update_rows) and attention reads the first B rows as [B*k,W,d]: the
+          first W = allowed's last axis slots of each row (serving: a decode step reads only the slots its rows
+          use).
+        Returns (out [B,S,H], (k, v)): the updated cache ([B*k,W,d] in place, [B,k,T,d] functional) or, without a
+        cache, this call's K/V ([B,k,S,d]; [k,d,S] from the features-first training form, _features_first).
         """
         if self.features_first and cache is None and x.shape[0] == 1 and self.ring is None and not self.use_fused \
                 and (self.blockwise is None or x.shape[1] < 2 * kernels.ATTENTION_BLOCK):
             return self._features_first(x, cos, sin, allowed)
         q, k, v = self.project_qkv(x, cos, sin)
         if cache is not None:
-            window = allowed.shape[-1]
-            slots = cache[2] if len(cache) > 2 else window
-            k = _write_cache(cache[0], k, write_slots, slots, window)
-            v = _write_cache(cache[1], v, write_slots, slots, window)
+            k = _write_cache(cache[0], k, write_slots, allowed.shape[-1])
+            v = _write_cache(cache[1], v, write_slots, allowed.shape[-1])
         return self.wo(self.attend(q, k, v, allowed)), (k, v)
 
     def _features_first(self, x, cos, sin, allowed):
@@ -282,59 +279,88 @@ def use_training_kernels(model, compiled: bool = True) -> None:
             cell.head_views = compiled  # the calls features-first does not take
 
 
-def _write_cache(cache, new, write_slots, num_slots: int, window: int):
-    """Write new [B,k,S,d] into a cache (the two forms of Attention.construct) -> the cache as [B,k,W,d] (the
-    functional form: W = T). Functional form: exact, every output is either the old value or one new value
-    times 1 plus zeros."""
-    if len(cache.shape) == 2:
-        return scatter_rows(cache, new, write_slots, num_slots, window)
+def _write_cache(cache, new, write_slots, window: int):
+    """Write new [B,k,S,d] into a cache (the two forms of Attention.construct) -> the cache as [B*k,W,d] (in
+    place) or [B,k,T,d] (the functional form: exact, every output is either the old value or one new value
+    times 1 plus zeros)."""
+    if len(cache.shape) == 3:
+        return scatter_rows(cache, new, write_slots, window)
     keep = 1.0 - ops.reduce_sum(write_slots, 0)  # [T]: 0 where a new token lands
     placed = ops.matmul(ops.cast(ops.transpose(write_slots, (1, 0)), new.dtype), new)  # [T,S]@[B,k,S,d]->[B,k,T,d]
     return cache * ops.reshape(ops.cast(keep, cache.dtype), (1, 1, -1, 1)) + placed
 
 
-def update_rows(cache, rows, values):
-    """cache Parameter [N, d], rows [n] int32, values [n, d] -> the Parameter with those rows replaced, in place.
-    A ScatterUpdate along axis 0 does not copy the whole Parameter on CPU (ScatterNdUpdate does: a decode step's
-    24 writes of 12 rows into bench_100m's caches 0.4-0.6 ms against 4.0-4.2), but it moves each row on its own:
-    from a quarter of the Parameter's rows on, ScatterNdUpdate's copy is cheaper (a 512-token prefill's 24
-    writes into caches of 640 slots 25.6-25.9 ms against 8.3-9.0, of 4096 tokens into 8192 slots 203 ms against
-    135, peak RSS +25 MiB: one copy's buffer, reused; scratch timings, MindSpore 2.10 on a 2-core EPYC)."""
-    if 4 * rows.shape[0] >= cache.shape[0]:
-        return ops.scatter_nd_update(cache, ops.reshape(rows, (-1, 1)), values)
-    return ops.scatter_update(cache, rows, values)
+def kv_cache(rows: int, slots: int, head_dim: int, dtype, name: str) -> Parameter:
+    """An in-place cache Parameter of zeros [rows, slots, d] (rows: batch rows x kv heads, row b*k + h; the
+    layout the decode step's batched matmuls read as it lies: reading it through a reshape copies it whole on
+    CPU, 0.66 ms a read at 8 x 12 x 640 x 64 fp32, 15.7 ms of bench_100m's ~58 ms decode step at 8 rows)."""
+    return Parameter(Tensor(np.zeros((rows, slots, head_dim), ms.dtype_to_nptype(dtype))), name=name,
+                     requires_grad=False)
 
 
-def write_rows(cache, new, slots, num_slots: int, first_row=0):
-    """In-place cache write: cache Parameter [R*k*T, d] (row (b*k + h)*T + t, T = num_slots), new [B,k,S,d] into
-    cache rows first_row .. first_row + B - 1 (first_row an int or a [] int32 Tensor), slots [S] int32 (the same
-    slots for every row) or [B,S] (each row its own) -> the updated Parameter (update_rows: the in-place
-    scatters work along axis 0, hence the 2-D layout)."""
+# Writes of fewer pairs than the cache's (row, slot) entries / OVERWRITE_RATIO take the two in-place scatters
+# (update_rows); the per-pair scatters cost about as much per pair as ScatterNdUpdate's copy per 25 entries
+# (scratch, 2-core Xeon, [96, 640, 64] fp32: 0.6 us a pair against a 1.4 ms copy).
+OVERWRITE_RATIO = 25
+
+
+def update_rows(cache, index, values):
+    """cache Parameter [N,T,d], index [n,2] int32 (cache row, slot) pairs, values [n,d] -> the Parameter with
+    those entries replaced, in place. ScatterNdUpdate copies the whole Parameter on CPU (24 writes of 96 pairs
+    into [96, 640, 64]: 34 ms); a ScatterNdMin with -inf followed by a ScatterNdMax with the values writes in
+    place (3.1 ms) and leaves exactly the values, infinities and NaNs included (max(-inf, x) = x; on CPU min
+    (NaN, -inf) = -inf), but it moves each pair on its own: from 1 / OVERWRITE_RATIO of the entries on the
+    copy is cheaper (a 512-token prefill of 8 rows: 113 ms against 768)."""
+    if OVERWRITE_RATIO * index.shape[0] >= cache.shape[0] * cache.shape[1]:
+        return ops.scatter_nd_update(cache, index, values)
+    ops.scatter_nd_min(cache, index, ops.full(values.shape, -math.inf, dtype=values.dtype))  # side effects on a
+    return ops.scatter_nd_max(cache, index, values)  # Parameter run in the order written, compiled too
+
+
+def write_rows(cache, new, slots):
+    """In-place cache write: cache Parameter [R*k,T,d] (row b*k + h), new [B,k,S,d] into cache rows 0 .. B - 1,
+    slots [S] int32 (the same slots for every row) or [B,S] (each row its own) -> the updated Parameter
+    (update_rows)."""
     batch, heads, seq, dim = new.shape
-    first_rows = ops.arange(0, batch * heads, dtype=ms.int32)  # [B*k]
+    rows = ops.broadcast_to(ops.reshape(ops.arange(0, batch * heads, dtype=ms.int32), (batch, heads, 1)),
+                            (batch, heads, seq))
+    slots = ops.broadcast_to(ops.reshape(slots, (-1, 1, seq)), (batch, heads, seq))
+    index = ops.reshape(ops.stack((rows, slots), -1), (-1, 2))  # [B*k*S, 2]
+    return update_rows(cache, index, ops.reshape(ops.cast(new, cache.dtype), (-1, dim)))
+
+
+def write_prompts(cache, new, first_row=0):
+    """The prefill's cache write: new [B,k,P,d] into slots 0 .. P-1 of cache rows first_row .. first_row + B - 1
+    (an int or a [] int32 Tensor), whose slots from P on become zeros (the decode steps write each of them before
+    it is attended) -> the updated Parameter. Whole rows, [T,d] each, go in by a ScatterUpdate along axis 0,
+    which writes in place: a 512-token prompt into one of 8 rows of bench_100m's caches 0.76 ms a write, against
+    1.7 ms for update_rows, which copies the whole cache (profiler, 2-core Xeon)."""
+    batch, heads, seq, dim = new.shape
+    slots = cache.shape[1]
+    rows = ops.reshape(ops.cast(new, cache.dtype), (batch * heads, seq, dim))
+    if seq < slots:
+        rows = ops.concat((rows, ops.zeros((batch * heads, slots - seq, dim), cache.dtype)), 1)  # [B*k,T,d]
+    index = ops.arange(0, batch * heads, dtype=ms.int32)
     if not isinstance(first_row, int) or first_row:
-        first_rows = first_rows + first_row * heads
-    first_rows = ops.reshape(first_rows * num_slots, (batch, heads, 1))  # [B,k,1]
-    rows = ops.reshape(first_rows + ops.reshape(slots, (-1, 1, seq)), (-1,))  # [B*k*S]
-    return update_rows(cache, rows, ops.reshape(ops.cast(new, cache.dtype), (-1, dim)))  # [R*k*T,d]
+        index = index + first_row * heads
+    return ops.scatter_update(cache, index, rows)
 
 
-def scatter_rows(cache, new, slots, num_slots: int = 0, window: int = 0):
-    """write_rows into the first B <= R rows, then those rows read back: num_slots T (default: the cache holds
-    exactly B rows), window W <= T (default T) -> the first W slots of the first B rows of the updated cache as
-    [B,k,W,d] (the reshape back is a view; when B < R or W < T, what is read is copied)."""
-    batch, heads, _, dim = new.shape
-    num_slots = num_slots or cache.shape[0] // (batch * heads)
-    window = window or num_slots
-    updated = write_rows(cache, new, slots, num_slots)
-    if updated.shape[0] == batch * heads * num_slots and window == num_slots:
-        return ops.reshape(updated, (batch, heads, num_slots, dim))
-    if window == num_slots:
-        return ops.reshape(updated[:batch * heads * num_slots], (batch, heads, num_slots, dim))
-    # a gather of the window's rows: a [:B*k, :W] slice of [R*k,T,d] is a StridedSlice, ~3x slower on CPU
-    first_rows = ops.arange(0, batch * heads, dtype=ms.int32) * num_slots  # [B*k]
-    keep = ops.reshape(ops.reshape(first_rows, (-1, 1)) + ops.arange(0, window, dtype=ms.int32), (-1,))  # [B*k*W]
-    return ops.reshape(ops.gather(updated, keep, 0), (batch, heads, window, dim))
+def scatter_rows(cache, new, slots, window: int = 0):
+    """write_rows into the first B <= R rows, then those rows read back: window W <= T (default T) -> the first
+    W slots of the first B rows of the updated cache as [B*k,W,d]: the Parameter itself when B = R and W = T,
+    else sliced (a copy), one axis at a time, the axis that leaves fewer entries first (a [:B*k, :W] slice of
+    both axes at once runs ~40x slower on CPU: 16 reads of 16 of 32 rows' first 256 of 1025 slots, [64, 1025,
+    64] each, took 234 ms against 6.1 ms; scratch, 2-core Xeon)."""
+    rows, window = new.shape[0] * new.shape[1], window or cache.shape[1]
+    updated = write_rows(cache, new, slots)
+    if rows < cache.shape[0] and rows * cache.shape[1] <= cache.shape[0] * window:
+        updated = updated[:rows]
+    if window < cache.shape[1]:
+        updated = updated[:, :window]
+    if rows < updated.shape[0]:
+        updated = updated[:rows]
+    return updated
 
 
 class FeedForward(nn.Cell):

@@ -190,3 +190,54 @@ def test_decode_compiles_once_per_batch_size(model, family):
     assert sizes[2] == sizes[-1], sizes  # after the first decode step: no compilation per token
     generator.generate([p[::-1] for p in _prompts()[:2]], gen)
     assert len(api.ms_compile_cache) == sizes[-1]
+
+
+@pytest.mark.parametrize("pairs", [3, 40])  # of 240 entries: 3 the two in-place scatters, 40 ScatterNdUpdate's copy
+def test_in_place_cache_writes_are_exact(pairs):
+    """layers.update_rows (compiled, as the steps run it) leaves exactly the new values at its (row, slot) pairs,
+    bit for bit, whatever was there (inf, NaN, -0.0 on either side), and every other entry as it was;
+    write_prompts fills slots 0..P-1 of its rows and zeros after them; scatter_rows reads the first B rows'
+    first W slots back as [B*k,W,d] (the slots first, then the rows, and the rows alone)."""
+    from mindspore import ops
+    from telechat2_ms.layers import kv_cache, scatter_rows, update_rows, write_prompts
+    rng = np.random.default_rng(3)
+    cache = kv_cache(6, 40, 4, ms.float32, "c")  # [6,40,4]: 240 (row, slot) entries
+    old = rng.standard_normal((6, 40, 4)).astype(np.float32)
+    old[0, 0, :3] = [np.inf, np.nan, -0.0]
+    cache.set_data(Tensor(old))
+    index = np.stack(np.unravel_index(rng.permutation(240)[:pairs], (6, 40)), 1).astype(np.int32)
+    index[0] = (0, 0)
+    values = rng.standard_normal((pairs, 4)).astype(np.float32)
+    values[1, :3] = [-np.inf, np.nan, -0.0]
+    def update(i, v):
+        return update_rows(cache, i, v)
+
+    def prompts(n, r):
+        return write_prompts(cache, n, r)
+
+    def decode(n, s):
+        return scatter_rows(cache, n, s, 7)
+
+    def whole(n, s):
+        return scatter_rows(cache, n, s)
+
+    ms.jit(update)(Tensor(index), Tensor(values))
+    want = old.copy()
+    want[index[:, 0], index[:, 1]] = values
+    assert np.array_equal(cache.asnumpy().view(np.int32), want.view(np.int32))
+
+    new = rng.standard_normal((1, 2, 5, 4)).astype(np.float32)  # [B,k,P,d]: one prompt into batch row 1
+    ms.jit(prompts)(Tensor(new), Tensor(np.int32(1)))
+    want[2:4, :5], want[2:4, 5:] = new[0], 0.0
+    assert np.array_equal(cache.asnumpy().view(np.int32), want.view(np.int32))
+
+    step = rng.standard_normal((2, 2, 1, 4)).astype(np.float32)  # rows 0 and 1 of a 3-row cache, slot 5 and 6
+    read = ms.jit(decode)(Tensor(step), Tensor(np.array([[5], [6]], np.int32)))
+    want[[0, 1], 5], want[[2, 3], 6] = step[0, :, 0], step[1, :, 0]
+    assert np.array_equal(cache.asnumpy().view(np.int32), want.view(np.int32))
+    assert np.array_equal(read.asnumpy().view(np.int32), want[:4, :7].view(np.int32))
+    assert ops.shape(read) == (4, 7, 4)
+    read = ms.jit(whole)(Tensor(step[:1]), Tensor(np.array([7], np.int32)))  # row 0, slot 7, every slot
+    want[[0, 1], 7] = step[0, :, 0]
+    assert np.array_equal(cache.asnumpy().view(np.int32), want.view(np.int32))
+    assert np.array_equal(read.asnumpy().view(np.int32), want[:2].view(np.int32))

@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Tensor, ops
 
 from telechat2_ms.generate import last_logits
-from telechat2_ms.layers import scatter_rows
+from telechat2_ms.layers import kv_cache, write_prompts
 from telechat2_ms.parallel import comm
 
 
@@ -35,17 +35,13 @@ class PipelineCachedSteps:
         self.layers = [self.backbone.layers[i] for i in range(first, end)]
         cfg = model.config
         self.hidden_size, self.vocab_size, self.dtype = cfg.hidden_size, cfg.vocab_size, model.compute_dtype
-        head_dim = cfg.head_dim
-        self.caches = []
-        for i, layer in zip(range(first, end), self.layers):
-            kv_heads = layer.attention.local_kv_heads  # local count under tensor parallel
-            zeros = np.zeros((batch * kv_heads * slots, head_dim), ms.dtype_to_nptype(self.dtype))
-            self.caches.append(tuple(Parameter(Tensor(zeros), name=f"kv_cache.{i}.{part}", requires_grad=False)
-                                     for part in ("key", "value")))
+        self.caches = [tuple(kv_cache(batch * layer.attention.local_kv_heads, slots, cfg.head_dim, self.dtype,
+                                      f"kv_cache.{i}.{part}") for part in ("key", "value"))
+                       for i, layer in zip(range(first, end), self.layers)]  # local kv heads under tensor parallel
 
     def _forward(self, ids, position_ids, allowed, inv_freq, mscale, slot=None):
         """-> last-position logits [B,V] fp32 on the last stage (zeros elsewhere). Without `slot` (prefill) the
-        layers' K/V land in cache slots 0..P-1; with it (decode) attention runs over the caches."""
+        layers' K/V land in cache slots 0..P-1 (layers.write_prompts); with it (decode) attention runs over the caches."""
         batch, seq = ids.shape
         cos, sin = self.backbone.rotary(position_ids, inv_freq, mscale)  # [B,1,S,d]
         h = self.backbone.tok_embeddings(ids) if self.first else ops.zeros((batch, seq, self.hidden_size), self.dtype)
@@ -54,9 +50,8 @@ class PipelineCachedSteps:
                 for layer, (key, value) in zip(self.layers, self.caches):
                     if slot is None:
                         h, kv = layer(h, cos, sin, allowed)
-                        slots = ops.arange(0, seq, dtype=ms.int32)  # [P]
-                        scatter_rows(key, kv[0], slots)
-                        scatter_rows(value, kv[1], slots)
+                        write_prompts(key, kv[0])
+                        write_prompts(value, kv[1])
                     else:
                         h, _ = layer(h, cos, sin, allowed, (key, value), slot)
             if k < self.pp - 1:

@@ -240,11 +240,12 @@ class Runner:
         allowed = (segment[:, None] == segment[None, :]) & np.tril(np.ones((padded, padded), bool))  # [P,P]
         row = np.asarray(rows)[np.maximum(segment, 0)]  # pads: the first prompt's row (its scratch slot)
         heads = self.steps.kv_heads
-        cache_rows = (row[None] * heads + np.arange(heads)[:, None]) * self.slots + slot[None]  # [k,P]
+        cache_rows = row[None] * heads + np.arange(heads)[:, None]  # [k,P]
+        index = np.stack(np.broadcast_arrays(cache_rows, slot[None]), -1).reshape(-1, 2)  # [k*P, 2] (row, slot)
         inv_freq, mscale = self._rope_tensors[self.rope_key(int(lengths[0]))]
         masks = mask_tensors(layer_masks(self.cfg, allowed[None, None], np.arange(padded), padded))
         hidden = self.prefill_fn(Tensor(ids), Tensor(np.where(segment < 0, 0, slot)[None].astype(np.int32)), masks,
-                                 inv_freq, mscale, Tensor(cache_rows.reshape(-1).astype(np.int32)))  # [P,H]
+                                 inv_freq, mscale, Tensor(index.astype(np.int32)))  # [P,H]
         self._prefilled.append(ops.gather(hidden, Tensor((np.cumsum(lengths) - 1).astype(np.int32)), 0))
 
     def head(self):
