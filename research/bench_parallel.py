@@ -120,12 +120,9 @@ def main(argv=None) -> int:
     if args.batch < 2 or args.batch % 2 or args.steps < 1 or args.warm_up < 1 or args.threads < 1:
         p.error("--batch must be even and >= 2, --steps, --warm-up, --threads >= 1")
 
-    import platform
+    from telechat2_ms.cpu import cpu_info
 
-    cpu = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    cpu = cpu_info()[0]
     results: Dict[str, Dict[str, Dict]] = {}
     for layout in args.layouts:
         for mode in args.modes:

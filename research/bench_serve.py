@@ -20,7 +20,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -170,20 +169,11 @@ def serve(name: str, command: List[str], base: str, model: str, args, log_path: 
 
 
 def cpu_description() -> str:
-    model, flags = platform.processor(), ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = " ".join(x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "amx")))
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores; {flags})"
+    from telechat2_ms.cpu import cpu_info
+
+    model, flags = cpu_info()
+    vector = " ".join(sorted(x for x in flags if x.startswith(("avx", "amx"))))
+    return f"{model} ({os.cpu_count()} cores; {vector})"
 
 
 def main(argv=None) -> int:

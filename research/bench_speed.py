@@ -62,6 +62,7 @@ from typing import Dict, List
 import numpy as np
 
 from telechat2_ms.config import ConfigError, get_config
+from telechat2_ms.cpu import cpu_info
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_ORDINARY_ID = 13  # ids 0-12 are TeleChat2's special tokens; prompts use ordinary ids only
@@ -244,18 +245,7 @@ ms.ops.MatMul(transpose_b=True)(a, a).asnumpy()
 
 def cpu_description() -> Dict:
     """CPU model name and which of VECTOR_FLAGS it has (from /proc/cpuinfo; empty elsewhere)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
+    model, flags = cpu_info()
     return {"model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
 
 

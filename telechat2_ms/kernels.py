@@ -13,6 +13,8 @@ import math
 import mindspore as ms
 from mindspore import nn, ops
 
+from telechat2_ms.cpu import cpu_info
+
 _NEG_INF = float(-3.4028234663852886e38)  # fp32 min, as the official masked_fill(dtype-min)
 
 
@@ -22,15 +24,18 @@ def cast_to(x, dtype):
     return x if x.dtype == dtype else ops.cast(x, dtype)
 
 
-SWAP_ROWS = (16, 96)  # the row counts weight_matmul computes as (W x^T)^T on CPU (build.setup_device: () elsewhere)
+# the row counts weight_matmul computes as (W x^T)^T on CPU (build.setup_device: () on other devices)
+SWAP_ROWS = (4, 64) if "avx512f" in cpu_info()[1] else (16, 96)
 
 
 def weight_matmul(matmul, x2d, weight):
-    """x2d [N, in] @ weight [out, in]^T with `matmul`, a MatMul(transpose_b=True). From 16 to 96 rows (a serving
-    decode step of 16-64 rows, a short prompt's prefill) and out <= 8192 it computes (weight @ x2d^T)^T instead:
-    there oneDNN runs x @ W^T with its gemm:jit kernel on the transposed weight 2-4x slower than the same
-    product taken the other way round (MindSpore 2.10 on CPU, 512 -> 1408 at 32 rows: 1.05 vs 0.57 ms); with
-    few rows, many rows or the vocabulary-sized head the usual form is as fast or faster."""
+    """x2d [N, in] @ weight [out, in]^T with `matmul`, a MatMul(transpose_b=True). For N within SWAP_ROWS (a decode
+    step of several rows, a short prompt's prefill) and out <= 8192 it computes (weight @ x2d^T)^T instead: there
+    oneDNN runs x @ W^T on the transposed weight up to 2-4x slower than the same product taken the other way round
+    (MindSpore 2.10, scratch timings of bench_100m's layer shapes). On a 2-core AVX2 EPYC from 16 to 96 rows (512
+    -> 1408 at 32 rows: 1.05 vs 0.57 ms); on a 2-core AVX-512 Xeon from 4 to 64 rows (768 -> 2048 at 8 rows: 0.57
+    vs 0.33 ms; at 3 rows 0.13 vs 0.32, at 128 1.11 vs 1.22). With fewer or more rows, or the vocabulary-sized
+    head, the usual form is as fast or faster."""
     rows, out = x2d.shape[0], weight.shape[0]
     if SWAP_ROWS and SWAP_ROWS[0] <= rows <= SWAP_ROWS[1] and out <= 8192:
         return ops.transpose(matmul(weight, x2d), (1, 0))
