@@ -196,7 +196,7 @@ def test_decode_compiles_once_per_batch_size(model, family):
 def test_in_place_cache_writes_are_exact(pairs):
     """layers.update_rows (compiled, as the steps run it) leaves exactly the new values at its (row, slot) pairs,
     bit for bit, whatever was there (inf, NaN, -0.0 on either side), and every other entry as it was;
-    write_prompts fills slots 0..P-1 of its rows and zeros after them; scatter_rows reads the first B rows'
+    write_prompts fills slots 0..P-1 of its rows (some or all) and zeros after them; scatter_rows reads the first B rows'
     first W slots back as [B*k,W,d] (the slots first, then the rows, and the rows alone)."""
     from mindspore import ops
     from telechat2_ms.layers import kv_cache, scatter_rows, update_rows, write_prompts
@@ -241,3 +241,8 @@ def test_in_place_cache_writes_are_exact(pairs):
     want[[0, 1], 7] = step[0, :, 0]
     assert np.array_equal(cache.asnumpy().view(np.int32), want.view(np.int32))
     assert np.array_equal(read.asnumpy().view(np.int32), want[:2].view(np.int32))
+
+    every = rng.standard_normal((3, 2, 5, 4)).astype(np.float32)  # every row at once (an Assign)
+    ms.jit(prompts)(Tensor(every), Tensor(np.int32(0)))
+    want[:, :5], want[:, 5:] = every.reshape(6, 5, 4), 0.0
+    assert np.array_equal(cache.asnumpy().view(np.int32), want.view(np.int32))
