@@ -118,7 +118,6 @@ class CachedSteps(nn.Cell):
             [kv_cache(batch * layer.attention.local_kv_heads, slots, head_dim, model.compute_dtype,
                       f"kv_cache.{i}.{part}") for i, layer in enumerate(self.model.layers) for part in ("key", "value")])
         self.num_layers = len(self.model.layers)
-        self.slots = slots
 
     def _caches(self):
         """Per layer (keys, values): a step whose mask has fewer slots than the cache reads only those."""
