@@ -92,20 +92,20 @@ def rms_norm(x, weight, eps: float, use_fused: bool = False):
 
 
 def swap_halves(x, axis: int = -1):
-    """[x1, x2] -> [x2, x1] on `axis`, -1 or 1 (halves of the head dim; _halves)."""
+    """[x1, x2] -> [x2, x1] on `axis`, -1 or 2 (halves of the head dim; _halves)."""
     half = x.shape[axis] // 2
     return ops.concat((_halves(x, axis, half, x.shape[axis]), _halves(x, axis, 0, half)), axis)
 
 
 def _halves(x, axis: int, start: int, stop: int):
-    """x[..., start:stop] on the last axis, x[:, start:stop] on axis 1 (the features-first heads, [h,d,S])."""
-    return x[..., start:stop] if axis == -1 else x[:, start:stop]
+    """x[..., start:stop] on the last axis, x[:, :, start:stop] on axis 2 (the features-first heads, [B,h,d,S])."""
+    return x[..., start:stop] if axis == -1 else x[:, :, start:stop]
 
 
 def apply_rope(x, cos, sin, use_fused: bool = False, axis: int = -1):
     """x [B,h,S,d], cos/sin [B,1,S,d] fp32 -> x * cos + rotate_half(x) * sin in x.dtype, where rotate_half
-    [x1, x2] -> [-x2, x1] (NeoX convention); with axis=1 the heads features-first, x [h,d,S] and the tables
-    [1,d,S]. The sign goes on the small sin table instead of x: rotate_half(x) * sin = swap_halves(x) *
+    [x1, x2] -> [-x2, x1] (NeoX convention); with axis=2 the heads features-first, x [B,h,d,S] and the
+    tables [B,1,d,S]. The sign goes on the small sin table instead of x: rotate_half(x) * sin = swap_halves(x) *
     [-sin1, sin2], the same numbers (a negation is exact): the negation runs on the table, not on x."""
     if use_fused:
         return ops.rotary_position_embedding(x, ops.cast(cos, x.dtype), ops.cast(sin, x.dtype), 0)

@@ -135,7 +135,7 @@ class Attention(nn.Cell):
         self.use_fused = use_fused
         self.blockwise = None  # use_blockwise_attention: long causal calls blockwise (kernels.attention)
         self.head_views = False  # use_training_kernels: the heads' transposes as strided views (compiled training)
-        self.features_first = False  # use_training_kernels: a one-row training call's heads as [h,d,S] (_features_first)
+        self.features_first = False  # use_training_kernels: a training call's heads as [B*h,d,S] (_features_first)
         self.grad_softmax = False  # use_training_kernels: kernels.LastAxisSoftmax (training)
         self.ring = None  # context parallel: RingAttention (attend)
 
@@ -195,9 +195,9 @@ class Attention(nn.Cell):
           first W = allowed's last axis slots of each row (serving: a decode step reads only the slots its rows
           use).
         Returns (out [B,S,H], (k, v)): the updated cache ([B*k,W,d] in place, [B,k,T,d] functional) or, without a
-        cache, this call's K/V ([B,k,S,d]; [k,d,S] from the features-first training form, _features_first).
+        cache, this call's K/V ([B,k,S,d]; [B*k,d,S] from the features-first training form, _features_first).
         """
-        if self.features_first and cache is None and x.shape[0] == 1 and self.ring is None and not self.use_fused \
+        if self.features_first and cache is None and self.ring is None and not self.use_fused \
                 and (self.blockwise is None or x.shape[1] < 2 * kernels.ATTENTION_BLOCK):
             return self._features_first(x, cos, sin, allowed)
         q, k, v = self.project_qkv(x, cos, sin)
@@ -207,47 +207,65 @@ class Attention(nn.Cell):
         return self.wo(self.attend(q, k, v, allowed)), (k, v)
 
     def _features_first(self, x, cos, sin, allowed):
-        """The training call of one batch row (no cache, dense, one kv head per query head: use_training_kernels)
-        with the heads features-first, [h,d,S], so that no Transpose and no strided view runs: q^T = Wq x^T (the
-        projection's swapped form) and k^T, v^T likewise, rotary along d, scores = (q^T)^T k^T, out^T = v^T P^T
-        (batched matmuls with transposed operands), y = (out^T)^T Wo^T. In a compiled CPU graph the Transposes
-        hold about 2x their outputs for the whole graph, and a view's consumer copies it strided, single-threaded
-        (README Performance, the training step). Several rows would each need their own products and a Stack of
-        the outputs, which held more memory than the views (bench_100m at 4 x 512: 7.17 GiB against 6.54), so
-        those keep the views. The same numbers as the heads-first path, the order of the fp32 sums aside.
-        Returns (y [1,S,H], (k^T, v^T) [k,d,S]): the generation steps, which read the K/V, switch this form off."""
-        seq, dim = x.shape[1], self.head_dim
-        row = ops.reshape(ops.cast(x, self.wq.compute_dtype), (seq, -1))  # [S,H]
-        q = ops.reshape(_projected(self.wq, row), (-1, dim, seq))  # [n,d,S]
+        """The training call (no cache, dense, one kv head per query head: use_training_kernels) with the heads
+        features-first, [B*h,d,S], so that no Transpose and no strided view runs: q^T = Wq x^T (the projection's
+        swapped form; several rows as a batched matmul with the weight tiled over them) and k^T, v^T likewise,
+        rotary along d, scores = (q^T)^T k^T, out^T = v^T P^T (batched matmuls with transposed operands),
+        y = (out^T)^T Wo^T. In a compiled CPU graph the Transposes hold about 2x their outputs for the whole
+        graph, and a view's consumer copies it strided, single-threaded, between the kernels (README Performance,
+        the training step). The same numbers as the heads-first path, the order of the fp32 sums aside.
+        Returns (y [B,S,H], (k^T, v^T) [B*k,d,S]): the generation steps, which read the K/V, switch this form off."""
+        batch, seq, dim = x.shape[0], x.shape[1], self.head_dim
+        rows = ops.cast(x, self.wq.compute_dtype)  # [B,S,H]
+        q = ops.reshape(_projected(self.wq, rows), (batch, -1, dim, seq))  # [B,n,d,S]
         if self.separate_kv:
-            k = ops.reshape(_projected(self.wk, row), (-1, dim, seq))
-            v = ops.reshape(_projected(self.wv, row), (-1, dim, seq))
+            k = ops.reshape(_projected(self.wk, rows), (batch, -1, dim, seq))
+            v = ops.reshape(_projected(self.wv, rows), (batch, -1, dim, seq))
         else:  # wk_v rows per kv head [K (d), V (d)]
-            k, v = ops.unstack(ops.reshape(_projected(self.wk_v, row), (-1, 2, dim, seq)), 1)
-        cos_t, sin_t = (ops.transpose(ops.cast(t[0], row.dtype), (0, 2, 1)) for t in (cos, sin))  # [1,d,S]
-        q = kernels.apply_rope(q, cos_t, sin_t, axis=1)
-        k = kernels.apply_rope(k, cos_t, sin_t, axis=1)
-        scores = ops.cast(_BMM_TN(q * (1.0 / math.sqrt(dim)), k), ms.float32)  # [n,S,T]
-        scores = scores + ops.reshape(kernels.masking_bias(allowed, k.shape[0], 1, 1), scores.shape)
+            k, v = ops.unstack(ops.reshape(_projected(self.wk_v, rows), (batch, -1, 2, dim, seq)), 2)
+        cos_t, sin_t = (ops.transpose(ops.cast(t, rows.dtype), (0, 1, 3, 2)) for t in (cos, sin))  # [B,1,d,S]
+        q = kernels.apply_rope(q, cos_t, sin_t, axis=2)
+        k = kernels.apply_rope(k, cos_t, sin_t, axis=2)
+        heads = q.shape[1]
+        q, k, v = (ops.reshape(t, (batch * heads, dim, seq)) for t in (q, k, v))
+        scores = ops.cast(_BMM_TN(q * (1.0 / math.sqrt(dim)), k), ms.float32)  # [B*n,S,T]
+        scores = scores + ops.reshape(kernels.masking_bias(allowed, heads, 1, batch), scores.shape)
         probs = kernels.softmax(scores, self.grad_softmax)
-        out = ops.reshape(_BMM_NT(v, ops.cast(probs, v.dtype)), (-1, seq))  # [n*d, S]
-        y = _MATMUL_TT(out, kernels.cast_to(self.wo.weight, self.wo.compute_dtype))  # [S,H]
+        out = ops.reshape(_BMM_NT(v, ops.cast(probs, v.dtype)), (batch, -1, seq))  # [B,n*d,S]
+        weight = kernels.cast_to(self.wo.weight, self.wo.compute_dtype)
+        if batch == 1:
+            y = ops.reshape(_MATMUL_TT(ops.reshape(out, out.shape[1:]), weight), (1, seq, -1))  # [1,S,H]
+        else:
+            y = _BMM_TT(out, _over_rows(weight, batch))  # [B,S,H]
         if self.wo.has_bias:
             y = y + kernels.spread(ops.cast(self.wo.bias, y.dtype), y.shape)
-        return ops.reshape(y, (1, seq, -1)), (k, v)
+        return y, (k, v)
 
 
 _MATMUL_TT = ops.MatMul(transpose_a=True, transpose_b=True)
 _BMM_TN = ops.BatchMatMul(transpose_a=True)
 _BMM_NT = ops.BatchMatMul(transpose_b=True)
+_BMM_TT = ops.BatchMatMul(transpose_a=True, transpose_b=True)
 
 
-def _projected(linear: Linear, row):
-    """row [S,in] -> [out,S] = weight @ row^T, plus the bias along the features."""
+def _over_rows(weight, batch: int):
+    """weight [out,in] tiled to [B,out,in]: MindSpore's CPU batched matmul does not broadcast (its gradient sums
+    the B copies back)."""
+    return ops.tile(ops.reshape(weight, (1,) + weight.shape), (batch, 1, 1))
+
+
+def _projected(linear: Linear, rows):
+    """rows [B,S,in] -> [B,out,S] = weight @ row^T for each row, plus the bias along the features (one row: the
+    layer's own MatMul(transpose_b=True), its operands swapped; several: a batched matmul, _over_rows)."""
     weight = kernels.cast_to(linear.weight, linear.compute_dtype)
-    out = linear.matmul(weight, row)  # the layer's own MatMul(transpose_b=True), its operands swapped
+    batch, seq = rows.shape[0], rows.shape[1]
+    if batch == 1:
+        out = ops.reshape(linear.matmul(weight, ops.reshape(rows, rows.shape[1:])), (1, -1, seq))
+    else:
+        out = _BMM_NT(_over_rows(weight, batch), rows)
     if linear.has_bias:
-        out = out + kernels.spread(ops.reshape(ops.cast(linear.bias, weight.dtype), (-1, 1)), out.shape)
+        bias = kernels.spread(ops.reshape(ops.cast(linear.bias, weight.dtype), (-1, 1)), out.shape[1:])  # [out,S]
+        out = out + kernels.tiled(bias, out.shape)
     return out
 
 
@@ -266,16 +284,16 @@ def use_training_kernels(model, compiled: bool = True) -> None:
     """Every Attention in `model` takes the training forms (train/engine.py, research/bench_speed.py):
     - the softmax kernels.LastAxisSoftmax, whose backward holds less memory in a compiled graph (its docstring);
       forward-only graphs keep MindSpore's own softmax (kernels.attention: the custom bprop slows them);
-    - `compiled` (the step runs as ms.jit graphs): the heads of a batch of one row features-first
-      (Attention._features_first: no Transpose and no view), where every query head has its own kv head (GQA
-      would need a broadcasting batched matmul, which MindSpore's CPU kernel refuses) and the projections are
-      plain Linear layers (not LoRA's or tensor parallel's); else, and for batches of several rows, the heads
-      split and merged by strided views (mint.permute) instead of Transposes. In a compiled CPU graph a
-      Transpose holds about 2x its output that is never reused (MindSpore 2.10), and a view's consumer copies
-      it strided, single-threaded (README Performance; on an AVX-512 Xeon the bench_100m step at 4 x 512 took
-      6.05 s on views at 6.54 GiB, 4.86 s on Transposes at 7.68 GiB; at 1 x 512 1.78 s on views at 3.30 GiB,
-      1.44-1.46 s features-first at 3.34 GiB). Generation keeps the Transposes (a compiled prefill runs 15-20%
-      slower on the views)."""
+    - `compiled` (the step runs as ms.jit graphs): the heads features-first (Attention._features_first: no
+      Transpose and no view), where every query head has its own kv head (GQA would need a broadcasting batched
+      matmul, which MindSpore's CPU kernel refuses) and the projections are plain Linear layers (not LoRA's or
+      tensor parallel's); else the heads split and merged by strided views (mint.permute) instead of
+      Transposes. In a compiled CPU graph a Transpose holds about 2x its output that is never reused (MindSpore
+      2.10), and a view's consumer copies it strided, single-threaded, between the kernels (README Performance;
+      on an AVX-512 Xeon the bench_100m step at 1 x 512 took 1.78 s on views at 3.30 GiB, 1.44-1.46 s
+      features-first at 3.34 GiB; at 4 x 512 in one graph 6.05 s on views at 6.54 GiB, 4.86 s on Transposes at
+      7.68 GiB, and later 6.49-7.14 s on views against 5.20-6.46 s features-first, both at 6.27 GiB).
+      Generation keeps the Transposes (a compiled prefill runs 15-20% slower on the views)."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Attention):
             cell.grad_softmax = True

@@ -299,12 +299,12 @@ def test_head_views_give_the_same_loss_and_gradients():
 
 @pytest.mark.parametrize("size", ["tiny", "qwen2_tiny"])
 def test_features_first_heads_give_the_same_loss_and_gradients(size):
-    """The compiled training step with one row's heads features-first ([h,d,S], what the trainer compiles for
-    plain projections and one kv head per query head) equals the heads-first one with Transposes: TeleChat2 (fused
-    wk_v) and Qwen2 (separate k/v with biases, tied embeddings, a sliding-window layer; here without GQA), zeros
-    in the loss mask. The fp32 sums run in another order (the projections as W x^T), so: loss to 1e-6,
-    gradients to 1e-5 of each tensor's largest entry (measured: the same losses; gradients bit for bit the same
-    for TeleChat2, within 3.5e-7 for Qwen2, whose biases are added in another order)."""
+    """The compiled training step with the heads features-first ([B*h,d,S], what the trainer compiles for plain
+    projections and one kv head per query head; several rows through batched matmuls with the weights tiled over
+    the rows) equals the heads-first one with Transposes: TeleChat2 (fused wk_v) and Qwen2 (separate k/v with
+    biases, tied embeddings, a sliding-window layer; here without GQA), batches of 1 to 3 rows, zeros in the
+    loss mask. The fp32 sums run in another order (the projections as W x^T), so: loss to 1e-6, gradients to
+    1e-5 of each tensor's largest entry."""
     config = get_config(size)
     if config.num_kv_heads != config.num_heads:
         config = dataclasses.replace(config, num_kv_heads=config.num_heads)
@@ -313,7 +313,7 @@ def test_features_first_heads_give_the_same_loss_and_gradients(size):
     cells = [cell for _, cell in model.cells_and_names() if isinstance(cell, Attention)]
     assert cells and all(cell.features_first for cell in cells)
     rng = np.random.default_rng(9)
-    for rows in (1, 2):  # one row features-first; two rows take the views (use_training_kernels)
+    for rows in (1, 2, 3):
         ids = rng.integers(0, config.vocab_size, (rows, 16)).astype(np.int32)
         mask = np.ones((rows, 16), np.float32)
         mask[-1, :3] = 0.0
@@ -322,6 +322,39 @@ def test_features_first_heads_give_the_same_loss_and_gradients(size):
         assert loss == pytest.approx(loss_ref, rel=1e-6)
         for a, b in zip(grads, grads_ref):
             assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+@pytest.mark.parametrize("size", ["tiny", "qwen2_tiny"])
+def test_features_first_rows_keep_their_own_positions_and_masks(size):
+    """The features-first form of several rows (Attention._features_first) against the heads-first one on one
+    attention layer, op by op: rows with their own positions (rotary tables; one row's spaced two apart) and their
+    own masks (a left-padded row, a row attending to a sliding window) give the same outputs to 1e-5 of the largest; swapping two rows'
+    tables or masks changes them by more than 100x that (the test would see rows mixed up)."""
+    config = dataclasses.replace(get_config(size), num_kv_heads=get_config(size).num_heads)
+    model = Telechat2ForCausalLM(config, seed=3)
+    cell = model.model.layers[0].attention
+    rng = np.random.default_rng(4)
+    batch, seq = 3, 12
+    x = Tensor(rng.standard_normal((batch, seq, config.hidden_size)).astype(np.float32))
+    positions = np.stack([np.maximum(np.arange(seq) - 4, 0), np.arange(seq), 2 * np.arange(seq)]).astype(np.int32)
+    allowed = np.tril(np.ones((seq, seq), bool))[None, None].repeat(batch, 0)
+    allowed[0, 0, :, :4] = False  # row 0 left-padded by 4
+    allowed[2, 0] &= np.triu(np.ones((seq, seq), bool), -3)  # row 2: a window of 4 keys
+    allowed[0, 0, :4, 0] = True  # pads attend to something (as the model's masks make them)
+    ids = Tensor(np.zeros((batch, seq), np.int32))
+    _, _, inv_freq, mscale = model.prepare_inputs(ids)
+    cos, sin = model.model.rotary(Tensor(positions), inv_freq, mscale)  # [B,1,S,d]
+
+    def run(features_first, cos, sin, allowed):
+        cell.features_first = features_first
+        return cell(x, cos, sin, Tensor(allowed))[0].asnumpy()
+
+    expected = run(False, cos, sin, allowed)
+    tolerance = 1e-5 * np.max(np.abs(expected))
+    assert np.max(np.abs(run(True, cos, sin, allowed) - expected)) <= tolerance
+    swapped = [0, 2, 1]
+    assert np.max(np.abs(run(True, cos[swapped], sin[swapped], allowed) - expected)) > 100 * tolerance
+    assert np.max(np.abs(run(True, cos, sin, allowed[swapped]) - expected)) > 100 * tolerance
 
 
 def test_lora_projections_and_gqa_keep_the_heads_first():
