@@ -328,8 +328,8 @@ def test_features_first_heads_give_the_same_loss_and_gradients(size):
 def test_features_first_rows_keep_their_own_positions_and_masks(size):
     """The features-first form of several rows (Attention._features_first) against the heads-first one on one
     attention layer, op by op: rows with their own positions (rotary tables; one row's spaced two apart) and their
-    own masks (a left-padded row, a row attending to a sliding window) give the same outputs to 1e-5 of the largest; swapping two rows'
-    tables or masks changes them by more than 100x that (the test would see rows mixed up)."""
+    own masks (a left-padded row, a row attending to a sliding window) give the same outputs to 1e-5 of the
+    largest; swapping two rows' tables or masks changes them by more than 100x that (rows mixed up would show)."""
     config = dataclasses.replace(get_config(size), num_kv_heads=get_config(size).num_heads)
     model = Telechat2ForCausalLM(config, seed=3)
     cell = model.model.layers[0].attention
