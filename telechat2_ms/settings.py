@@ -426,9 +426,23 @@ def _check_train(settings: RunSettings, world: int) -> None:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if settings.seq_length < 2:
         raise ConfigError(f"seq_length must be at least 2 for training, got {settings.seq_length}")
+    _check_optimizer(t)
     bad = sorted(set(t.lora_targets) - set(LORA_TARGET_NAMES))
     if t.lora_rank and bad:
         raise ConfigError(f"train.lora_targets: unknown {bad}; choose from {list(LORA_TARGET_NAMES)}")
+
+
+def _check_optimizer(t) -> None:
+    """AdamW's and the schedule's numbers, as torch.optim.AdamW checks them, and a decay that does not rise."""
+    for name in ("learning_rate", "min_learning_rate", "weight_decay", "eps"):
+        if not getattr(t, name) >= 0:  # NaN too
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+    if t.min_learning_rate > t.learning_rate:
+        raise ConfigError(f"train.min_learning_rate {t.min_learning_rate} is above train.learning_rate "
+                          f"{t.learning_rate}: the cosine decay would raise the rate; set it at most learning_rate")
 
 
 def validate(settings: RunSettings, world: int, cfg: ModelConfig, purpose: Optional[str] = None):
