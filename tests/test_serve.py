@@ -207,6 +207,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(tmp_path):
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p must be in"),
     ({"model": MODEL}, 400, "messages"),
     (b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+    # OpenAI fields that would change the answer and are not built are refused, not ignored
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+     "logprobs: log probabilities are not returned"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format: only {'type': 'text'} is built"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
+     "presence_penalty: not built; use repetition_penalty"),
 ])
 def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_keeps_serving(server, body, status, needle):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -217,6 +224,22 @@ def test_bad_requests_get_a_4xx_that_names_the_problem_and_the_server_keeps_serv
     ok = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "still there?"}],
                                                temperature=0, max_tokens=3)
     assert ok.choices[0].message.role == "assistant"
+
+
+def test_fields_not_built_are_refused_by_name_and_their_neutral_values_accepted(server):
+    """The completions endpoint's own fields; the neutral values some clients always send pass."""
+    for extra, needle in [({"echo": True}, "echo: not built"), ({"best_of": 2}, "best_of: must be 1"),
+                          ({"logprobs": 0}, "logprobs: log probabilities"), ({"suffix": "x"}, "suffix: not built")]:
+        got_status, got = server.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", **extra}).encode())
+        assert got_status == 400 and needle in got["error"]["message"] and got["error"]["param"] in extra, got
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": False}
+    ok = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               temperature=0, max_tokens=2, response_format={"type": "text"},
+                                               **neutral)
+    assert ok.choices[0].message.role == "assistant" and ok.usage.completion_tokens >= 1
+    ok = server.client.completions.create(model=MODEL, prompt="hi", temperature=0, max_tokens=2, echo=False,
+                                          best_of=1, **neutral)
+    assert ok.usage.completion_tokens >= 1
 
 
 def test_a_full_queue_answers_429(tmp_path):

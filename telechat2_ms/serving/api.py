@@ -59,6 +59,12 @@ class _Common(BaseModel):
     stream_options: Optional[Dict[str, Any]] = None
     n: int = 1
     skip_special_tokens: Optional[bool] = None
+    # OpenAI fields that would change the answer and are not built: a request that sets them is refused
+    # (_check_unsupported) rather than answered as if they were absent
+    logprobs: Optional[Union[bool, int]] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[Dict[str, float]] = None
 
 
 class ChatRequest(_Common):
@@ -66,10 +72,35 @@ class ChatRequest(_Common):
     tools: Optional[List[Any]] = None
     tool_choice: Optional[Union[str, Dict[str, Any]]] = None
     max_completion_tokens: Optional[int] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[Dict[str, Any]] = None
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, List[int], List[str]]
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+def _check_unsupported(body: _Common) -> None:
+    """A 400 naming the first OpenAI field set to something this server does not do."""
+    not_built = [
+        ("logprobs", body.logprobs is not None and body.logprobs is not False, "log probabilities are not returned by this server"),
+        ("top_logprobs", bool(getattr(body, "top_logprobs", None)), "log probabilities are not returned by this "
+                                                                      "server"),
+        ("presence_penalty", bool(body.presence_penalty), "not built; use repetition_penalty"),
+        ("frequency_penalty", bool(body.frequency_penalty), "not built; use repetition_penalty"),
+        ("logit_bias", bool(body.logit_bias), "not built"),
+        ("response_format", (getattr(body, "response_format", None) or {}).get("type", "text") != "text",
+         "only {'type': 'text'} is built (no constrained decoding)"),
+        ("echo", getattr(body, "echo", False), "not built"),
+        ("best_of", (getattr(body, "best_of", None) or 1) != 1, "must be 1; send one request per completion"),
+        ("suffix", bool(getattr(body, "suffix", None)), "not built (no fill-in-the-middle)"),
+    ]
+    for name, asked, why in not_built:
+        if asked:
+            raise ApiError(400, f"{name}: {why} (got {getattr(body, name)!r})", name)
 
 
 def _now() -> int:
@@ -150,6 +181,7 @@ class Server:
     # ---- request -> (prompt ids, sampling) -------------------------------------------------------------
     def sampling(self, body: _Common, prompt_len: int, default_max: int, keep_special: bool) -> SamplingParams:
         d = self.defaults
+        _check_unsupported(body)
         if body.n != 1:
             raise ApiError(400, f"n must be 1 (got {body.n}); send one request per completion", "n")
         temperature = d.temperature if body.temperature is None else body.temperature
