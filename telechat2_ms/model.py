@@ -51,11 +51,14 @@ def layer_masks(cfg: ModelConfig, allowed, q_slots, key_len: int):
     return allowed, ops.logical_and(allowed, Tensor(near))
 
 
-def mask_tensors(masks):
+def mask_tensors(masks, share: bool = False):
     """layer_masks' numpy mask, or its pair, as Tensor(s). The pair is `ms.mutable`: a compiled function takes a
     plain tuple argument as a constant and compiles again for every new value (a Qwen2 model with a sliding
-    window recompiled its decode step every token, ~3 s a token on qwen2_tiny)."""
-    return ms.mutable(tuple(Tensor(m) for m in masks)) if isinstance(masks, tuple) else Tensor(masks)
+    window recompiled its decode step every token, ~3 s a token on qwen2_tiny). `share`: the Tensors use the
+    arrays' memory (ms.from_numpy) instead of a copy (a prefill's P x P mask: 1 GiB at 32768 tokens); the
+    arrays must then stay unchanged while the Tensors are in use."""
+    convert = (lambda m: ms.from_numpy(np.ascontiguousarray(m))) if share else Tensor
+    return ms.mutable(tuple(convert(m) for m in masks)) if isinstance(masks, tuple) else convert(masks)
 
 
 def causal_allowed(attention_mask, seq_len: int):
@@ -81,11 +84,13 @@ class Telechat2Model(nn.Cell):
         self.rotary = RotaryEmbedding(cfg.rope_fp16_tables)
 
     def construct(self, input_ids, position_ids, allowed, inv_freq, mscale, caches=None, write_slots=None,
-                  with_aux=False):
+                  with_aux=False, kv_sink=None):
         """position_ids [B,S]; allowed [B,1,S,T] (or, with sliding layers, the pair of `layer_masks`);
         inv_freq [d/2]; mscale []; caches: tuple of (k, v) per layer [B,k,T,d] or None. Returns (hidden
         [B,S,H], tuple of per-layer (k, v)), and with `with_aux` also the MoE load-balancing loss [] (aux_loss;
-        0 for a dense model)."""
+        0 for a dense model). Op by op only, `kv_sink(i, (k, v))` takes each layer's K/V as soon as the layer has
+        run and the tuple returned holds None instead, so that they are not all alive at once
+        (generate.CachedSteps.prefill_in_place)."""
         cos, sin = self.rotary(position_ids, inv_freq, mscale)  # [B,1,S,d]
         h = self.tok_embeddings(input_ids)  # [B,S,H]
         new_caches = ()
@@ -97,6 +102,8 @@ class Telechat2Model(nn.Cell):
                 stats = stats + ((assigned, mass),)
             else:
                 h, kv = layer(h, cos, sin, allowed, cache, write_slots)
+            if kv_sink is not None:
+                kv = kv_sink(i, kv)
             new_caches = new_caches + (kv,)
         if with_aux:
             return self.norm_out(h), new_caches, aux_loss(self.config, stats, input_ids.shape[0] * input_ids.shape[1])
