@@ -100,6 +100,32 @@ def test_a_batch_prefilled_a_few_rows_at_a_time_equals_one_call(model, monkeypat
     assert [split.generate([p], gen)[0] for p in prompts] == whole
 
 
+def test_op_by_op_prefill_leaves_the_cache_and_logits_of_the_compiled_one(model):
+    """CachedSteps.prefill_in_place (the Generator's uncompiled and long-prompt prefill: each layer's K/V written
+    as soon as the layer has run) against the compiled CachedSteps.prefill, two padded prompts into rows 1-2 of
+    a 4-row cache: every cache Parameter and the logits equal to 1e-6 (K/V up to ~7; bit-identical on the
+    2-core Xeon this was written on; a 0.1% error in the values written fails it by 5e-3), the other rows and
+    the slots after the prompts zero."""
+    from telechat2_ms.generate import CachedSteps
+    from telechat2_ms.model import layer_masks, mask_tensors
+
+    ids, mask, positions = left_pad(_prompts()[:2], CFG.pad_token_id)
+    prompt_len = ids.shape[1]
+    allowed = np.tri(prompt_len, dtype=bool)[None, None] & (mask[:, None, None, :] > 0)
+    masks = mask_tensors(layer_masks(CFG, allowed, np.arange(prompt_len), prompt_len))
+    args = (Tensor(ids), Tensor(positions), masks, *rope_inputs(prompt_len, CFG.head_dim, CFG), Tensor(np.int32(1)))
+    compiled, op_by_op = CachedSteps(model, 4, 16), CachedSteps(model, 4, 16)
+    want = ms.jit(compiled.prefill)(*args).asnumpy()
+    got = op_by_op.prefill_in_place(*args).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    heads = compiled.kv_heads
+    for a, b in zip(compiled.cache_params, op_by_op.cache_params):
+        a, b = a.asnumpy(), b.asnumpy()
+        assert np.abs(a[heads:3 * heads, :prompt_len]).max() > 0.1  # rows 1-2 hold the prompts' K/V
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6, err_msg=a.shape)
+        assert not b[:heads].any() and not b[3 * heads:].any() and not b[:, prompt_len:].any()
+
+
 def test_prefill_rows_per_call_divides_the_batch():
     from telechat2_ms.generate import PREFILL_TOKENS, prefill_rows_per_call
 
