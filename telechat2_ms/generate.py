@@ -302,7 +302,8 @@ class Generator:
         prefill, decode = self._cached_steps(batch)
         if prompt_len >= 2 * kernels.ATTENTION_BLOCK and self.pipeline is None:
             # uncompiled: MindSpore's compiled CPU graph keeps the outputs of its transposes and broadcasts, for every
-            # block (8192 tokens on bench_100m: 10.0 GiB at 258 tok/s compiled, 3.0 GiB at 192 tok/s here; README)
+            # block (8192 tokens on bench_100m: 10.0 GiB at 258 tok/s compiled, 2.1-3.0 GiB at 192-198 tok/s here;
+            # README)
             prefill = self._steps[batch][0].prefill_in_place
         share = self._steps[batch][0].share_token if self.pipeline is not None else None
         rng = np.random.default_rng(gen.seed)

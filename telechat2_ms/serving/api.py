@@ -85,10 +85,10 @@ class CompletionRequest(_Common):
 
 def _check_unsupported(body: _Common) -> None:
     """A 400 naming the first OpenAI field set to something this server does not do."""
+    no_logprobs = "log probabilities are not returned by this server"
     not_built = [
-        ("logprobs", body.logprobs is not None and body.logprobs is not False, "log probabilities are not returned by this server"),
-        ("top_logprobs", bool(getattr(body, "top_logprobs", None)), "log probabilities are not returned by this "
-                                                                      "server"),
+        ("logprobs", body.logprobs is not None and body.logprobs is not False, no_logprobs),
+        ("top_logprobs", bool(getattr(body, "top_logprobs", None)), no_logprobs),
         ("presence_penalty", bool(body.presence_penalty), "not built; use repetition_penalty"),
         ("frequency_penalty", bool(body.frequency_penalty), "not built; use repetition_penalty"),
         ("logit_bias", bool(body.logit_bias), "not built"),
