@@ -129,20 +129,21 @@ class CachedSteps(nn.Cell):
         prefill_rows_per_call rows at a time)."""
         hidden, kvs = self.model(input_ids, position_ids, allowed, inv_freq, mscale)
         for i in range(self.num_layers):
-            write_prompts(self.cache_params[2 * i], kvs[i][0], first_row)
-            write_prompts(self.cache_params[2 * i + 1], kvs[i][1], first_row)
+            self._write_prompt_kv(i, kvs[i], first_row)
         return last_logits(self.lm_head, hidden)  # [c,V]
 
     def prefill_in_place(self, input_ids, position_ids, allowed, inv_freq, mscale, first_row):
         """`prefill` op by op (never compiled: Generator's uncompiled and long-prompt prefills), each layer's K/V
         written into the cache as soon as the layer has run rather than all held to the end (bench_100m, 32768
         tokens: 2.4 GiB)."""
-        def write(i, kv):
-            write_prompts(self.cache_params[2 * i], kv[0], first_row)
-            write_prompts(self.cache_params[2 * i + 1], kv[1], first_row)
-
-        hidden, _ = self.model(input_ids, position_ids, allowed, inv_freq, mscale, kv_sink=write)
+        hidden, _ = self.model(input_ids, position_ids, allowed, inv_freq, mscale,
+                               kv_sink=lambda i, kv: self._write_prompt_kv(i, kv, first_row))
         return last_logits(self.lm_head, hidden)  # [c,V]
+
+    def _write_prompt_kv(self, i, kv, first_row):
+        """Layer i's prefill K/V [c,k,P,d] into slots 0..P-1 of its cache rows from first_row (write_prompts)."""
+        write_prompts(self.cache_params[2 * i], kv[0], first_row)
+        write_prompts(self.cache_params[2 * i + 1], kv[1], first_row)
 
     def prefill_rows(self, input_ids, position_ids, allowed, inv_freq, mscale, index):
         """Prompts packed into one sequence, each into its cache row: input_ids/position_ids [1,P], allowed

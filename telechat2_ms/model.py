@@ -89,7 +89,7 @@ class Telechat2Model(nn.Cell):
         inv_freq [d/2]; mscale []; caches: tuple of (k, v) per layer [B,k,T,d] or None. Returns (hidden
         [B,S,H], tuple of per-layer (k, v)), and with `with_aux` also the MoE load-balancing loss [] (aux_loss;
         0 for a dense model). Op by op only, `kv_sink(i, (k, v))` takes each layer's K/V as soon as the layer has
-        run and the tuple returned holds None instead, so that they are not all alive at once
+        run and the tuple returned holds what it returns instead (None: the K/V are not all alive at once)
         (generate.CachedSteps.prefill_in_place)."""
         cos, sin = self.rotary(position_ids, inv_freq, mscale)  # [B,1,S,d]
         h = self.tok_embeddings(input_ids)  # [B,S,H]
